@@ -188,7 +188,8 @@ def chunk_kda(
         raise ValueError("allow_neg_eigval=True needs use_beta_sigmoid_in_kernel=True")
     state_v_first = state_v_first or transpose_state_layout
     shapes = check_kda_inputs(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound,
+        state_v_first=state_v_first,
     )
     if scale is None:
         scale = shapes.K ** -0.5
@@ -247,6 +248,7 @@ def fused_recurrent_kda(
     state_v_first: bool = False,
     transpose_state_layout: bool = False,
     cu_seqlens_cpu: torch.LongTensor | None = None,
+    return_all_states: bool = False,
 ):
     r"""Token-by-token Kimi Delta Attention: the decode path (one or a few tokens per sequence).
 
@@ -258,6 +260,9 @@ def fused_recurrent_kda(
         inplace_final_state: write each sequence's final state back into its slot of
             ``initial_state`` (which is then also returned as the final state).
         out: optional preallocated output ``[B, T, HV, V]``, written and returned.
+        return_all_states: also return the state after every token, float32 ``[B, T, HV, K, V]``
+            (``[.., V, K]`` with ``state_v_first``), for speculative-decoding rollback:
+            ``(o, final_state, all_states)``.
     """
     check_chunk_size(chunk_size)
     if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
@@ -265,7 +270,7 @@ def fused_recurrent_kda(
     state_v_first = state_v_first or transpose_state_layout
     shapes = check_kda_inputs(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound,
-        state_pool_indices=ssm_state_indices,
+        state_pool_indices=ssm_state_indices, state_v_first=state_v_first,
     )
     if inplace_final_state and initial_state is None:
         raise ValueError("inplace_final_state=True needs initial_state to write into")
@@ -286,14 +291,16 @@ def fused_recurrent_kda(
         return backend.fused_recurrent_kda(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, shapes=shapes, ssm_state_indices=ssm_state_indices,
-            inplace_final_state=inplace_final_state, out=out, state_v_first=state_v_first, **flags,
+            inplace_final_state=inplace_final_state, out=out, state_v_first=state_v_first,
+            return_all_states=return_all_states, **flags,
         )
 
     q_, k_, v_, g_, beta_ = prepare_kda_inputs(q, k, v, g, beta, shapes, **flags)
     packing = _Packing(cu_seqlens, shapes.T, q.device)
     q_, k_, v_, g_, beta_ = (packing.pack(x) for x in (q_, k_, v_, g_, beta_))
-    o, final_state, _ = recurrent_kda_reference(
-        q_, k_, v_, g_, beta_, scale, initial_state=_read_state(initial_state, ssm_state_indices, state_v_first)
+    o, final_state, all_states = recurrent_kda_reference(
+        q_, k_, v_, g_, beta_, scale, initial_state=_read_state(initial_state, ssm_state_indices, state_v_first),
+        return_all_states=return_all_states,
     )
     o = packing.unpack(o).to(q.dtype)
     if out is not None:
@@ -307,4 +314,8 @@ def fused_recurrent_kda(
             else:
                 initial_state[ssm_state_indices.long()] = final_state.to(initial_state.dtype)
         final_state = initial_state
-    return o, (final_state if output_final_state or inplace_final_state else None)
+    final_state = final_state if output_final_state or inplace_final_state else None
+    if return_all_states:
+        all_states = _write_state(packing.unpack(all_states).to(torch.float32), state_v_first)
+        return o, final_state, all_states
+    return o, final_state

@@ -37,7 +37,7 @@ def _require_tensor(name: str, x, floating: bool = True) -> None:
 
 def check_kda_inputs(
     q, k, v, g, beta, scale, initial_state, cu_seqlens,
-    use_gate_in_kernel, A_log, dt_bias, lower_bound, state_pool_indices=None,
+    use_gate_in_kernel, A_log, dt_bias, lower_bound, state_pool_indices=None, state_v_first=False,
 ) -> KDAShapes:
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         _require_tensor(name, x)
@@ -74,8 +74,10 @@ def check_kda_inputs(
             raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {_shape(cu_seqlens)}")
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+        # No host copy inside a CUDA graph capture (it would break the capture): shape checks only there.
+        cu = list(range(cu_seqlens.numel() - 1)) + [T] if _capturing(cu_seqlens) else None
         # One host copy of a small index vector; GPU callers can pass cu_seqlens_cpu to skip it.
-        cu = cu_seqlens.tolist()
+        cu = cu_seqlens.tolist() if cu is None else [0] * (len(cu) - 1) + [T]
         if cu[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
         if any(b < a for a, b in zip(cu, cu[1:])):
@@ -120,14 +122,17 @@ def check_kda_inputs(
             )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+        # States are [.., K, V]; FLA's state_v_first layout stores them transposed.
+        inner, names = ((V, K), "V, K") if state_v_first else ((K, V), "K, V")
         if state_pool_indices is None:
-            if initial_state.shape != (N, HV, K, V):
+            if initial_state.shape != (N, HV, *inner):
                 raise ValueError(
-                    f"initial_state must be [N, HV, K, V] = [{N}, {HV}, {K}, {V}], got {_shape(initial_state)}"
+                    f"initial_state must be [N, HV, {names}] = [{N}, {HV}, {inner[0]}, {inner[1]}], "
+                    f"got {_shape(initial_state)}"
                 )
-        elif initial_state.dim() != 4 or initial_state.shape[1:] != (HV, K, V):
+        elif initial_state.dim() != 4 or initial_state.shape[1:] != (HV, *inner):
             raise ValueError(
-                f"the state pool (initial_state) must be [P, HV, K, V] = [P, {HV}, {K}, {V}], "
+                f"the state pool (initial_state) must be [P, HV, {names}] = [P, {HV}, {inner[0]}, {inner[1]}], "
                 f"got {_shape(initial_state)}"
             )
     if state_pool_indices is not None:
@@ -136,12 +141,18 @@ def check_kda_inputs(
             raise ValueError("ssm_state_indices needs initial_state, the state pool [P, HV, K, V]")
         if state_pool_indices.shape != (N,):
             raise ValueError(f"ssm_state_indices must be [N] = [{N}], got {_shape(state_pool_indices)}")
-        if state_pool_indices.numel() and int(state_pool_indices.max()) >= initial_state.shape[0]:
+        if (state_pool_indices.numel() and not _capturing(state_pool_indices)
+                and int(state_pool_indices.max()) >= initial_state.shape[0]):
             raise ValueError(
                 f"ssm_state_indices reaches {int(state_pool_indices.max())} but the pool has "
                 f"{initial_state.shape[0]} slots"
             )
     return KDAShapes(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured (a host synchronisation would break the capture)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def check_chunk_size(chunk_size) -> None:

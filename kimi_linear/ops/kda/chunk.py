@@ -12,10 +12,17 @@ decay of row r from the chunk start (per key channel) and S the state entering t
     o         = (q * exp(G)) S + Aqk v_new
     S_next    = exp(G_C) * S + (k * exp(G_C - G))^T v_new
 
-Numerical safety for any gate (log decays of -1000 included): every exponential that is evaluated
-has an argument <= 0, and the cumulative decays are differenced in float64 (see below). The pairwise decay exp(G_i - G_j) is split at a reference point between j and i
-for rows and columns in different 16-row sub-chunks (both factors <= 1), and computed exactly,
-pair by pair, inside the 16x16 diagonal blocks. Large decays underflow to 0, which is the right answer.
+Numerical safety for any gate (log decays of -1000 included). Every decay factor is computed from a
+direct sum of the gates between its two rows, never as a difference of two long cumulative sums:
+after a gate of -1000 such sums sit near -1000 and their float32 difference would lose its digits.
+- Across 16-row sub-chunks, exp(G_i - G_j) = exp(decay from i's sub-chunk start to i)
+  * exp(decay of the whole sub-chunks between) * exp(decay from j to the end of j's sub-chunk),
+  every factor <= 1.
+- Inside a 16x16 diagonal block, it is split at the middle row while the decay across the block is
+  moderate (factors <= exp(SAFE_SPAN)); blocks with a larger decay are computed pair by pair from
+  float64 segment sums.
+- The chunk-level factors (q and k decayed to the chunk's start or end) are prefix or suffix sums.
+Large decays underflow to 0, which is the right answer.
 """
 
 from __future__ import annotations
@@ -24,61 +31,80 @@ import torch
 import torch.nn.functional as F
 
 SUB_CHUNK = 16
+# Largest decay (in log units, over one 16-row sub-chunk and any key channel) for which the diagonal
+# blocks use the factored form: exp(40) ~ 2e17 keeps every factor and product far from fp32 overflow.
+SAFE_SPAN = 40.0
 
 
 def _lower_mask(n: int, strict: bool, device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
-def _intra_chunk_matrices(q, k, G, sub):
+def _cumsum_exclusive(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Sum of the rows strictly before (or, reversed, strictly after) each row, along dim -2."""
+    zero = torch.zeros_like(x[..., :1, :])
+    if reverse:
+        return torch.cat([x[..., 1:, :].flip(-2).cumsum(-2).flip(-2), zero], dim=-2)
+    return torch.cat([zero, x[..., :-1, :].cumsum(-2)], dim=-2)
+
+
+def _intra_chunk_matrices(q, k, g, sub):
     """Aqk (lower, diagonal included) and the unscaled Akk (strictly lower) for every chunk.
 
-    q, k: [..., C, K] in the compute dtype; G: [..., C, K] in float64 (see chunk_kda_torch).
-    Returns two [..., C, C] tensors.
+    q, k, g: [..., C, K] (g the per-token log decay). Returns two [..., C, C] tensors.
     """
-    dtype = q.dtype
     *lead, C, K = k.shape
     ns = C // sub
     device = k.device
-
-    # Diagonal sub-blocks: exact pairwise decays, [.., ns, sub, sub, K]. The exponent is masked to -inf
-    # above the diagonal before exp so neither the value nor its gradient can overflow.
     qs = q.reshape(*lead, ns, sub, K)
     ks = k.reshape(*lead, ns, sub, K)
-    Gs = G.reshape(*lead, ns, sub, K)
-    diff = Gs.unsqueeze(-2) - Gs.unsqueeze(-3)  # [.., ns, i, j, K] = G_i - G_j
-    keep = _lower_mask(sub, strict=False, device=device)
-    decay = torch.exp(diff.masked_fill(~keep[:, :, None], float("-inf")).to(dtype))
-    kd = ks.unsqueeze(-3) * decay  # k_j * exp(G_i - G_j)
-    aqk_diag = (qs.unsqueeze(-2) * kd).sum(-1)
-    akk_diag = (ks.unsqueeze(-2) * kd).sum(-1).masked_fill(~_lower_mask(sub, True, device), 0.0)
+    gs = g.reshape(*lead, ns, sub, K)
+    # Decay from the sub-chunk's first row to row i (gates of rows 1..i; 0 for row 0): differences of
+    # two rows give the gates between them, and a large first gate never enters them.
+    since_start = torch.cat([torch.zeros_like(gs[..., :1, :]), gs[..., 1:, :]], dim=-2).cumsum(-2)
+    from_start_inclusive = gs.cumsum(-2)  # decay from the sub-chunk's start through row i
+    to_end = _cumsum_exclusive(gs, reverse=True)  # decay after row j to the sub-chunk's end
+    totals = from_start_inclusive[..., -1, :]  # [.., ns, K]
 
-    # Off-diagonal blocks (row sub-chunk I > column sub-chunk J). Reference = G at J's last row:
-    # exp(G_i - ref) <= 1 for rows after J, exp(ref - G_j) <= 1 for rows of J.
-    row_blocks_qk = [[None] * ns for _ in range(ns)]
-    row_blocks_kk = [[None] * ns for _ in range(ns)]
-    for J in range(ns - 1):
-        ref = Gs[..., J, -1:, :]  # [.., 1, K]
-        kj = ks[..., J, :, :] * torch.exp((ref - Gs[..., J, :, :]).to(dtype))  # [.., sub, K]
-        later = slice((J + 1) * sub, C)
-        dec = torch.exp((G[..., later, :] - ref).to(dtype))
-        aqk = (q[..., later, :] * dec) @ kj.transpose(-1, -2)  # [.., C-(J+1)sub, sub]
-        akk = (k[..., later, :] * dec) @ kj.transpose(-1, -2)
-        for I in range(J + 1, ns):
-            rows = slice((I - J - 1) * sub, (I - J) * sub)
-            row_blocks_qk[I][J] = aqk[..., rows, :]
-            row_blocks_kk[I][J] = akk[..., rows, :]
+    # Diagonal blocks, factored at the middle row m: exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j).
+    rel = since_start - since_start[..., sub // 2 : sub // 2 + 1, :]
+    up = torch.exp(rel.clamp(-SAFE_SPAN, SAFE_SPAN))
+    down = torch.exp((-rel).clamp(-SAFE_SPAN, SAFE_SPAN))
+    k_down = (ks * down).transpose(-1, -2)
+    aqk_diag = (qs * up) @ k_down
+    akk_diag = (ks * up) @ k_down
+    span = (since_start.amax(dim=-2) - since_start.amin(dim=-2)).amax(dim=-1)  # [.., ns]
+    unsafe = (span > SAFE_SPAN).nonzero(as_tuple=True)
+    if unsafe[0].numel():
+        qu, ku = qs[unsafe], ks[unsafe]  # [n, sub, K]
+        cum = gs[unsafe].to(torch.float64).cumsum(-2)
+        diff = cum.unsqueeze(-2) - cum.unsqueeze(-3)  # [n, i, j, K]: gates in (j, i], exact in float64
+        keep = _lower_mask(sub, strict=False, device=device)
+        decay = torch.exp(diff.masked_fill(~keep[:, :, None], float("-inf")).to(q.dtype))
+        kd = ku.unsqueeze(-3) * decay  # k_j * exp(G_i - G_j)
+        aqk_diag = aqk_diag.index_put(unsafe, (qu.unsqueeze(-2) * kd).sum(-1))
+        akk_diag = akk_diag.index_put(unsafe, (ku.unsqueeze(-2) * kd).sum(-1))
+    aqk_diag = aqk_diag.masked_fill(~_lower_mask(sub, False, device), 0.0)
+    akk_diag = akk_diag.masked_fill(~_lower_mask(sub, True, device), 0.0)
 
+    # Off-diagonal blocks, row sub-chunk I after column sub-chunk J: three factors, each <= 1.
+    k_to_end = ks * torch.exp(to_end)  # [.., ns, sub, K]
     zeros = q.new_zeros(*lead, sub, sub)
-
-    def assemble(blocks, diag):
-        rows = []
-        for I in range(ns):
-            cols = [blocks[I][J] if J < I else (diag[..., I, :, :] if J == I else zeros) for J in range(ns)]
-            rows.append(torch.cat(cols, dim=-1))
-        return torch.cat(rows, dim=-2)
-
-    return assemble(row_blocks_qk, aqk_diag), assemble(row_blocks_kk, akk_diag)
+    rows_qk, rows_kk = [], []
+    for I in range(ns):
+        cols_qk, cols_kk = [], []
+        between = torch.zeros_like(totals[..., 0, :])  # decay of the whole sub-chunks J+1 .. I-1
+        blocks_qk, blocks_kk = [zeros] * ns, [zeros] * ns
+        for J in range(I - 1, -1, -1):
+            dec = torch.exp(from_start_inclusive[..., I, :, :] + between.unsqueeze(-2))
+            kj = k_to_end[..., J, :, :].transpose(-1, -2)
+            blocks_qk[J] = (qs[..., I, :, :] * dec) @ kj
+            blocks_kk[J] = (ks[..., I, :, :] * dec) @ kj
+            between = between + totals[..., J, :]
+        blocks_qk[I], blocks_kk[I] = aqk_diag[..., I, :, :], akk_diag[..., I, :, :]
+        rows_qk.append(torch.cat(blocks_qk, dim=-1))
+        rows_kk.append(torch.cat(blocks_kk, dim=-1))
+    return torch.cat(rows_qk, dim=-2), torch.cat(rows_kk, dim=-2)
 
 
 def chunk_kda_torch(
@@ -115,21 +141,18 @@ def chunk_kda_torch(
     q, k, v, g = (to_chunks(x) for x in (q * scale, k, v, g))
     beta = to_chunks(beta.unsqueeze(-1))  # [B, H, N, C, 1]
 
-    # The cumulative decay is kept in float64: after a very negative gate (say -1000) G sits near
-    # -1000 * n, and differences G_i - G_j of later rows would lose most of their float32 digits.
-    G = g.to(torch.float64).cumsum(dim=-2)
-    Aqk, Akk = _intra_chunk_matrices(q, k, G, sub)
+    Aqk, Akk = _intra_chunk_matrices(q, k, g, sub)
     Akk = Akk * beta
-    exp_G = torch.exp(G.to(q.dtype))
+    G = g.cumsum(dim=-2)  # decay from the chunk start through each row
+    exp_G = torch.exp(G)
     # One unit-lower-triangular solve gives w and u together (the diagonal of Akk is never read).
     rhs = torch.cat([beta * k * exp_G, beta * v], dim=-1)
     wu = torch.linalg.solve_triangular(Akk, rhs, upper=False, unitriangular=True)
     w, u = wu[..., :K], wu[..., K:]
 
-    G_last = G[..., -1:, :]  # [B, H, N, 1, K]
     qg = q * exp_G
-    kg = k * torch.exp((G_last - G).to(q.dtype))
-    last_decay = torch.exp(G_last.to(q.dtype)).transpose(-1, -2)  # [B, H, N, K, 1]
+    kg = k * torch.exp(_cumsum_exclusive(g, reverse=True))  # decay after each row to the chunk end
+    last_decay = exp_G[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1]
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
     outputs = []

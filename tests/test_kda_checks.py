@@ -1,0 +1,108 @@
+"""Bad input to the KDA operator raises an error that names the argument, before any arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_linear.ops import chunk_kda, fused_recurrent_kda
+
+from kda_utils import make_inputs
+
+
+def base(**over):
+    x = make_inputs(B=2, T=10, H=2, K=8, V=8, seed=0)
+    args = dict(q=x.q, k=x.k, v=x.v, g=x.g, beta=x.beta, initial_state=x.initial_state, A_log=x.A_log,
+                dt_bias=x.dt_bias, **x.kwargs)
+    args.update(over)
+    return args
+
+
+def varlen_base(cu, **over):
+    x = make_inputs(B=1, T=10, H=2, K=8, V=8, seed=0, cu_seqlens=[0, 4, 10])
+    args = dict(q=x.q, k=x.k, v=x.v, g=x.g, beta=x.beta, A_log=x.A_log, dt_bias=x.dt_bias, **x.kwargs)
+    args["cu_seqlens"] = cu
+    args.update(over)
+    return args
+
+
+def call(fn, args):
+    args = dict(args)
+    q, k, v, g, beta = (args.pop(n) for n in ("q", "k", "v", "g", "beta"))
+    return fn(q, k, v, g, beta, **args)
+
+
+FN = [chunk_kda, fused_recurrent_kda]
+
+
+@pytest.mark.parametrize("fn", FN)
+@pytest.mark.parametrize(
+    "over, exc, words",
+    [
+        (dict(q=torch.randn(2, 10, 2)), ValueError, "q must be 4-D"),
+        (dict(k=torch.randn(2, 10, 2, 9)), ValueError, "k must have q's shape"),
+        (dict(v=torch.randn(2, 11, 2, 8)), ValueError, "v must be [B, T, HV, V]"),
+        (dict(v=torch.randn(2, 10, 3, 8)), ValueError, "multiple of q's"),
+        (dict(g=torch.randn(2, 10, 2, 7)), ValueError, "g must be [B, T, HV, K]"),
+        (dict(beta=torch.randn(2, 10, 2, 1)), ValueError, "beta must be [B, T, HV]"),
+        (dict(q=torch.randint(0, 3, (2, 10, 2, 8))), TypeError, "q must be a floating-point"),
+        (dict(k=torch.randn(2, 10, 2, 8, dtype=torch.float64)), TypeError, "q and k must share a dtype"),
+        (dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
+        (dict(scale="big"), TypeError, "scale must be a float"),
+        (dict(initial_state=torch.randn(2, 2, 8, 8, dtype=torch.bfloat16)), TypeError, "initial_state must be float32"),
+        (dict(initial_state=torch.randn(3, 2, 8, 8)), ValueError, "initial_state must be [N, HV, K, V]"),
+        (dict(A_log=None), ValueError, "needs A_log"),
+        (dict(A_log=torch.randn(3)), ValueError, "A_log must hold HV=2"),
+        (dict(dt_bias=torch.randn(8)), ValueError, "dt_bias must hold HV*K=16"),
+        (dict(lower_bound=-6.0), ValueError, "lower_bound must be a number in [-5, 0)"),
+        (dict(lower_bound=0.0), ValueError, "lower_bound must be a number in [-5, 0)"),
+        (dict(use_gate_in_kernel=False), ValueError, "A_log, dt_bias given but use_gate_in_kernel=False"),
+        (dict(chunk_size=48), ValueError, "chunk_size must be one of"),
+        (dict(cu_seqlens=torch.tensor([0, 10])), ValueError, "batch size must be 1"),
+        (dict(allow_neg_eigval=True, use_beta_sigmoid_in_kernel=False), ValueError, "allow_neg_eigval"),
+    ],
+)
+def test_bad_arguments_are_named(fn, over, exc, words):
+    with pytest.raises(exc) as info:
+        call(fn, base(**over))
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("fn", FN)
+@pytest.mark.parametrize(
+    "cu, exc, words",
+    [
+        (torch.tensor([1, 4, 10]), ValueError, "must start at 0"),
+        (torch.tensor([0, 6, 4, 10]), ValueError, "non-decreasing"),
+        (torch.tensor([0, 4, 9]), ValueError, "must end at T=10"),
+        (torch.tensor([0.0, 4.0, 10.0]), TypeError, "cu_seqlens must be"),
+        (torch.tensor([[0, 4, 10]]), ValueError, "1-D"),
+        ([0, 4, 10], TypeError, "cu_seqlens must be a torch.Tensor"),
+    ],
+)
+def test_bad_cu_seqlens(fn, cu, exc, words):
+    with pytest.raises(exc) as info:
+        call(fn, varlen_base(cu))
+    assert words in str(info.value)
+
+
+def test_varlen_initial_state_must_have_one_row_per_sequence():
+    with pytest.raises(ValueError, match=r"initial_state must be \[N, HV, K, V\] = \[2, 2, 8, 8\]"):
+        call(chunk_kda, varlen_base(torch.tensor([0, 4, 10]), initial_state=torch.zeros(1, 2, 8, 8)))
+
+
+def test_state_pool_errors():
+    args = base(initial_state=torch.zeros(4, 2, 8, 8))
+    with pytest.raises(ValueError, match="ssm_state_indices must be"):
+        call(fused_recurrent_kda, dict(args, ssm_state_indices=torch.tensor([0, 1, 2])))
+    with pytest.raises(ValueError, match="pool has 4 slots"):
+        call(fused_recurrent_kda, dict(args, ssm_state_indices=torch.tensor([0, 4])))
+    with pytest.raises(ValueError, match="inplace_final_state=True needs initial_state"):
+        call(fused_recurrent_kda, base(initial_state=None, inplace_final_state=True))
+    with pytest.raises(ValueError, match="out must be a tensor of shape"):
+        call(fused_recurrent_kda, base(out=torch.empty(2, 10, 2, 7)))
+
+
+def test_context_parallel_is_refused_not_ignored():
+    with pytest.raises(NotImplementedError, match="cp_context"):
+        call(chunk_kda, base(cp_context=object()))
