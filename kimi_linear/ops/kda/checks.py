@@ -75,9 +75,8 @@ def check_kda_inputs(
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
         # No host copy inside a CUDA graph capture (it would break the capture): shape checks only there.
-        cu = list(range(cu_seqlens.numel() - 1)) + [T] if _capturing(cu_seqlens) else None
-        # One host copy of a small index vector; GPU callers can pass cu_seqlens_cpu to skip it.
-        cu = cu_seqlens.tolist() if cu is None else [0] * (len(cu) - 1) + [T]
+        # Otherwise one host copy of a small index vector.
+        cu = [0] * (cu_seqlens.numel() - 1) + [T] if _capturing(cu_seqlens) else cu_seqlens.tolist()
         if cu[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
         if any(b < a for a, b in zip(cu, cu[1:])):

@@ -12,20 +12,22 @@ decay of row r from the chunk start (per key channel) and S the state entering t
     o         = (q * exp(G)) S + Aqk v_new
     S_next    = exp(G_C) * S + (k * exp(G_C - G))^T v_new
 
-Numerical safety for any gate (log decays of -1000 included). Every decay factor is computed from a
-direct sum of the gates between its two rows, never as a difference of two long cumulative sums:
-after a gate of -1000 such sums sit near -1000 and their float32 difference would lose its digits.
-- Across 16-row sub-chunks, exp(G_i - G_j) = exp(decay from i's sub-chunk start to i)
-  * exp(decay of the whole sub-chunks between) * exp(decay from j to the end of j's sub-chunk),
-  every factor <= 1.
-- Inside a 16x16 diagonal block, it is split at the middle row while the decay across the block is
-  moderate (factors <= exp(SAFE_SPAN)); blocks with a larger decay are computed pair by pair from
-  float64 segment sums.
-- The chunk-level factors (q and k decayed to the chunk's start or end) are prefix or suffix sums.
+Numerical safety for any gate (log decays of -1000 included). Every decay exponent is a direct sum
+of the gates between two rows (a matmul of g with a 0/1 mask), never a difference of two long
+cumulative sums: after a gate of -1000 such sums sit near -1000 and their float32 difference would
+lose its digits. Within a chunk of 16-row sub-chunks, for row i in sub-chunk I and column j in J:
+- I > J: exp(G_i - G_j) = exp(gates from I's start through i) * exp(gates of the whole sub-chunks
+  between) * exp(gates after j to J's end), three factors <= 1;
+- I = J (diagonal blocks): exp(G_i - G_j) = exp(-(gates after i to the end)) * exp(gates after j to
+  the end), a row factor >= 1 bounded by the decay across the block; blocks where that decay exceeds
+  SAFE_SPAN are recomputed pair by pair from float64 segment sums.
 Large decays underflow to 0, which is the right answer.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,71 +42,82 @@ def _lower_mask(n: int, strict: bool, device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
-def _cumsum_exclusive(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """Sum of the rows strictly before (or, reversed, strictly after) each row, along dim -2."""
-    zero = torch.zeros_like(x[..., :1, :])
-    if reverse:
-        return torch.cat([x[..., 1:, :].flip(-2).cumsum(-2).flip(-2), zero], dim=-2)
-    return torch.cat([zero, x[..., :-1, :].cumsum(-2)], dim=-2)
+@functools.lru_cache(maxsize=32)
+def _segment_masks(C: int, sub: int, dtype: torch.dtype, device: torch.device):
+    """[C, C] 0/1 matrices M such that (M @ g)[r] sums the gates of one segment for row r:
+
+    since_start: gates from the start of r's sub-chunk through r;
+    to_end:      gates after r through the end of r's sub-chunk.
+    """
+    r = torch.arange(C).view(C, 1)
+    t = torch.arange(C).view(1, C)
+    same_sub = (r // sub) == (t // sub)
+    masks = (same_sub & (t <= r), same_sub & (t > r))
+    return tuple(m.to(device=device, dtype=dtype) for m in masks)
 
 
 def _intra_chunk_matrices(q, k, g, sub):
-    """Aqk (lower, diagonal included) and the unscaled Akk (strictly lower) for every chunk.
+    """Aqk (lower, diagonal included) and the unscaled Akk (strictly lower) for every chunk, plus the
+    chunk-level decay factors exp(G_r) (from the chunk start through r) and exp(G_C - G_r).
 
-    q, k, g: [..., C, K] (g the per-token log decay). Returns two [..., C, C] tensors.
+    q, k, g: [..., C, K] (g the per-token log decay). Returns two [..., C, C] and two [..., C, K].
     """
     *lead, C, K = k.shape
     ns = C // sub
     device = k.device
-    qs = q.reshape(*lead, ns, sub, K)
-    ks = k.reshape(*lead, ns, sub, K)
-    gs = g.reshape(*lead, ns, sub, K)
-    # Decay from the sub-chunk's first row to row i (gates of rows 1..i; 0 for row 0): differences of
-    # two rows give the gates between them, and a large first gate never enters them.
-    since_start = torch.cat([torch.zeros_like(gs[..., :1, :]), gs[..., 1:, :]], dim=-2).cumsum(-2)
-    from_start_inclusive = gs.cumsum(-2)  # decay from the sub-chunk's start through row i
-    to_end = _cumsum_exclusive(gs, reverse=True)  # decay after row j to the sub-chunk's end
-    totals = from_start_inclusive[..., -1, :]  # [.., ns, K]
+    since_start_mask, to_end_mask = _segment_masks(C, sub, q.dtype, device)
+    since_start = since_start_mask @ g  # <= 0
+    to_end = to_end_mask @ g  # <= 0
+    exp_since_start, exp_to_end = torch.exp(since_start), torch.exp(to_end)
+    k_col = (k * exp_to_end).reshape(*lead, ns, sub, K)  # k_j decayed to its sub-chunk's end
+    q_row = (q * exp_since_start).reshape(*lead, ns, sub, K)
+    k_row = (k * exp_since_start).reshape(*lead, ns, sub, K)
+    totals = since_start.reshape(*lead, ns, sub, K)[..., -1, :]  # decay across each sub-chunk
 
-    # Diagonal blocks, factored at the middle row m: exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j).
-    rel = since_start - since_start[..., sub // 2 : sub // 2 + 1, :]
-    up = torch.exp(rel.clamp(-SAFE_SPAN, SAFE_SPAN))
-    down = torch.exp((-rel).clamp(-SAFE_SPAN, SAFE_SPAN))
-    k_down = (ks * down).transpose(-1, -2)
-    aqk_diag = (qs * up) @ k_down
-    akk_diag = (ks * up) @ k_down
-    span = (since_start.amax(dim=-2) - since_start.amin(dim=-2)).amax(dim=-1)  # [.., ns]
+    # Diagonal blocks, referenced at the block's last row.
+    back = (1.0 / exp_to_end.clamp(min=math.exp(-SAFE_SPAN))).reshape(*lead, ns, sub, K)
+    k_col_t = k_col.transpose(-1, -2)
+    diag_qk = (q.reshape(*lead, ns, sub, K) * back) @ k_col_t  # [.., ns, sub, sub]
+    diag_kk = (k.reshape(*lead, ns, sub, K) * back) @ k_col_t
+    span = to_end.abs().reshape(*lead, ns, sub * K).amax(dim=-1)  # [.., ns]
     unsafe = (span > SAFE_SPAN).nonzero(as_tuple=True)
     if unsafe[0].numel():
-        qu, ku = qs[unsafe], ks[unsafe]  # [n, sub, K]
-        cum = gs[unsafe].to(torch.float64).cumsum(-2)
+        qu = q.reshape(*lead, ns, sub, K)[unsafe]
+        ku = k.reshape(*lead, ns, sub, K)[unsafe]
+        cum = g.reshape(*lead, ns, sub, K)[unsafe].to(torch.float64).cumsum(-2)
         diff = cum.unsqueeze(-2) - cum.unsqueeze(-3)  # [n, i, j, K]: gates in (j, i], exact in float64
         keep = _lower_mask(sub, strict=False, device=device)
         decay = torch.exp(diff.masked_fill(~keep[:, :, None], float("-inf")).to(q.dtype))
         kd = ku.unsqueeze(-3) * decay  # k_j * exp(G_i - G_j)
-        aqk_diag = aqk_diag.index_put(unsafe, (qu.unsqueeze(-2) * kd).sum(-1))
-        akk_diag = akk_diag.index_put(unsafe, (ku.unsqueeze(-2) * kd).sum(-1))
-    aqk_diag = aqk_diag.masked_fill(~_lower_mask(sub, False, device), 0.0)
-    akk_diag = akk_diag.masked_fill(~_lower_mask(sub, True, device), 0.0)
+        diag_qk = diag_qk.index_put(unsafe, (qu.unsqueeze(-2) * kd).sum(-1))
+        diag_kk = diag_kk.index_put(unsafe, (ku.unsqueeze(-2) * kd).sum(-1))
+    diag_qk = diag_qk * _lower_mask(sub, False, device)
+    diag_kk = diag_kk * _lower_mask(sub, True, device)
 
-    # Off-diagonal blocks, row sub-chunk I after column sub-chunk J: three factors, each <= 1.
-    k_to_end = ks * torch.exp(to_end)  # [.., ns, sub, K]
-    zeros = q.new_zeros(*lead, sub, sub)
+    # Off-diagonal blocks: row sub-chunk I against all earlier column sub-chunks in one product,
+    # each column block scaled by the decay of the whole sub-chunks between it and I.
     rows_qk, rows_kk = [], []
     for I in range(ns):
-        cols_qk, cols_kk = [], []
-        between = torch.zeros_like(totals[..., 0, :])  # decay of the whole sub-chunks J+1 .. I-1
-        blocks_qk, blocks_kk = [zeros] * ns, [zeros] * ns
+        cols = []
+        between = torch.zeros_like(totals[..., 0, :])
         for J in range(I - 1, -1, -1):
-            dec = torch.exp(from_start_inclusive[..., I, :, :] + between.unsqueeze(-2))
-            kj = k_to_end[..., J, :, :].transpose(-1, -2)
-            blocks_qk[J] = (qs[..., I, :, :] * dec) @ kj
-            blocks_kk[J] = (ks[..., I, :, :] * dec) @ kj
+            cols.insert(0, k_col[..., J, :, :] * torch.exp(between).unsqueeze(-2))
             between = between + totals[..., J, :]
-        blocks_qk[I], blocks_kk[I] = aqk_diag[..., I, :, :], akk_diag[..., I, :, :]
-        rows_qk.append(torch.cat(blocks_qk, dim=-1))
-        rows_kk.append(torch.cat(blocks_kk, dim=-1))
-    return torch.cat(rows_qk, dim=-2), torch.cat(rows_kk, dim=-2)
+        tail = q.new_zeros(*lead, sub, (ns - 1 - I) * sub)
+        if cols:
+            earlier = torch.cat(cols, dim=-2).transpose(-1, -2)  # [.., K, I * sub]
+            rows_qk.append(torch.cat([q_row[..., I, :, :] @ earlier, diag_qk[..., I, :, :], tail], dim=-1))
+            rows_kk.append(torch.cat([k_row[..., I, :, :] @ earlier, diag_kk[..., I, :, :], tail], dim=-1))
+        else:
+            rows_qk.append(torch.cat([diag_qk[..., I, :, :], tail], dim=-1))
+            rows_kk.append(torch.cat([diag_kk[..., I, :, :], tail], dim=-1))
+    # Chunk-level decays from the same pieces: through row r from the chunk start, and after r to the
+    # chunk end, each a sub-chunk factor times the whole sub-chunks before (after) it.
+    before = torch.cat([torch.zeros_like(totals[..., :1, :]), totals[..., :-1, :].cumsum(-2)], dim=-2)
+    after = torch.cat([totals[..., 1:, :].flip(-2).cumsum(-2).flip(-2), torch.zeros_like(totals[..., :1, :])], dim=-2)
+    exp_prefix = (exp_since_start.reshape(*lead, ns, sub, K) * torch.exp(before).unsqueeze(-2)).reshape(*lead, C, K)
+    exp_suffix = (exp_to_end.reshape(*lead, ns, sub, K) * torch.exp(after).unsqueeze(-2)).reshape(*lead, C, K)
+    return torch.cat(rows_qk, dim=-2), torch.cat(rows_kk, dim=-2), exp_prefix, exp_suffix
 
 
 def chunk_kda_torch(
@@ -141,17 +154,16 @@ def chunk_kda_torch(
     q, k, v, g = (to_chunks(x) for x in (q * scale, k, v, g))
     beta = to_chunks(beta.unsqueeze(-1))  # [B, H, N, C, 1]
 
-    Aqk, Akk = _intra_chunk_matrices(q, k, g, sub)
+    Aqk, Akk, exp_G, exp_to_chunk_end = _intra_chunk_matrices(q, k, g, sub)
     Akk = Akk * beta
-    G = g.cumsum(dim=-2)  # decay from the chunk start through each row
-    exp_G = torch.exp(G)
-    # One unit-lower-triangular solve gives w and u together (the diagonal of Akk is never read).
-    rhs = torch.cat([beta * k * exp_G, beta * v], dim=-1)
-    wu = torch.linalg.solve_triangular(Akk, rhs, upper=False, unitriangular=True)
-    w, u = wu[..., :K], wu[..., K:]
+    # T = (I + Akk)^-1 from one unit-lower-triangular solve (the diagonal of Akk is never read).
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    T_inv = torch.linalg.solve_triangular(Akk, eye.expand_as(Akk), upper=False, unitriangular=True)
+    w = T_inv @ (beta * k * exp_G)
+    u = T_inv @ (beta * v)
 
     qg = q * exp_G
-    kg = k * torch.exp(_cumsum_exclusive(g, reverse=True))  # decay after each row to the chunk end
+    kg = k * exp_to_chunk_end
     last_decay = exp_G[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1]
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
