@@ -74,12 +74,14 @@ def _intra_chunk_matrices(q, k, g, sub):
     k_row = (k * exp_since_start).reshape(*lead, ns, sub, K)
     totals = since_start.reshape(*lead, ns, sub, K)[..., -1, :]  # decay across each sub-chunk
 
-    # Diagonal blocks, referenced at the block's last row.
-    back = (1.0 / exp_to_end.clamp(min=math.exp(-SAFE_SPAN))).reshape(*lead, ns, sub, K)
+    # Diagonal blocks, referenced at the block's last row: the row factor 1 / exp(to_end) >= 1. The
+    # clamp only touches blocks recomputed below, and keeps their (discarded) values and grads finite.
+    col_decay = exp_to_end.clamp(min=math.exp(-SAFE_SPAN)).reshape(*lead, ns, sub, K)
     k_col_t = k_col.transpose(-1, -2)
-    diag_qk = (q.reshape(*lead, ns, sub, K) * back) @ k_col_t  # [.., ns, sub, sub]
-    diag_kk = (k.reshape(*lead, ns, sub, K) * back) @ k_col_t
-    span = to_end.abs().reshape(*lead, ns, sub * K).amax(dim=-1)  # [.., ns]
+    diag_qk = (q.reshape(*lead, ns, sub, K) / col_decay) @ k_col_t  # [.., ns, sub, sub]
+    diag_kk = (k.reshape(*lead, ns, sub, K) / col_decay) @ k_col_t
+    low, high = torch.aminmax(to_end.reshape(*lead, ns, sub * K), dim=-1)
+    span = torch.maximum(-low, high)  # [.., ns]: largest |decay exponent| inside each block
     unsafe = (span > SAFE_SPAN).nonzero(as_tuple=True)
     if unsafe[0].numel():
         qu = q.reshape(*lead, ns, sub, K)[unsafe]
