@@ -168,21 +168,22 @@ def chunk_kda_torch(
     kg = k * exp_to_chunk_end
     last_decay = exp_G[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1]
 
+    # The sequential part carries only the state; the outputs of all chunks are then two batched
+    # products over every chunk at once (larger matmuls than one chunk at a time).
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
-    outputs = []
-    chunk_states = []
+    starts, new_values = [], []
     for n in range(n_chunks):
-        if return_chunk_states:
-            chunk_states.append(S)
+        starts.append(S)
         v_new = u[:, :, n] - w[:, :, n] @ S
-        outputs.append(qg[:, :, n] @ S + Aqk[:, :, n] @ v_new)
+        new_values.append(v_new)
         S = last_decay[:, :, n] * S + kg[:, :, n].transpose(-1, -2) @ v_new
 
     if n_chunks:
-        o = torch.stack(outputs, dim=2).reshape(B, H, n_chunks * C, V)[:, :, :T]
+        chunk_starts = torch.stack(starts, dim=2)  # [B, H, N, K, V]
+        o = qg @ chunk_starts + Aqk @ torch.stack(new_values, dim=2)
+        o = o.reshape(B, H, n_chunks * C, V)[:, :, :T]
     else:
+        chunk_starts = q.new_zeros(B, H, 0, K, V)
         o = q.new_zeros(B, H, 0, V)
-    states = None
-    if return_chunk_states:
-        states = torch.stack(chunk_states, dim=1) if chunk_states else q.new_zeros(B, 0, H, K, V)
+    states = chunk_starts.transpose(1, 2) if return_chunk_states else None
     return o.transpose(1, 2), S, states
