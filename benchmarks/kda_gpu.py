@@ -1,0 +1,264 @@
+"""KDA GPU benchmark: our Triton kernels against flash-linear-attention (fla-core), same run, same card.
+
+    python benchmarks/kda_gpu.py            # full table (needs fla-core importable; installs nothing)
+    python benchmarks/kda_gpu.py --quick    # T = 8K cases only
+
+Prints, per case, our time, fla's time and the ratio (fla / ours, > 1 means we are faster) for the
+forward and forward + backward, then decode: state bandwidth against the card's measured copy
+bandwidth, and the batch-1 decode step replayed from a CUDA graph. Medians of triton.testing.do_bench,
+fresh random non-zero inputs per case, bf16, H = 32, K = V = 128, gate / L2 norm / beta sigmoid in-kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kimi_linear.ops import chunk_kda, fused_recurrent_kda  # noqa: E402
+
+try:
+    import fla
+    from fla.ops.kda import chunk_kda as fla_chunk_kda
+    from fla.ops.kda import fused_recurrent_kda as fla_recurrent_kda
+except Exception as e:  # noqa: BLE001
+    fla = None
+    print(f"fla not importable ({e!r}): reporting our times only")
+
+H, D = 32, 128
+DT = torch.bfloat16
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def inputs(B, T, gate, cu=None, grad=False, seed=0):
+    torch.manual_seed(seed)
+    dev = "cuda"
+    N = B if cu is None else len(cu) - 1
+    q = torch.randn(B, T, H, D, device=dev, dtype=DT)
+    k = torch.randn(B, T, H, D, device=dev, dtype=DT)
+    v = torch.randn(B, T, H, D, device=dev, dtype=DT)
+    g = torch.randn(B, T, H, D, device=dev, dtype=DT)
+    beta = torch.randn(B, T, H, device=dev, dtype=DT)
+    A_log = torch.log(torch.empty(H, device=dev).uniform_(1, 16))
+    dt_bias = torch.randn(H * D, device=dev) * 0.5
+    h0 = torch.randn(N, H, D, D, device=dev) * 0.1
+    ts = [q, k, v, g, beta]
+    if grad:
+        for t in ts + [A_log, dt_bias, h0]:
+            t.requires_grad_(True)
+    kw = dict(A_log=A_log, dt_bias=dt_bias, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+              use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+    if cu is not None:
+        kw["cu_seqlens"] = torch.tensor(cu, device=dev, dtype=torch.int64)
+    if gate == "lower_bound":
+        kw["lower_bound"] = -5.0
+    return ts, kw, [q, k, v, g, beta, A_log, dt_bias, h0]
+
+
+def fla_kw(kw, gate):
+    kw = dict(kw)
+    if gate == "lower_bound":
+        kw["safe_gate"] = True
+    return kw
+
+
+def bench(fn, grad_to_none=None):
+    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+
+
+def time_case(name, B, T, gate, cu=None, do_bwd=True):
+    try:
+        return _time_case(name, B, T, gate, cu, do_bwd)
+    except Exception as e:  # noqa: BLE001  (report and go on with the other cases)
+        print(f"{name}: failed with {e!r}")
+        torch.cuda.empty_cache()
+        return {"case": name + " (failed)", "fwd_ours": float("nan")}
+
+
+def _time_case(name, B, T, gate, cu=None, do_bwd=True):
+    row = {"case": name}
+    ts, kw, leaves = inputs(B, T, gate, cu)
+    with torch.no_grad():
+        ours = lambda: chunk_kda(*ts, **kw)  # noqa: E731
+        o, s = ours()
+        row["fwd_ours"] = bench(ours)
+        if fla is not None:
+            theirs = lambda: fla_chunk_kda(*ts, **fla_kw(kw, gate))  # noqa: E731
+            o2, s2 = theirs()
+            row["agree_o"] = rel(o, o2)
+            row["fwd_fla"] = bench(theirs)
+    del ts, leaves
+    if do_bwd:
+        ts, kw, leaves = inputs(B, T, gate, cu, grad=True)
+        do = torch.randn(B, T, H, D, device="cuda", dtype=DT)
+
+        def fb(fn, kwargs):
+            o, s = fn(*ts, **kwargs)
+            torch.autograd.backward([o, s], [do, torch.ones_like(s)])
+
+        row["fb_ours"] = bench(lambda: fb(chunk_kda, kw), leaves)
+        if fla is not None:
+            row["fb_fla"] = bench(lambda: fb(fla_chunk_kda, fla_kw(kw, gate)), leaves)
+        del ts, leaves, do
+    torch.cuda.empty_cache()
+    return row
+
+
+def copy_bandwidth():
+    x = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / ms / 1e9  # TB/s (read + write)
+
+
+def decode_case(B, gate, copy_bw):
+    torch.manual_seed(B)
+    dev = "cuda"
+    q = torch.randn(B, 1, H, D, device=dev, dtype=DT)
+    k, v, g = torch.randn_like(q), torch.randn_like(q), torch.randn_like(q)
+    beta = torch.randn(B, 1, H, device=dev, dtype=DT)
+    A_log = torch.log(torch.empty(H, device=dev).uniform_(1, 16))
+    dt_bias = torch.randn(H * D, device=dev) * 0.5
+    pool = torch.randn(B, H, D, D, device=dev) * 0.1
+    idx = torch.randperm(B, device=dev)
+    out = torch.empty(B, 1, H, D, device=dev, dtype=DT)
+    kw = dict(A_log=A_log, dt_bias=dt_bias, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+              use_beta_sigmoid_in_kernel=True)
+    if gate == "lower_bound":
+        kw["lower_bound"] = -5.0
+    ours = lambda: fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, ssm_state_indices=idx,  # noqa: E731
+                                       inplace_final_state=True, out=out, **kw)
+    ours()
+    row = {"case": f"decode B={B} {gate}", "fwd_ours": bench(ours)}
+    state_bytes = 2 * pool.numel() * 4
+    row["bw_ours"] = state_bytes / row["fwd_ours"] / 1e9
+    row["bw_frac"] = row["bw_ours"] / copy_bw
+    if fla is not None:
+        h0 = pool.clone()
+        try:
+            theirs = lambda: fla_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,  # noqa: E731
+                                               **kw)
+            theirs()
+            row["fwd_fla"] = bench(theirs)
+        except Exception as e:  # noqa: BLE001
+            print(f"fla decode failed: {e!r}")
+    if True:  # kernel time without host overhead: replay a captured graph
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ours()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ours()
+        row["graph_us"] = bench(graph.replay) * 1e3
+        row["graph_bw_frac"] = state_bytes / (row["graph_us"] * 1e-6) / 1e12 / copy_bw
+    return row
+
+
+def breakdown(T, gate):
+    """Time the two forward launches separately (where the forward time goes)."""
+    from kimi_linear.ops.kda import triton_backend as tb
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur
+
+    ts, kw, _ = inputs(1, T, gate)
+    q, k, v, g, beta = ts
+    shapes = KDAShapes(B=1, T=T, H=H, HV=H, K=D, V=D, N=1)
+    info, seq = chunk_layout(shapes, None, 64, q.device)
+    lb = kw.get("lower_bound")
+    res = {}
+    for store in (torch.float32, DT):
+        args = dict(scale=D**-0.5, shapes=shapes, gate=1 if lb is None else 2, A_log=kw["A_log"],
+                    dt_bias=kw["dt_bias"], lower_bound=lb, l2norm=True, beta_sigmoid=True, neg_eigval=False, BT=64,
+                    dtype=store)
+        prep = lambda: chunk_prep(q, k, v, g, beta, info, **args)  # noqa: E731
+        inter = prep()
+        o = torch.empty_like(v)
+        rec = lambda: chunk_recur(*inter, info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
+                                  out=o, store_final=True, store_states=False, BT=64)
+        name = str(store).replace("torch.", "")
+        res[f"prep_{name}_ms"] = bench(prep)
+        res[f"recur_{name}_ms"] = bench(rec)
+    # prep-kernel tuning sweep (register pressure): K block and warps
+    for bk, warps in ((32, 4), (32, 8), (64, 8), (16, 4)):
+        os.environ["KIMI_LINEAR_KDA_PREP_BK"], os.environ["KIMI_LINEAR_KDA_PREP_WARPS"] = str(bk), str(warps)
+        args["dtype"] = torch.float32
+        res[f"prep_bk{bk}_w{warps}_ms"] = bench(lambda: chunk_prep(q, k, v, g, beta, info, **args))
+    os.environ.pop("KIMI_LINEAR_KDA_PREP_BK")
+    os.environ.pop("KIMI_LINEAR_KDA_PREP_WARPS")
+    del tb
+    return res
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--max-bwd-t", type=int, default=32768, help="longest T timed with the backward")
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    print(f"card: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
+          f"fla-core {getattr(fla, '__version__', 'n/a') if fla else 'n/a'}")
+    bw = copy_bandwidth()
+    print(f"measured device copy bandwidth: {bw:.2f} TB/s")
+    for gate in ("softplus",):
+        try:
+            print(f"breakdown T=32K {gate} (ms per launch; intermediates fp32 = default, bf16 = opt-in):", {k: round(v, 3) for k, v in breakdown(32768, gate).items()})
+        except Exception as e:  # noqa: BLE001
+            print(f"breakdown failed: {e!r}")
+    Ts = [8192] if args.quick else [8192, 32768, 131072]
+    rows = []
+    for gate in ("softplus", "lower_bound"):
+        for T in Ts:
+            rows.append(time_case(f"B=1 T={T // 1024}K {gate}", 1, T, gate,
+                                  do_bwd=not args.no_bwd and T <= args.max_bwd_t))
+            print(rows[-1], flush=True)
+        if not args.quick:
+            rows.append(time_case(f"B=8 T=4K {gate}", 8, 4096, gate, do_bwd=not args.no_bwd))
+            print(rows[-1], flush=True)
+            cu = [0, 1, 15, 1000, 4096, 4200, 9000, 16384, 20000, 32768]
+            rows.append(time_case(f"varlen 9 seqs (32K) {gate}", 1, cu[-1], gate, cu=cu, do_bwd=not args.no_bwd))
+            print(rows[-1], flush=True)
+    dec = []
+    for B in (1, 64, 256):
+        for gate in ("softplus", "lower_bound"):
+            dec.append(decode_case(B, gate, bw))
+            print(dec[-1], flush=True)
+
+    print()
+    print(f"## {dev}: chunk_kda, bf16, H={H}, K=V={D}, times in ms (median), ratio = fla / ours")
+    print("| case | fwd ours | fwd fla | fwd ratio | fwd+bwd ours | fwd+bwd fla | fwd+bwd ratio | rel diff o vs fla |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fr = r["fwd_fla"] / r["fwd_ours"] if "fwd_fla" in r else None
+        br = r["fb_fla"] / r["fb_ours"] if "fb_fla" in r and "fb_ours" in r else None
+        print(f"| {r['case']} | {fmt(r['fwd_ours'])} | {fmt(r.get('fwd_fla'))} | {fmt(fr, '.2f')} | "
+              f"{fmt(r.get('fb_ours'))} | {fmt(r.get('fb_fla'))} | {fmt(br, '.2f')} | {fmt(r.get('agree_o'), '.1e')} |")
+    print()
+    print(f"## decode (fused_recurrent_kda, T=1, H={H}, fp32 state pool in place); copy ceiling {bw:.2f} TB/s")
+    print("| case | ours us | fla us | ratio | state TB/s ours | % of copy | CUDA graph us | % of copy (graph) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in dec:
+        ratio = r["fwd_fla"] / r["fwd_ours"] if "fwd_fla" in r else None
+        print(f"| {r['case']} | {fmt(r['fwd_ours'] * 1e3, '.1f')} | {fmt(r.get('fwd_fla', 0) * 1e3 or None, '.1f')} | "
+              f"{fmt(ratio, '.2f')} | {r['bw_ours']:.2f} | {100 * r['bw_frac']:.0f}% | {fmt(r.get('graph_us'), '.1f')} | "
+              f"{fmt(100 * r['graph_bw_frac'] if 'graph_bw_frac' in r else None, '.0f')}% |")
+
+
+if __name__ == "__main__":
+    main()

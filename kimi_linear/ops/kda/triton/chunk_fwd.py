@@ -1,0 +1,395 @@
+"""Chunked KDA forward: two launches.
+
+1. ``_chunk_prep_kernel``, chunk-parallel, grid (chunks, HV). From the raw inputs of one chunk
+   (L2 norm, gate, beta sigmoid applied in-register) it forms, with G the within-chunk inclusive
+   cumulative log decay:
+
+       Aqk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)     (j <= i)
+       Akk[i, j] = beta_i * sum_d k_id k_jd exp(G_id - G_jd)    (j < i),   T = (I + Akk)^-1
+       w = T (beta k exp(G)),  u = T (beta v),  qg = scale q exp(G),  kg = k exp(G_C - G),  gC = G_C
+
+   and stores them chunk-major ([chunk, head, row, .]; kg transposed, [chunk, head, K, row]).
+
+   Numerics for any gate value: the pairwise decays are never formed from two large cumulative sums.
+   The strictly-lower triangle is split along a binary tree of the chunk rows: at level HB (BT/2, ...,
+   1) the pair (i, j) with i in the odd HB-block right after j's even block is
+   exp(local inclusive cumsum of i in its block) * exp(local exclusive reverse cumsum of j in its block),
+   both factors <= 1, and the two local sums only add gates of one block (same sign, no cancellation).
+   Each level is one (BT x BK) @ (BK x BT) product; entries of other levels are masked out. Very
+   negative gates underflow to 0, which is exact.
+2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
+   [K, BV] fp32 state slice in registers and fuses the output:
+
+       v_new = u - w S;   o = qg S + Aqk v_new;   S <- exp(gC) * S + kg^T v_new
+
+   optionally storing the state entering every chunk (prefix caching, and the backward pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import INTERPRET, apply_beta, apply_gate, dummy, next_pow2
+
+
+@triton.jit
+def _level_factors(bq, bk, bg, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.constexpr):
+    """Row factors (rows in odd HB-blocks) and column factors (rows in even HB-blocks) of one tree level."""
+    g3 = tl.reshape(bg, (BT // HB, HB, BK))
+    fwd = tl.reshape(tl.cumsum(g3, axis=1), (BT, BK))
+    rev = tl.reshape(tl.cumsum(g3, axis=1, reverse=True), (BT, BK)) - bg
+    odd = ((r // HB) % 2) == 1
+    e = tl.exp(tl.minimum(tl.where(odd[:, None], fwd, rev), 0.0))
+    row_q = tl.where(odd[:, None], bq * e, 0.0)
+    row_k = tl.where(odd[:, None], bk * e, 0.0)
+    col_k = tl.where(odd[:, None], 0.0, bk * e)
+    return row_q, row_k, col_k
+
+
+@triton.jit
+def _level_off(bq, bk, bg, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.constexpr):
+    """Levels HB >= 16: entries between different 16-row sub-chunks, as [BT, BT] products."""
+    row_q, row_k, col_k = _level_factors(bq, bk, bg, r, BT, BK, HB)
+    a_qk = tl.dot(row_q, tl.trans(col_k))
+    a_kk = tl.dot(row_k, tl.trans(col_k))
+    bi = r // HB
+    keep = (bi[:, None] == bi[None, :] + 1) & ((bi[None, :] % 2) == 0)
+    return tl.where(keep, a_qk, 0.0), tl.where(keep, a_kk, 0.0)
+
+
+@triton.jit
+def _level_diag(bq, bk, bg, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.constexpr, NS: tl.constexpr):
+    """Levels HB < 16: entries inside the 16-row sub-chunks, as batched [NS, 16, 16] products."""
+    row_q, row_k, col_k = _level_factors(bq, bk, bg, r, BT, BK, HB)
+    rq3 = tl.reshape(row_q, (NS, 16, BK))
+    rk3 = tl.reshape(row_k, (NS, 16, BK))
+    ck3 = tl.permute(tl.reshape(col_k, (NS, 16, BK)), (0, 2, 1))
+    a_qk = tl.dot(rq3, ck3)
+    a_kk = tl.dot(rk3, ck3)
+    a = tl.arange(0, 16) // HB
+    keep = ((a[:, None] == a[None, :] + 1) & ((a[None, :] % 2) == 0))[None, :, :]
+    return tl.where(keep, a_qk, 0.0), tl.where(keep, a_kk, 0.0)
+
+
+@triton.jit
+def _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+              H, HV, K,
+              GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, r):
+    p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
+    bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
+    bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
+    bg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+    bg = apply_gate(bg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS)
+    bg = tl.where(m_rk, bg, 0.0)
+    return bq, bk, bg
+
+
+@triton.jit
+def _apply_inverse(T3, R, x, BT: tl.constexpr, BX: tl.constexpr, NS: tl.constexpr):
+    """(I + Akk)^-1 x = R (Tdiag x), Tdiag = blockdiag(T3)."""
+    z = tl.reshape(tl.dot(T3, tl.reshape(x, (NS, 16, BX)), input_precision="tf32x3"), (BT, BX))
+    if NS > 1:
+        z = tl.dot(R, z, input_precision="tf32x3")
+    return z
+
+
+@triton.jit
+def _chunk_prep_kernel(
+    q, k, v, g, beta, A_log, dt_bias, chunk_info,
+    w_out, u_out, qg_out, kg_out, aqk_out, gc_out,
+    scale, lower_bound,
+    H, HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+):
+    NS: tl.constexpr = BT // 16
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    row0 = tl.load(chunk_info + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_info + 2 * i_c + 1)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    a16 = tl.arange(0, 16)
+
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+
+    rq = tl.full([BT], 1.0, dtype=tl.float32)
+    rk = tl.full([BT], 1.0, dtype=tl.float32)
+    if L2NORM:
+        sq = tl.zeros([BT], dtype=tl.float32)
+        sk = tl.zeros([BT], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_rk = m_r[:, None] & (o_k < K)[None, :]
+            p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
+            bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32)
+            bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
+            sq += tl.sum(bq * bq, axis=1)
+            sk += tl.sum(bk * bk, axis=1)
+        rq = 1.0 / tl.sqrt(sq + 1e-6)
+        rk = 1.0 / tl.sqrt(sk + 1e-6)
+
+    b_beta = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
+    b_beta = tl.where(m_r, apply_beta(b_beta, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+
+    A_qk = tl.zeros([BT, BT], dtype=tl.float32)  # entries between different sub-chunks
+    A_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    D_qk = tl.zeros([NS, 16, 16], dtype=tl.float32)  # 16 x 16 diagonal blocks
+    D_kk = tl.zeros([NS, 16, 16], dtype=tl.float32)
+    d_qk = tl.zeros([BT], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        bias = tl.zeros([BK], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bq, bk, bg = _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+        d_qk += tl.sum(bq * bk, axis=1)
+        for lv in tl.static_range(LEVELS - 4):
+            x_qk, x_kk = _level_off(bq, bk, bg, r, BT, BK, BT >> (lv + 1))
+            A_qk += x_qk
+            A_kk += x_kk
+        for lv in tl.static_range(4):
+            y_qk, y_kk = _level_diag(bq, bk, bg, r, BT, BK, 8 >> lv, NS)
+            D_qk += y_qk
+            D_kk += y_kk
+
+    eye3 = (a16[:, None] == a16[None, :])[None, :, :]
+    D_qk = tl.where(eye3, tl.reshape(d_qk, (NS, 16))[:, :, None], D_qk) * scale
+    A_qk = A_qk * scale
+    D_kk = D_kk * tl.reshape(b_beta, (NS, 16))[:, :, None]
+    A_kk = A_kk * b_beta[:, None]
+
+    base = i_c.to(tl.int64) * HV + i_hv
+    p_a = aqk_out + base * BT * BT
+    other_block = (r[:, None] // 16) != (r[None, :] // 16)
+    tl.store(p_a + r[:, None] * BT + r[None, :], tl.where(r[:, None] > r[None, :], A_qk, 0.0).to(aqk_out.dtype.element_ty),
+             mask=other_block)
+    s3 = tl.arange(0, NS)[:, None, None] * 16
+    p_d = p_a + (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :])
+    tl.store(p_d, tl.where(a16[:, None] >= a16[None, :], D_qk, 0.0).to(aqk_out.dtype.element_ty))
+
+    # (I + A_kk)^-1 = R Tdiag: the 16 x 16 diagonal blocks by forward substitution (exact fp32), then
+    # R = (I + M)^-1 with M = Tdiag L (strictly block-lower, nilpotent): (I - M)(I + M^2)(I + M^4)...
+    T3 = tl.where(eye3, 1.0, 0.0) + tl.zeros([NS, 16, 16], dtype=tl.float32)
+    for i in range(1, 16):
+        sel = (a16 == i)[None, :, None]
+        a_row = tl.sum(tl.where(sel, D_kk, 0.0), axis=1)
+        upd = tl.sum(a_row[:, :, None] * T3, axis=1)
+        T3 = tl.where(sel, T3 - upd[:, None, :], T3)
+    R = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    if NS > 1:
+        M = tl.reshape(tl.dot(T3, tl.reshape(A_kk, (NS, 16, BT)), input_precision="tf32x3"), (BT, BT))
+        R = R - M
+        P = M
+        for lv in tl.static_range(LEVELS - 5):
+            P = tl.dot(P, P, input_precision="tf32x3")
+            R = R + tl.dot(R, P, input_precision="tf32x3")
+
+    for kb in range(0, K, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        bias = tl.zeros([BK], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bq, bk, bg = _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+        G = tl.cumsum(bg, axis=0)
+        G_after = tl.cumsum(bg, axis=0, reverse=True) - bg
+        eG = tl.exp(G)
+        b_w = _apply_inverse(T3, R, bk * eG * b_beta[:, None], BT, BK, NS)
+        p_o = base * BT * K + r[:, None] * K + o_k[None, :]
+        m_o = (r < BT)[:, None] & m_k[None, :]
+        tl.store(w_out + p_o, b_w.to(w_out.dtype.element_ty), mask=m_o)
+        tl.store(qg_out + p_o, (bq * eG * scale).to(qg_out.dtype.element_ty), mask=m_o)
+        p_kt = base * BT * K + o_k[None, :] * BT + r[:, None]  # kg is stored transposed, [K, BT] per chunk
+        tl.store(kg_out + p_kt, (bk * tl.exp(tl.minimum(G_after, 0.0))).to(kg_out.dtype.element_ty), mask=m_o)
+        tl.store(gc_out + base * K + o_k, tl.sum(bg, axis=0), mask=m_k)
+
+    for vb in range(0, V, BV):
+        o_v = vb + tl.arange(0, BV)
+        m_v = o_v < V
+        bv = tl.load(v + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
+                     mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_u = _apply_inverse(T3, R, bv * b_beta[:, None], BT, BV, NS)
+        tl.store(u_out + base * BT * V + r[:, None] * V + o_v[None, :], b_u.to(u_out.dtype.element_ty),
+                 mask=(r < BT)[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _chunk_recur_kernel(
+    w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, h0, ht, states, o,
+    HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    c0 = tl.load(seq_chunks + i_n)
+    c1 = tl.load(seq_chunks + i_n + 1)
+    r = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        S = tl.load(h0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
+    for c in range(c0, c1):
+        base = (c * HV + i_hv).to(tl.int64)
+        if STORE_STATES:
+            tl.store(states + (base * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
+        p_k = base * BT * K + r[:, None] * K + o_k[None, :]
+        b_w = tl.load(w + p_k, mask=m_k[None, :], other=0.0)
+        b_qg = tl.load(qg + p_k, mask=m_k[None, :], other=0.0)
+        b_kgt = tl.load(kg + base * BT * K + o_k[:, None] * BT + r[None, :], mask=m_k[:, None], other=0.0)
+        b_u = tl.load(u + base * BT * V + r[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :])
+        b_gc = tl.load(gc + base * K + o_k, mask=m_k, other=0.0)
+        Sd = S.to(DOT_DTYPE)
+        v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
+        vd = v_new.to(DOT_DTYPE)
+        b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
+        row0 = tl.load(chunk_info + 2 * c).to(tl.int64)
+        n_rows = tl.load(chunk_info + 2 * c + 1)
+        tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=(r < n_rows)[:, None] & m_v[None, :])
+        S = S * tl.exp(b_gc)[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
+    if STORE_HT:
+        tl.store(ht + p_s, S, mask=m_kv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def chunk_layout(shapes, cu_seqlens, BT: int, device):
+    """Chunk list over the flattened token axis (B*T for fixed length: B sequences of T).
+
+    Returns (chunk_info int32 [NC, 2] = (first token, rows), seq_chunks int32 [N + 1]).
+    Fixed-length batches build it on the device without a host synchronisation.
+    """
+    if cu_seqlens is None:
+        B, T = shapes.B, shapes.T
+        nt = triton.cdiv(T, BT)
+        c = torch.arange(B * nt, device=device, dtype=torch.int64)
+        j = c % nt
+        start = (c // nt) * T + j * BT
+        rows = torch.clamp(T - j * BT, max=BT)
+        info = torch.stack([start, rows], dim=1).to(torch.int32)
+        seq = torch.arange(B + 1, device=device, dtype=torch.int32) * nt
+        return info, seq
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    starts, rows, seq = [], [], [0]
+    for a, b in zip(cu, cu[1:]):
+        for s in range(a, b, BT):
+            starts.append(s)
+            rows.append(min(BT, b - s))
+        seq.append(len(starts))
+    info = torch.tensor(list(zip(starts, rows)), dtype=torch.int32).reshape(-1, 2).to(device)
+    return info, torch.tensor(seq, dtype=torch.int32, device=device)
+
+
+def storage_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the chunk intermediates (w, u, qg, kg, Aqk): the input's 16-bit type, else float32.
+
+    Default float32 (tf32 products in the recurrence). ``KIMI_LINEAR_KDA_STORE=16bit`` stores them in the
+    input's 16-bit type (half the intermediate traffic); on triton 3.6 / H200 that variant gave wrong
+    results for some shapes (K=60 or V=100) depending on num_stages, so it is opt-in until resolved.
+    """
+    import os
+
+    if os.environ.get("KIMI_LINEAR_KDA_STORE", "fp32") == "16bit" and x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    return torch.float32
+
+
+def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
+               l2norm, beta_sigmoid, neg_eigval, BT, dtype):
+    """Launch the chunk-local kernel. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout."""
+    H, HV, K, V = shapes.H, shapes.HV, shapes.K, shapes.V
+    NC = chunk_info.shape[0]
+    dev = q.device
+    w = torch.empty(NC, HV, BT, K, device=dev, dtype=dtype)
+    qg = torch.empty_like(w)
+    kg = torch.empty(NC, HV, K, BT, device=dev, dtype=dtype)  # transposed
+    u = torch.empty(NC, HV, BT, V, device=dev, dtype=dtype)
+    aqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=dtype)
+    gc = torch.empty(NC, HV, K, device=dev, dtype=torch.float32)
+    if NC == 0:
+        return w, u, qg, kg, aqk, gc
+    import os
+
+    # K/V block of the prep kernel and its warps; env overrides for tuning (see docs/benchmarks.md).
+    BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BK", 16)), next_pow2(K)))
+    BV = max(16, min(64, next_pow2(V)))
+    warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_WARPS", 4 if BT <= 64 else 8))
+    d = dummy(dev)
+    levels = BT.bit_length() - 1
+    _chunk_prep_kernel[(NC, HV)](
+        q, k, v, g, beta, A_log if A_log is not None else d, dt_bias if dt_bias is not None else d,
+        chunk_info, w, u, qg, kg, aqk, gc, float(scale), float(lower_bound) if lower_bound is not None else 0.0,
+        H, HV, K, V, BT=BT, BK=BK, BV=BV, LEVELS=levels,
+        GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
+        L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval,
+        num_warps=warps, num_stages=1,
+    )
+    return w, u, qg, kg, aqk, gc
+
+
+def _recur_bv(V: int, programs: int) -> int:
+    import os
+
+    forced = os.environ.get("KIMI_LINEAR_KDA_BV")
+    if forced:
+        return int(forced)
+    # Measured on H200 at T=32K, H=32 (128 V-slices of 32 vs 256 of 16 vs 64 of 64): 32 is best.
+    bv = 32 if programs >= 16 else 16
+    return max(16, min(bv, next_pow2(V)))
+
+
+def _recur_stages(dtype, BK: int) -> int:
+    import os
+
+    forced = os.environ.get("KIMI_LINEAR_KDA_STAGES")
+    if forced:
+        return int(forced)
+    if INTERPRET or dtype == torch.float32 or BK > 128:
+        return 1
+    return 2
+
+
+def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
+                store_final, store_states, BT):
+    """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None)."""
+    HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
+    dev = w.device
+    NC = chunk_info.shape[0]
+    ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if store_final else None
+    states = torch.empty(NC, HV, K, V, device=dev, dtype=torch.float32) if store_states else None
+    BK = max(16, next_pow2(K))
+    BV = _recur_bv(V, N * HV)
+    d = dummy(dev)
+    dot_dtype = tl.float32 if w.dtype == torch.float32 else (tl.bfloat16 if w.dtype == torch.bfloat16 else tl.float16)
+    _chunk_recur_kernel[(triton.cdiv(V, BV), N * HV)](
+        w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
+        initial_state if initial_state is not None else d, ht if ht is not None else d,
+        states if states is not None else d, out,
+        HV, K, V, BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None, STORE_HT=store_final,
+        STORE_STATES=store_states, DOT_DTYPE=dot_dtype,
+        num_warps=4 if BK * BV <= 128 * 32 else 8, num_stages=_recur_stages(w.dtype, BK),
+    )
+    return out, ht, states

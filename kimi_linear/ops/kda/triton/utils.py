@@ -1,0 +1,68 @@
+"""Helpers shared by the KDA Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Gate forms (constexpr GATE in the kernels).
+GATE_NONE = 0  # g is already the log decay
+GATE_SOFTPLUS = 1  # -exp(A_log) * softplus(g + dt_bias), threshold 20
+GATE_LOWER = 2  # lower_bound * sigmoid(exp(A_log) * (g + dt_bias))
+
+SOFTPLUS_THRESHOLD = 20.0
+L2_EPS = 1e-6
+
+
+def gate_code(use_gate_in_kernel: bool, lower_bound) -> int:
+    if not use_gate_in_kernel:
+        return GATE_NONE
+    return GATE_SOFTPLUS if lower_bound is None else GATE_LOWER
+
+
+def next_pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+_DUMMIES: dict = {}
+
+
+def dummy(device) -> torch.Tensor:
+    """A 1-element tensor to pass where an optional pointer argument is unused (cached: no allocation
+    on later calls, so launches stay capturable in CUDA graphs without touching the allocator)."""
+    key = str(device)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.empty(1, dtype=torch.float32, device=device)
+    return _DUMMIES[key]
+
+
+@triton.jit
+def apply_gate(x, a, bias, lower_bound, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Activated log decay from the raw gate input x (fp32). a = A_log[h] (scalar), bias = dt_bias slice."""
+    if GATE == 0:
+        out = x
+    else:
+        if HAS_BIAS:
+            x = x + bias
+        if GATE == 1:
+            sp = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+            out = -tl.exp(a) * sp
+        else:
+            if HAS_A:
+                x = tl.exp(a) * x
+            out = lower_bound * tl.sigmoid(x)
+    return out
+
+
+@triton.jit
+def apply_beta(b, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    if SIGMOID:
+        b = tl.sigmoid(b)
+        if NEG_EIGVAL:
+            b = b * 2.0
+    return b

@@ -1,0 +1,138 @@
+"""Triton backend of the KDA operator (called by ``api.py`` for CUDA tensors, or for any tensor when
+``KIMI_LINEAR_KDA_BACKEND=triton``; on the CPU that needs ``TRITON_INTERPRET=1``).
+
+Entry points mirror the api call sites: ``chunk_kda(...)`` and ``fused_recurrent_kda(...)`` receive the
+raw inputs plus the resolved ``scale``, the ``KDAShapes`` and the flags. The chunked path is a
+``torch.autograd.Function`` (forward: two Triton launches; backward: see ``triton/chunk_bwd.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton.chunk_bwd import chunk_kda_bwd
+from .triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur, storage_dtype
+from .triton.recurrent import recurrent_kda_fwd
+from .triton.utils import gate_code
+
+# Internal chunk length of the Triton kernels. Results do not depend on it except for the layout of
+# the interior states, which follow the caller's chunk_size.
+DEFAULT_BT = 64
+
+
+def _c(x):
+    return None if x is None else x.contiguous()
+
+
+def _flat_params(A_log, dt_bias):
+    a = None if A_log is None else A_log.reshape(-1).to(torch.float32).contiguous()
+    b = None if dt_bias is None else dt_bias.reshape(-1).to(torch.float32).contiguous()
+    return a, b
+
+
+class _Cfg:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states):
+    shapes, BT = cfg.shapes, cfg.BT
+    info, seq = chunk_layout(shapes, cfg.cu_seqlens, BT, q.device)
+    w, u, qg, kg, aqk, gc = chunk_prep(
+        q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
+        neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q),
+    )
+    o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
+    o, ht, states = chunk_recur(
+        w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=o, store_final=True,
+        store_states=store_states, BT=BT,
+    )
+    return o, ht, states, info, seq
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, h0, cfg):
+        o, ht, states, info, seq = _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, cfg.store_states)
+        ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, h0)
+        ctx.cfg = cfg
+        ctx.layout = (info, seq)
+        if states is None:
+            return o, ht
+        ctx.mark_non_differentiable(states)
+        return o, ht, states
+
+    @staticmethod
+    def backward(ctx, do, dht, *unused):
+        q, k, v, g, beta, A_log, dt_bias, h0 = ctx.saved_tensors
+        grads = chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, ctx.cfg, *ctx.layout)
+        dq, dk, dv, dg, dbeta, dA, dbias, dh0 = grads
+        return dq, dk, dv, dg, dbeta, dA, dbias, dh0, None
+
+
+def _state_out(s, state_v_first):
+    return s.transpose(-1, -2).contiguous() if state_v_first else s
+
+
+def chunk_kda(
+    q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, chunk_size, shapes,
+    return_intermediate_states, state_v_first, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+    use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias, lower_bound,
+):
+    # Interior states are reported at the caller's chunk boundaries, so then the kernel chunk follows it.
+    BT = chunk_size if return_intermediate_states else DEFAULT_BT
+    cfg = _Cfg(
+        shapes=shapes, BT=BT, scale=float(scale), gate=gate_code(use_gate_in_kernel, lower_bound),
+        lower_bound=lower_bound, l2norm=bool(use_qk_l2norm_in_kernel), beta_sigmoid=bool(use_beta_sigmoid_in_kernel),
+        neg_eigval=bool(allow_neg_eigval), cu_seqlens=cu_seqlens, store_states=bool(return_intermediate_states),
+    )
+    # Differentiable reshapes/casts: gradients reach A_log, dt_bias and the initial state in their own layout.
+    a = None if A_log is None else A_log.reshape(-1).to(torch.float32)
+    b = None if dt_bias is None else dt_bias.reshape(-1).to(torch.float32)
+    h0 = None if initial_state is None else (
+        initial_state.transpose(-1, -2) if state_v_first else initial_state
+    ).to(torch.float32)
+    args = [x.contiguous() for x in (q, k, v, g, beta)] + [_c(a), _c(b), _c(h0)]
+    outs = ChunkKDAFunction.apply(*args, cfg)
+    o, ht = outs[0], outs[1]
+    ht = _state_out(ht, state_v_first) if output_final_state else None
+    if return_intermediate_states:
+        states = outs[2]
+        NC = states.shape[0]
+        states = states.reshape(shapes.B, NC // shapes.B, *states.shape[1:]) if cu_seqlens is None else states.unsqueeze(0)
+        return o, ht, _state_out(states, state_v_first)
+    return o, ht
+
+
+def fused_recurrent_kda(
+    q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, shapes, ssm_state_indices,
+    inplace_final_state, out, state_v_first, use_qk_l2norm_in_kernel, use_gate_in_kernel,
+    use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias, lower_bound, return_all_states=False,
+):
+    """Decode path. No host synchronisation and, with ``out`` and ``inplace_final_state``, no allocation."""
+    a, b = _flat_params(A_log, dt_bias)
+    if out is None:
+        out = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
+    if inplace_final_state:
+        final = initial_state
+    elif output_final_state:
+        final = torch.empty(shapes.N, shapes.HV, *((shapes.V, shapes.K) if state_v_first else (shapes.K, shapes.V)),
+                            device=q.device, dtype=torch.float32)
+    else:
+        final = None
+    all_states = None
+    if return_all_states:
+        dims = (shapes.V, shapes.K) if state_v_first else (shapes.K, shapes.V)
+        all_states = torch.empty(shapes.B, shapes.T, shapes.HV, *dims, device=q.device, dtype=torch.float32)
+    recurrent_kda_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale=scale,
+        shapes=shapes, gate=gate_code(use_gate_in_kernel, lower_bound), A_log=a, dt_bias=b,
+        lower_bound=lower_bound, l2norm=bool(use_qk_l2norm_in_kernel), beta_sigmoid=bool(use_beta_sigmoid_in_kernel),
+        neg_eigval=bool(allow_neg_eigval), initial_state=initial_state,
+        cu_seqlens=cu_seqlens, indices=ssm_state_indices, final_state=final, out=out,
+        all_states=all_states, state_v_first=state_v_first,
+    )
+    if return_all_states:
+        return out, final, all_states
+    return out, final

@@ -1,0 +1,247 @@
+"""GPU tests of the Triton KDA kernels against the float64 token loop.
+
+Run on a CUDA machine (H100/H200) from the repository root:
+
+    python -m pytest -m gpu tests/gpu -q -n 8
+
+Tolerances (relative RMS error vs float64, bf16 inputs): outputs and final states <= 5e-3, gradients
+<= 1e-2; NaN or inf anywhere fails. Set ``KDA_GPU_ERRLOG=path`` to append every measured error as a JSON
+line (used for the benchmark notes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kda_utils import KDAInputs, make_inputs, reference, rel_rms  # noqa: E402
+
+from kimi_linear.ops import chunk_kda, fused_recurrent_kda  # noqa: E402
+from kimi_linear.ops.kda import api  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine with -m gpu)"),
+]
+
+OUT_TOL, GRAD_TOL = 5e-3, 1e-2
+BF16 = torch.bfloat16
+
+
+def _log(case: str, **errs):
+    path = os.environ.get("KDA_GPU_ERRLOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"case": case, **{k: float(v) for k, v in errs.items()}}) + "\n")
+
+
+def cuda(inp: KDAInputs) -> KDAInputs:
+    def c(t):
+        return None if t is None else t.detach().cuda().requires_grad_(t.requires_grad)
+
+    kw = dict(inp.kwargs)
+    if "cu_seqlens" in kw:
+        kw["cu_seqlens"] = kw["cu_seqlens"].cuda()
+    return KDAInputs(*(c(t) for t in (inp.q, inp.k, inp.v, inp.g, inp.beta, inp.A_log, inp.dt_bias,
+                                      inp.initial_state)), kw)
+
+
+def check_fwd_bwd(case, inp64: KDAInputs, dtype=BF16, grads=True, ref_fn=None, chunk_size=64):
+    """inp64: float64 CUDA inputs with requires_grad. Compares chunk_kda in `dtype` against float64."""
+    x = inp64.cast(dtype)  # bf16 q/k/v/g/beta, fp32 state and gate parameters
+    for t in x.tensors():
+        t.requires_grad_(grads)
+    # The gold reference sees exactly the rounded inputs.
+    gold = x.cast(torch.float64, torch.float64, torch.float64)
+    for t in gold.tensors():
+        t.requires_grad_(grads)
+    ref_o, ref_s = (ref_fn or reference)(gold)
+    o, s = x.call(chunk_kda, chunk_size=chunk_size)
+    errs = {"o": rel_rms(o, ref_o), "ht": rel_rms(s, ref_s)}
+    if grads:
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        do = torch.randn(ref_o.shape, generator=gen, device="cuda", dtype=torch.float64)
+        dht = torch.randn(ref_s.shape, generator=gen, device="cuda", dtype=torch.float64)
+        gref = torch.autograd.grad((ref_o * do).sum() + (ref_s * dht).sum(), gold.tensors())
+        got = torch.autograd.grad((o.float() * do.float()).sum() + (s * dht.float()).sum(), x.tensors())
+        names = [n for n, t in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0"),
+                                   (x.q, x.k, x.v, x.g, x.beta, x.A_log, x.dt_bias, x.initial_state)) if t is not None]
+        for n, a, b in zip(names, got, gref):
+            errs[n] = rel_rms(a, b)
+    _log(case, **errs)
+    bad = {k: v for k, v in errs.items() if v > (OUT_TOL if k in ("o", "ht") else GRAD_TOL)}
+    assert not bad, f"{case}: {bad} (all: {errs})"
+    return o, s
+
+
+KV = [(32, 32), (60, 100), (64, 64), (100, 60), (128, 128)]
+TS = [1, 15, 63, 64, 65, 200, 1000]
+GRID = [(T, *KV[(i + j) % len(KV)]) for i, T in enumerate(TS) for j in (0, 2)]
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
+@pytest.mark.parametrize("T,K,V", GRID)
+def test_chunk_grid(T, K, V, gate):
+    inp = cuda(make_inputs(B=2, T=T, H=2, HV=4, K=K, V=V, gate=gate, dtype=torch.float64, seed=T + K + V))
+    check_fwd_bwd(f"grid T={T} K={K} V={V} {gate}", inp)
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
+@pytest.mark.parametrize("variant", ["extreme", "beta01", "no_l2norm", "scale", "no_state", "chunk32"])
+def test_chunk_variants(variant, gate):
+    kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
+    if variant == "extreme":
+        kw["extreme_gate_frac"] = 0.05
+    if variant == "no_l2norm":
+        kw["l2norm_in_kernel"] = False
+    if variant == "scale":
+        kw["scale"] = 0.3
+    if variant == "no_state":
+        kw["with_state"] = False
+    if variant == "beta01":
+        kw["beta_logits"] = False
+    inp = make_inputs(**kw)
+    if variant == "beta01":  # post-sigmoid beta pushed to 1e-4 and 1 - 1e-4
+        inp.beta = torch.where(torch.rand(inp.beta.shape) < 0.5, 1e-4, 1 - 1e-4).to(inp.beta.dtype)
+    inp = cuda(inp)
+    check_fwd_bwd(f"variant {variant} {gate}", inp, chunk_size=32 if variant == "chunk32" else 64)
+
+
+CU = [0, 1, 16, 80, 81, 300, 315, 1000]  # lengths 1, 15, 64, 1, 219, 15, 685
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+def test_varlen(gate):
+    inp = cuda(make_inputs(B=1, T=CU[-1], H=2, HV=4, K=100, V=64, gate=gate, dtype=torch.float64, seed=3,
+                           cu_seqlens=CU, extreme_gate_frac=0.01))
+    o, s = check_fwd_bwd(f"varlen {gate}", inp)
+    # varlen equals per-sequence calls of the same kernels
+    x = inp.cast(BF16)
+    for n, (a, b) in enumerate(zip(CU, CU[1:])):
+        kw = dict(x.kwargs)
+        kw.pop("cu_seqlens")
+        sub = KDAInputs(x.q[:, a:b], x.k[:, a:b], x.v[:, a:b], x.g[:, a:b], x.beta[:, a:b], x.A_log, x.dt_bias,
+                        x.initial_state[n : n + 1], kw)
+        o_n, s_n = sub.call(chunk_kda)
+        assert rel_rms(o_n, o[:, a:b]) <= 1e-6 and rel_rms(s_n, s[n : n + 1]) <= 1e-6, n
+
+
+def _chunked_f64(gold: KDAInputs):
+    """Float64 gold for long sequences: the PyTorch chunked path (same math as the token loop)."""
+    old = os.environ.get(api.BACKEND_ENV)
+    os.environ[api.BACKEND_ENV] = "torch"
+    try:
+        return gold.call(chunk_kda)
+    finally:
+        if old is None:
+            os.environ.pop(api.BACKEND_ENV)
+        else:
+            os.environ[api.BACKEND_ENV] = old
+
+
+@pytest.mark.parametrize("T,H,D", [(8192, 2, 128), (65536, 1, 64)])
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+def test_long(T, H, D, gate):
+    inp = cuda(make_inputs(B=1, T=T, H=H, K=D, V=D, gate=gate, dtype=torch.float64, seed=11,
+                           extreme_gate_frac=1e-3))
+    check_fwd_bwd(f"long T={T} {gate}", inp, ref_fn=_chunked_f64)
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_decode_matches_chunk(gate, dtype):
+    """Token-by-token decode through a state pool equals the chunked path and the float64 loop."""
+    B, T, H, K, V = 3, 20, 2, 64, 100
+    inp = cuda(make_inputs(B=B, T=T, H=H, K=K, V=V, gate=gate, dtype=torch.float64, seed=5)).cast(dtype)
+    ref_o, ref_s, ref_all = reference(inp, return_all_states=True)
+    with torch.no_grad():
+        o_chunk, s_chunk = inp.call(chunk_kda)
+    P = 8
+    pool = torch.full((P, H, K, V), 1e30, device="cuda")
+    slots = torch.tensor([5, 1, 6], device="cuda")
+    pool[slots] = inp.initial_state
+    untouched = pool[[0, 2, 3, 4, 7]].clone()
+    kw = {k: v for k, v in inp.kwargs.items() if k != "output_final_state"}
+    outs, states = [], []
+    for t in range(T):
+        step = KDAInputs(inp.q[:, t : t + 1], inp.k[:, t : t + 1], inp.v[:, t : t + 1], inp.g[:, t : t + 1],
+                         inp.beta[:, t : t + 1], inp.A_log, inp.dt_bias, pool, kw)
+        o_t, _, all_t = step.call(fused_recurrent_kda, ssm_state_indices=slots, inplace_final_state=True,
+                                  return_all_states=True)
+        outs.append(o_t)
+        states.append(all_t)
+    o_dec = torch.cat(outs, 1)
+    all_dec = torch.cat(states, 1)
+    tol = 1e-5 if dtype == torch.float32 else OUT_TOL  # the decode kernel is plain fp32 arithmetic
+    errs = dict(o_vs_ref=rel_rms(o_dec, ref_o), ht=rel_rms(pool[slots], ref_s), all_states=rel_rms(all_dec, ref_all))
+    # the chunked path uses tensor-core products (tf32 / bf16): bf16-level agreement
+    vs_chunk = dict(o_vs_chunk=rel_rms(o_dec, o_chunk), chunk_ht=rel_rms(pool[slots], s_chunk))
+    _log(f"decode {gate} {dtype}", **errs, **vs_chunk)
+    assert all(v <= tol for v in errs.values()), errs
+    assert all(v <= OUT_TOL for v in vs_chunk.values()), vs_chunk
+    assert torch.equal(pool[[0, 2, 3, 4, 7]], untouched)
+    # several tokens per sequence in one call, varlen
+    cu = torch.tensor([0, 4, 5, 12], device="cuda")
+    flat = KDAInputs(*(t.reshape(1, B * T, *t.shape[2:])[:, :12] for t in (inp.q, inp.k, inp.v, inp.g, inp.beta)),
+                     inp.A_log, inp.dt_bias, inp.initial_state, dict(inp.kwargs, cu_seqlens=cu))
+    o_v, s_v = flat.call(fused_recurrent_kda)
+    ref_v, ref_sv = reference(flat)
+    assert rel_rms(o_v, ref_v) <= tol and rel_rms(s_v, ref_sv) <= tol
+
+
+def test_decode_cuda_graph():
+    """The decode step captures into a CUDA graph and replays with the same result."""
+    B, H, K, V = 4, 4, 128, 128
+    inp = cuda(make_inputs(B=B, T=1, H=H, K=K, V=V, gate="softplus", dtype=torch.float64, seed=9)).cast(BF16)
+    pool = torch.randn(8, H, K, V, device="cuda")
+    slots = torch.tensor([3, 0, 7, 2], device="cuda")
+    out = torch.empty(B, 1, H, V, device="cuda", dtype=BF16)
+    kw = {k: v for k, v in inp.kwargs.items() if k != "output_final_state"}
+    args = (inp.q, inp.k, inp.v, inp.g, inp.beta)
+
+    def step():
+        fused_recurrent_kda(*args, A_log=inp.A_log, dt_bias=inp.dt_bias, initial_state=pool, ssm_state_indices=slots,
+                            inplace_final_state=True, out=out, **kw)
+
+    start = pool.clone()
+    step()  # warm-up (compiles)
+    expect_pool, expect_out = pool.clone(), out.clone()
+    pool.copy_(start)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    pool.copy_(start)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    pool.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(pool, expect_pool) and torch.equal(out, expect_out)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_interior_states(chunk_size):
+    inp = cuda(make_inputs(B=1, T=300, H=2, K=64, V=32, gate="softplus", dtype=torch.float64, seed=4,
+                           cu_seqlens=[0, 15, 100, 300])).cast(BF16)
+    with torch.no_grad():
+        o, s, st = inp.call(chunk_kda, chunk_size=chunk_size, return_intermediate_states=True)
+    _, _, all_ref = reference(inp, return_all_states=True)
+    want = []
+    for n, (a, b) in enumerate(zip([0, 15, 100], [15, 100, 300])):
+        want.append(inp.initial_state[n : n + 1].double())
+        for c in range(chunk_size, b - a, chunk_size):
+            want.append(all_ref[n][:, c - 1])
+    want = torch.cat(want, 0).unsqueeze(0)
+    assert st.shape == want.shape
+    err = rel_rms(st, want)
+    _log(f"interior states C={chunk_size}", states=err)
+    assert err <= OUT_TOL

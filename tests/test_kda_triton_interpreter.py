@@ -1,0 +1,93 @@
+"""The Triton KDA kernels under TRITON_INTERPRET=1 on the CPU (float32, tiny shapes).
+
+tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton when no GPU is present; these
+tests force the Triton backend for CPU tensors with KIMI_LINEAR_KDA_BACKEND=triton and compare with the
+float64 token loop. The full grid runs on a GPU (tests/gpu/test_kda_gpu.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kda_utils import make_inputs, reference, rel_rms
+from kimi_linear.ops import chunk_kda, fused_recurrent_kda
+from kimi_linear.ops.kda import api
+
+pytest.importorskip("triton")
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py on machines without a GPU)"),
+]
+
+TOL = 1e-4  # float32 arithmetic (exact products in the interpreter) vs float64
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv(api.BACKEND_ENV, "triton")
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
+def test_chunk_forward_backward(gate):
+    """Chunked forward + backward (all inputs) against float64, GVA, K/V not powers of two, -1000 gates."""
+    inp64 = make_inputs(B=2, T=37, H=1, HV=2, K=20, V=24, gate=gate, extreme_gate_frac=0.05, seed=2,
+                        requires_grad=True, scale=0.3, dtype=torch.float64)
+    ref_o, ref_s = reference(inp64)
+    gen = torch.Generator().manual_seed(0)
+    do = torch.randn(ref_o.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(ref_s.shape, generator=gen, dtype=torch.float64)
+    gref = torch.autograd.grad((ref_o * do).sum() + (ref_s * dht).sum(), inp64.tensors())
+    x = inp64.cast(torch.float32)
+    o, s = x.call(chunk_kda, chunk_size=32)
+    got = torch.autograd.grad((o * do.float()).sum() + (s * dht.float()).sum(), x.tensors())
+    assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL
+    # dA_log carries the fp32 cancellation of -1000 gates summed over every token: 1e-3.
+    errs = [rel_rms(a, b) for a, b in zip(got, gref)]
+    assert max(errs) < 1e-3, errs
+
+
+def test_varlen_and_interior_states():
+    """Packed sequences (lengths 1, 15, 34) and the state at every chunk boundary."""
+    cu = [0, 1, 16, 50]
+    inp = make_inputs(B=1, T=50, H=2, K=16, V=16, gate="lower_bound", seed=3, cu_seqlens=cu,
+                      dtype=torch.float64).cast(torch.float32)
+    ref_o, ref_s, ref_all = reference(inp, return_all_states=True)
+    o, s, states = inp.call(chunk_kda, chunk_size=16, return_intermediate_states=True)
+    assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL
+    want = []
+    for n, (a, b) in enumerate(zip(cu, cu[1:])):
+        want.append(inp.initial_state[n : n + 1].double())
+        want += [ref_all[n][:, c - 1] for c in range(16, b - a, 16)]
+    assert states.shape == (1, len(want), 2, 16, 16)
+    assert rel_rms(states, torch.cat(want, 0).unsqueeze(0)) < TOL
+
+
+def test_decode_state_pool():
+    """Token-by-token decode through a state pool (in place), per-token states, untouched slots."""
+    B, T, H, K, V = 2, 5, 2, 12, 20
+    inp = make_inputs(B=B, T=T, H=H, K=K, V=V, gate="softplus", seed=5, dtype=torch.float64).cast(torch.float32)
+    ref_o, ref_s, ref_all = reference(inp, return_all_states=True)
+    pool = torch.full((4, H, K, V), 1e30)
+    slots = torch.tensor([3, 0])
+    pool[slots] = inp.initial_state
+    kw = {k: v for k, v in inp.kwargs.items() if k != "output_final_state"}
+    outs, states = [], []
+    for t in range(T):
+        sl = slice(t, t + 1)
+        o_t, _, all_t = fused_recurrent_kda(
+            inp.q[:, sl], inp.k[:, sl], inp.v[:, sl], inp.g[:, sl], inp.beta[:, sl], A_log=inp.A_log,
+            dt_bias=inp.dt_bias, initial_state=pool, ssm_state_indices=slots, inplace_final_state=True,
+            return_all_states=True, **kw)
+        outs.append(o_t)
+        states.append(all_t)
+    assert rel_rms(torch.cat(outs, 1), ref_o) < TOL
+    assert rel_rms(torch.cat(states, 1), ref_all) < TOL
+    assert rel_rms(pool[slots], ref_s) < TOL
+    assert torch.all(pool[[1, 2]] == 1e30)
+    # several tokens per call equal the token loop
+    o_all, s_all = inp.call(fused_recurrent_kda)
+    assert rel_rms(o_all, ref_o) < TOL and rel_rms(s_all, ref_s) < TOL
