@@ -120,6 +120,35 @@ def _reject_unsupported(cp_context) -> None:
         raise NotImplementedError("cp_context (multi-GPU context parallelism) is not supported yet")
 
 
+def _check_call(
+    q, k, v, g, beta, *, scale, initial_state, cu_seqlens, chunk_size, state_v_first, ssm_state_indices=None,
+    use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias,
+    lower_bound,
+):
+    """Checks shared by both public functions; returns the shapes, the resolved scale and the flags
+    every backend takes."""
+    check_chunk_size(chunk_size)
+    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
+        raise ValueError("allow_neg_eigval=True needs use_beta_sigmoid_in_kernel=True")
+    shapes = check_kda_inputs(
+        q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound,
+        state_pool_indices=ssm_state_indices, state_v_first=state_v_first,
+    )
+    flags = dict(
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+        A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+    )
+    return shapes, (shapes.K ** -0.5 if scale is None else scale), flags
+
+
+def _packed_torch_inputs(q, k, v, g, beta, shapes, flags, cu_seqlens):
+    """The PyTorch paths' inputs: pre-steps applied, varlen sequences moved into a padded batch."""
+    packing = _Packing(cu_seqlens, shapes.T, q.device)
+    prepared = prepare_kda_inputs(q, k, v, g, beta, shapes, **flags)
+    return packing, [packing.pack(x) for x in prepared]
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
@@ -183,20 +212,12 @@ def chunk_kda(
         asked for; ``(o, final_state, chunk_states)`` with ``return_intermediate_states``.
     """
     _reject_unsupported(cp_context)
-    check_chunk_size(chunk_size)
-    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
-        raise ValueError("allow_neg_eigval=True needs use_beta_sigmoid_in_kernel=True")
     state_v_first = state_v_first or transpose_state_layout
-    shapes = check_kda_inputs(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound,
-        state_v_first=state_v_first,
-    )
-    if scale is None:
-        scale = shapes.K ** -0.5
-    flags = dict(
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
-        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-        A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+    shapes, scale, flags = _check_call(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        state_v_first=state_v_first, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+        allow_neg_eigval=allow_neg_eigval, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
     )
 
     backend = _gpu_backend(q)
@@ -207,9 +228,7 @@ def chunk_kda(
             return_intermediate_states=return_intermediate_states, state_v_first=state_v_first, **flags,
         )
 
-    q_, k_, v_, g_, beta_ = prepare_kda_inputs(q, k, v, g, beta, shapes, **flags)
-    packing = _Packing(cu_seqlens, shapes.T, q.device)
-    q_, k_, v_, g_, beta_ = (packing.pack(x) for x in (q_, k_, v_, g_, beta_))
+    packing, (q_, k_, v_, g_, beta_) = _packed_torch_inputs(q, k, v, g, beta, shapes, flags, cu_seqlens)
     o, final_state, chunk_states = chunk_kda_torch(
         q_, k_, v_, g_, beta_, scale,
         initial_state=_read_state(initial_state, None, state_v_first),
@@ -264,13 +283,13 @@ def fused_recurrent_kda(
             (``[.., V, K]`` with ``state_v_first``), for speculative-decoding rollback:
             ``(o, final_state, all_states)``.
     """
-    check_chunk_size(chunk_size)
-    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
-        raise ValueError("allow_neg_eigval=True needs use_beta_sigmoid_in_kernel=True")
     state_v_first = state_v_first or transpose_state_layout
-    shapes = check_kda_inputs(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound,
-        state_pool_indices=ssm_state_indices, state_v_first=state_v_first,
+    shapes, scale, flags = _check_call(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        state_v_first=state_v_first, ssm_state_indices=ssm_state_indices,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+        A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
     )
     if inplace_final_state and initial_state is None:
         raise ValueError("inplace_final_state=True needs initial_state to write into")
@@ -278,13 +297,6 @@ def fused_recurrent_kda(
         want = (shapes.B, shapes.T, shapes.HV, shapes.V)
         if not isinstance(out, torch.Tensor) or out.shape != want:
             raise ValueError(f"out must be a tensor of shape {list(want)}, got {getattr(out, 'shape', out)}")
-    if scale is None:
-        scale = shapes.K ** -0.5
-    flags = dict(
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
-        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-        A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
-    )
 
     backend = _gpu_backend(q)
     if backend is not None:
@@ -295,9 +307,7 @@ def fused_recurrent_kda(
             return_all_states=return_all_states, **flags,
         )
 
-    q_, k_, v_, g_, beta_ = prepare_kda_inputs(q, k, v, g, beta, shapes, **flags)
-    packing = _Packing(cu_seqlens, shapes.T, q.device)
-    q_, k_, v_, g_, beta_ = (packing.pack(x) for x in (q_, k_, v_, g_, beta_))
+    packing, (q_, k_, v_, g_, beta_) = _packed_torch_inputs(q, k, v, g, beta, shapes, flags, cu_seqlens)
     o, final_state, all_states = recurrent_kda_reference(
         q_, k_, v_, g_, beta_, scale, initial_state=_read_state(initial_state, ssm_state_indices, state_v_first),
         return_all_states=return_all_states,

@@ -21,10 +21,12 @@ def compute_dtype_for(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _per_head_bias(dt_bias: torch.Tensor | None, num_heads: int, head_dim: int, dtype: torch.dtype):
-    if dt_bias is None:
-        return None
-    return dt_bias.to(dtype).reshape(num_heads, head_dim)
+def _biased_input(g: torch.Tensor, A_log, dt_bias) -> torch.Tensor:
+    """g + dt_bias in the compute dtype (dt_bias holds H*K values, one per channel)."""
+    x = g.to(compute_dtype_for(g, A_log, dt_bias))
+    if dt_bias is not None:
+        x = x + dt_bias.to(x.dtype).reshape(g.shape[-2], g.shape[-1])
+    return x
 
 
 def _per_head_a(A_log: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -38,13 +40,8 @@ def kda_gate_softplus(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tenso
     g is ``[..., H, K]`` (raw low-rank projection output), A_log has H values, dt_bias H*K values.
     Returns a float32 (float64 for float64 input) tensor of the same shape, every value <= 0.
     """
-    dtype = compute_dtype_for(g, A_log, dt_bias)
-    H, K = g.shape[-2], g.shape[-1]
-    x = g.to(dtype)
-    bias = _per_head_bias(dt_bias, H, K, dtype)
-    if bias is not None:
-        x = x + bias
-    return -torch.exp(_per_head_a(A_log, H, dtype)) * F.softplus(x, threshold=SOFTPLUS_THRESHOLD)
+    x = _biased_input(g, A_log, dt_bias)
+    return -torch.exp(_per_head_a(A_log, g.shape[-2], x.dtype)) * F.softplus(x, threshold=SOFTPLUS_THRESHOLD)
 
 
 def kda_gate_lower_bound(
@@ -55,14 +52,9 @@ def kda_gate_lower_bound(
     Every value lies in ``(lower_bound, 0)``. Without A_log the scale is 1, as in FLA.
     """
     _check_lower_bound(lower_bound)
-    dtype = compute_dtype_for(g, A_log, dt_bias)
-    H, K = g.shape[-2], g.shape[-1]
-    x = g.to(dtype)
-    bias = _per_head_bias(dt_bias, H, K, dtype)
-    if bias is not None:
-        x = x + bias
+    x = _biased_input(g, A_log, dt_bias)
     if A_log is not None:
-        x = torch.exp(_per_head_a(A_log, H, dtype)) * x
+        x = torch.exp(_per_head_a(A_log, g.shape[-2], x.dtype)) * x
     return lower_bound * torch.sigmoid(x)
 
 
