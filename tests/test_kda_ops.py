@@ -282,18 +282,22 @@ def test_decode_writes_into_a_preallocated_output():
     assert_close(out, reference(x)[0], FP32_TOL, "o")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     T=st.integers(1, 140), K=st.integers(1, 40), V=st.integers(1, 40), H=st.integers(1, 3),
     chunk_size=st.sampled_from([16, 32, 64]), gate=st.sampled_from(["softplus", "lower_bound", "pregated"]),
-    seed=st.integers(0, 2**16),
+    extreme=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 2**16),
 )
-def test_property_chunk_equals_token_loop(T, K, V, H, chunk_size, gate, seed):
-    x = make_inputs(B=1, T=T, H=H, K=K, V=V, gate=gate, seed=seed)
+def test_property_chunk_equals_token_loop(T, K, V, H, chunk_size, gate, extreme, seed):
+    """Random shapes, chunk sizes, gates. Tiny random outputs can be sums that nearly cancel (a single
+    output value 100x smaller than its terms), where no float32 algorithm reaches 1e-5 relative error:
+    the bound is 1e-5 or 10x the float32 token loop's own error on the same inputs, whichever is larger."""
+    x = make_inputs(B=1, T=T, H=H, K=K, V=V, gate=gate, seed=seed, extreme_gate_frac=extreme)
     o_ref, s_ref = reference(x)
+    o_loop, s_loop = x.call(fused_recurrent_kda)
     o, s = x.call(chunk_kda, chunk_size=chunk_size)
-    assert_close(o, o_ref, FP32_TOL, "o")
-    assert_close(s, s_ref, FP32_TOL, "state")
+    assert_close(o, o_ref, max(FP32_TOL, 10 * rel_rms(o_loop, o_ref)), "o")
+    assert_close(s, s_ref, max(FP32_TOL, 10 * rel_rms(s_loop, s_ref)), "state")
 
 
 # ---------------------------------------------------------------------------------------------
