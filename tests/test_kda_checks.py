@@ -86,6 +86,13 @@ def test_bad_cu_seqlens(fn, cu, exc, words):
     assert words in str(info.value)
 
 
+def test_cu_seqlens_cpu_copy_is_checked_and_used():
+    with pytest.raises(ValueError, match="cu_seqlens_cpu must have cu_seqlens' shape"):
+        call(chunk_kda, varlen_base(torch.tensor([0, 4, 10]), cu_seqlens_cpu=torch.tensor([0, 10])))
+    with pytest.raises(ValueError, match="must start at 0"):  # the checks read the CPU copy
+        call(chunk_kda, varlen_base(torch.tensor([0, 4, 10]), cu_seqlens_cpu=torch.tensor([1, 4, 10])))
+
+
 def test_varlen_initial_state_must_have_one_row_per_sequence():
     with pytest.raises(ValueError, match=r"initial_state must be \[N, HV, K, V\] = \[2, 2, 8, 8\]"):
         call(chunk_kda, varlen_base(torch.tensor([0, 4, 10]), initial_state=torch.zeros(1, 2, 8, 8)))
@@ -97,6 +104,8 @@ def test_state_pool_errors():
         call(fused_recurrent_kda, dict(args, ssm_state_indices=torch.tensor([0, 1, 2])))
     with pytest.raises(ValueError, match="pool has 4 slots"):
         call(fused_recurrent_kda, dict(args, ssm_state_indices=torch.tensor([0, 4])))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        call(fused_recurrent_kda, dict(args, ssm_state_indices=torch.tensor([-1, 2])))
     with pytest.raises(ValueError, match="inplace_final_state=True needs initial_state"):
         call(fused_recurrent_kda, base(initial_state=None, inplace_final_state=True))
     with pytest.raises(ValueError, match="out must be a tensor of shape"):

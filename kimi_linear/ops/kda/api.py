@@ -121,8 +121,8 @@ def _reject_unsupported(cp_context) -> None:
 
 
 def _check_call(
-    q, k, v, g, beta, *, scale, initial_state, cu_seqlens, chunk_size, state_v_first, ssm_state_indices=None,
-    use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias,
+    q, k, v, g, beta, *, scale, initial_state, cu_seqlens, cu_seqlens_cpu, chunk_size, state_v_first,
+    ssm_state_indices=None, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias,
     lower_bound,
 ):
     """Checks shared by both public functions; returns the shapes, the resolved scale and the flags
@@ -132,7 +132,7 @@ def _check_call(
         raise ValueError("allow_neg_eigval=True needs use_beta_sigmoid_in_kernel=True")
     shapes = check_kda_inputs(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound,
-        state_pool_indices=ssm_state_indices, state_v_first=state_v_first,
+        state_pool_indices=ssm_state_indices, state_v_first=state_v_first, cu_seqlens_cpu=cu_seqlens_cpu,
     )
     flags = dict(
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
@@ -204,8 +204,10 @@ def chunk_kda(
         return_intermediate_states: also return the state entering every chunk,
             ``[B, NT, HV, K, V]`` (varlen: ``[1, sum of per-sequence chunk counts, HV, K, V]``).
         state_v_first / transpose_state_layout: states are laid out ``[.., V, K]`` instead of ``[.., K, V]``.
-        cu_seqlens_cpu, safe_gate, disable_recompute: accepted for FLA compatibility; the results do not
-            depend on them (our kernels are safe for any gate).
+        cu_seqlens_cpu: a CPU copy of cu_seqlens, used for the argument checks so GPU callers avoid a
+            host synchronisation.
+        safe_gate, disable_recompute: accepted for FLA compatibility; the results do not depend on them
+            (our kernels are safe for any gate).
 
     Returns:
         ``(o, final_state)`` with ``o`` ``[B, T, HV, V]`` in q's dtype and ``final_state`` None unless
@@ -214,7 +216,7 @@ def chunk_kda(
     _reject_unsupported(cp_context)
     state_v_first = state_v_first or transpose_state_layout
     shapes, scale, flags = _check_call(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
         state_v_first=state_v_first, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
         allow_neg_eigval=allow_neg_eigval, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
@@ -285,7 +287,7 @@ def fused_recurrent_kda(
     """
     state_v_first = state_v_first or transpose_state_layout
     shapes, scale, flags = _check_call(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
         state_v_first=state_v_first, ssm_state_indices=ssm_state_indices,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
         use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,

@@ -38,6 +38,7 @@ def _require_tensor(name: str, x, floating: bool = True) -> None:
 def check_kda_inputs(
     q, k, v, g, beta, scale, initial_state, cu_seqlens,
     use_gate_in_kernel, A_log, dt_bias, lower_bound, state_pool_indices=None, state_v_first=False,
+    cu_seqlens_cpu=None,
 ) -> KDAShapes:
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         _require_tensor(name, x)
@@ -75,8 +76,16 @@ def check_kda_inputs(
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
         # No host copy inside a CUDA graph capture (it would break the capture): shape checks only there.
-        # Otherwise one host copy of a small index vector.
-        cu = [0] * (cu_seqlens.numel() - 1) + [T] if _capturing(cu_seqlens) else cu_seqlens.tolist()
+        # Otherwise the caller's CPU copy (FLA's cu_seqlens_cpu), or one host copy of a small vector.
+        if cu_seqlens_cpu is not None:
+            if cu_seqlens_cpu.shape != cu_seqlens.shape:
+                raise ValueError(f"cu_seqlens_cpu must have cu_seqlens' shape {_shape(cu_seqlens)}, "
+                                 f"got {_shape(cu_seqlens_cpu)}")
+            cu = cu_seqlens_cpu.tolist()
+        elif _capturing(cu_seqlens):
+            cu = [0] * (cu_seqlens.numel() - 1) + [T]
+        else:
+            cu = cu_seqlens.tolist()
         if cu[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
         if any(b < a for a, b in zip(cu, cu[1:])):
@@ -140,12 +149,19 @@ def check_kda_inputs(
             raise ValueError("ssm_state_indices needs initial_state, the state pool [P, HV, K, V]")
         if state_pool_indices.shape != (N,):
             raise ValueError(f"ssm_state_indices must be [N] = [{N}], got {_shape(state_pool_indices)}")
-        if (state_pool_indices.numel() and not _capturing(state_pool_indices)
-                and int(state_pool_indices.max()) >= initial_state.shape[0]):
-            raise ValueError(
-                f"ssm_state_indices reaches {int(state_pool_indices.max())} but the pool has "
-                f"{initial_state.shape[0]} slots"
-            )
+        slots = initial_state.shape[0]
+        if state_pool_indices.numel() and state_pool_indices.is_cuda:
+            # No host synchronisation on the decode path: a device-side assert, reported at a later sync.
+            if not _capturing(state_pool_indices):
+                in_range = ((state_pool_indices >= 0) & (state_pool_indices < slots)).all()
+                torch._assert_async(in_range, f"ssm_state_indices must lie in [0, {slots}) (the pool's slots)")
+        elif state_pool_indices.numel():
+            low, high = int(state_pool_indices.min()), int(state_pool_indices.max())
+            if low < 0 or high >= slots:
+                raise ValueError(
+                    f"ssm_state_indices must lie in [0, {slots}) (the pool has {slots} slots), "
+                    f"got values from {low} to {high}"
+                )
     return KDAShapes(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N)
 
 
