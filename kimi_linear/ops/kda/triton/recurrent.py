@@ -9,6 +9,8 @@ No host synchronisation and no allocation inside the launch: safe to capture in 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -111,6 +113,11 @@ def recurrent_kda_fwd(
     BK = next_pow2(K)
     BV = min(next_pow2(V), 32 if N * HV >= 256 else 16)
     BV = max(BV, min(16, next_pow2(V)))
+    # Tuning overrides (benchmarks/kda_decode_sweep.py); results do not depend on them.
+    BV = min(int(os.environ.get("KIMI_LINEAR_KDA_DECODE_BV", BV)), max(16, next_pow2(V)))
+    # 2 warps up to a 128 x 64 slice: 74% / 82% of the copy ceiling at batch 64 / 256 on an H200 against
+    # 68% / 73% with 4 warps (docs/results/kda_decode_sweep_h200.log).
+    warps = int(os.environ.get("KIMI_LINEAR_KDA_DECODE_WARPS", 4 if BK * BV > 8192 else 2))
 
     def strides(s):
         if s is None:
@@ -139,6 +146,6 @@ def recurrent_kda_fwd(
         VARLEN=cu_seqlens is not None, HAS_H0=initial_state is not None, HAS_INDICES=indices is not None,
         STORE_HT=final_state is not None, STORE_ALL=all_states is not None,
         HT_IN_POOL=final_state is not None and final_state is initial_state,
-        num_warps=4 if BK * BV >= 4096 else 2, num_stages=1,
+        num_warps=warps, num_stages=1,
     )
     return out
