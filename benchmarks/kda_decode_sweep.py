@@ -15,19 +15,8 @@ import os
 import torch
 import triton
 
+from kda_gpu import D, H, bench, captured, copy_bandwidth  # benchmarks/kda_gpu.py (adds the repo to sys.path)
 from kimi_linear.ops import fused_recurrent_kda
-
-H, D = 32, 128
-
-
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def copy_bandwidth():
-    x = torch.empty(2**28, device="cuda", dtype=torch.float32)
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / bench(lambda: y.copy_(x)) / 1e9
 
 
 def case(B, dt=torch.bfloat16):
@@ -65,15 +54,7 @@ def main():
                 run()
                 err_o = ((out.float() - o_ref.float()).norm() / o_ref.float().norm()).item()
                 err_s = ((pool[idx] - ref_pool[idx]).norm() / ref_pool[idx].norm()).item()
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    run()
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run()
-                us = bench(graph.replay) * 1e3
+                us = bench(captured(run).replay) * 1e3
             except Exception as e:  # noqa: BLE001
                 print(f"| {B} | {bv} | {warps} | failed: {type(e).__name__} | | | |")
                 continue
