@@ -215,18 +215,20 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--max-bwd-t", type=int, default=32768, help="longest T timed with the backward")
+    ap.add_argument("--lengths", type=int, nargs="+", help="B=1 sequence lengths (default 8K 32K 128K)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep sweep")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     print(f"card: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
           f"fla-core {getattr(fla, '__version__', 'n/a') if fla else 'n/a'}")
     bw = copy_bandwidth()
     print(f"measured device copy bandwidth: {bw:.2f} TB/s")
-    for gate in ("softplus",):
+    for gate in () if args.no_breakdown else ("softplus",):
         try:
             print(f"breakdown T=32K {gate} (ms per launch; intermediates fp32 = default, bf16 = opt-in):", {k: round(v, 3) for k, v in breakdown(32768, gate).items()})
         except Exception as e:  # noqa: BLE001
             print(f"breakdown failed: {e!r}")
-    Ts = [8192] if args.quick else [8192, 32768, 131072]
+    Ts = args.lengths or ([8192] if args.quick else [8192, 32768, 131072])
     rows = []
     for gate in ("softplus", "lower_bound"):
         for T in Ts:
