@@ -98,28 +98,28 @@ def _intra_chunk_matrices(q, k, g, sub):
 
     # Off-diagonal blocks: row sub-chunk I against all earlier column sub-chunks in one product,
     # each column block scaled by the decay of the whole sub-chunks between it and I.
-    rows_qk, rows_kk = [], []
-    for I in range(ns):
+    aqk = q.new_zeros(*lead, C, C)
+    akk = q.new_zeros(*lead, C, C)
+    # Diagonal blocks in one copy each: view [.., C, C] as [.., I, row, J, col] and take I == J.
+    aqk.view(*lead, ns, sub, ns, sub).diagonal(dim1=-4, dim2=-2).copy_(diag_qk.movedim(-3, -1))
+    akk.view(*lead, ns, sub, ns, sub).diagonal(dim1=-4, dim2=-2).copy_(diag_kk.movedim(-3, -1))
+    for I in range(1, ns):
         cols = []
         between = torch.zeros_like(totals[..., 0, :])
         for J in range(I - 1, -1, -1):
             cols.insert(0, k_col[..., J, :, :] * torch.exp(between).unsqueeze(-2))
             between = between + totals[..., J, :]
-        tail = q.new_zeros(*lead, sub, (ns - 1 - I) * sub)
-        if cols:
-            earlier = torch.cat(cols, dim=-2).transpose(-1, -2)  # [.., K, I * sub]
-            rows_qk.append(torch.cat([q_row[..., I, :, :] @ earlier, diag_qk[..., I, :, :], tail], dim=-1))
-            rows_kk.append(torch.cat([k_row[..., I, :, :] @ earlier, diag_kk[..., I, :, :], tail], dim=-1))
-        else:
-            rows_qk.append(torch.cat([diag_qk[..., I, :, :], tail], dim=-1))
-            rows_kk.append(torch.cat([diag_kk[..., I, :, :], tail], dim=-1))
+        earlier = torch.cat(cols, dim=-2).transpose(-1, -2)  # [.., K, I * sub]
+        rows = slice(I * sub, (I + 1) * sub)
+        aqk[..., rows, : I * sub] = q_row[..., I, :, :] @ earlier
+        akk[..., rows, : I * sub] = k_row[..., I, :, :] @ earlier
     # Chunk-level decays from the same pieces: through row r from the chunk start, and after r to the
     # chunk end, each a sub-chunk factor times the whole sub-chunks before (after) it.
     before = torch.cat([torch.zeros_like(totals[..., :1, :]), totals[..., :-1, :].cumsum(-2)], dim=-2)
     after = torch.cat([totals[..., 1:, :].flip(-2).cumsum(-2).flip(-2), torch.zeros_like(totals[..., :1, :])], dim=-2)
     exp_prefix = (exp_since_start.reshape(*lead, ns, sub, K) * torch.exp(before).unsqueeze(-2)).reshape(*lead, C, K)
     exp_suffix = (exp_to_end.reshape(*lead, ns, sub, K) * torch.exp(after).unsqueeze(-2)).reshape(*lead, C, K)
-    return torch.cat(rows_qk, dim=-2), torch.cat(rows_kk, dim=-2), exp_prefix, exp_suffix
+    return aqk, akk, exp_prefix, exp_suffix
 
 
 def chunk_kda_torch(
@@ -168,22 +168,22 @@ def chunk_kda_torch(
     kg = k * exp_to_chunk_end
     last_decay = exp_G[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1]
 
-    # The sequential part carries only the state; the outputs of all chunks are then two batched
-    # products over every chunk at once (larger matmuls than one chunk at a time).
+    # Outputs inside the loop while S is hot in cache: measured faster than stacking every chunk's
+    # state and doing two large batched products afterwards (16 MB more traffic at T=4096, H=4).
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
-    starts, new_values = [], []
+    outputs, chunk_states = [], []
     for n in range(n_chunks):
-        starts.append(S)
+        if return_chunk_states:
+            chunk_states.append(S)
         v_new = u[:, :, n] - w[:, :, n] @ S
-        new_values.append(v_new)
+        outputs.append(qg[:, :, n] @ S + Aqk[:, :, n] @ v_new)
         S = last_decay[:, :, n] * S + kg[:, :, n].transpose(-1, -2) @ v_new
 
     if n_chunks:
-        chunk_starts = torch.stack(starts, dim=2)  # [B, H, N, K, V]
-        o = qg @ chunk_starts + Aqk @ torch.stack(new_values, dim=2)
-        o = o.reshape(B, H, n_chunks * C, V)[:, :, :T]
+        o = torch.stack(outputs, dim=2).reshape(B, H, n_chunks * C, V)[:, :, :T]
     else:
-        chunk_starts = q.new_zeros(B, H, 0, K, V)
         o = q.new_zeros(B, H, 0, V)
-    states = chunk_starts.transpose(1, 2) if return_chunk_states else None
+    states = None
+    if return_chunk_states:
+        states = torch.stack(chunk_states, dim=1) if chunk_states else q.new_zeros(B, 0, H, K, V)
     return o.transpose(1, 2), S, states
