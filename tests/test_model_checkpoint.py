@@ -172,3 +172,27 @@ def test_48b_parameter_count_on_meta():
     moe = sum(p.numel() for p in layers[1].block_sparse_moe.parameters())
     assert (kda, mla, moe) == (39_514_272, 29_114_880, 1_819_607_296)
     assert sum(p.numel() for p in layers[0].mlp.parameters()) == 63_700_992
+
+
+def test_failed_save_leaves_the_existing_checkpoint_intact(tmp_path, monkeypatch):
+    import kimi_linear.models.kimi_linear.checkpoint as ckpt
+    from model_utils import tiny_model
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path, max_shard_bytes=100_000)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = {"n": 0}
+    real_save_file = ckpt.save_file
+
+    def failing_save_file(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", failing_save_file)
+    other = tiny_model(seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(tmp_path, max_shard_bytes=100_000)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before, "a failed save changed the checkpoint already in the folder"

@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .configuration import MODEL_TYPE, KimiLinearConfig
 
@@ -204,7 +207,8 @@ def load_state(model: torch.nn.Module, path: str | os.PathLike, prefix: str = ""
     table = shard_table(path)
     expected = official_tensors(model, prefix)
     check_names_and_shapes(expected, table, ignore)
-    for file, header in table.items():
+    # A progress bar on terminals only (disable=None): a 48B checkpoint is 20 shards and minutes of I/O.
+    for file, header in tqdm(table.items(), desc="loading shards", unit="shard", disable=None):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in header:
                 if name in expected:
@@ -250,18 +254,26 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_b
         size += nbytes
     n = len(shards)
     weight_map, total = {}, 0
-    for k, names in enumerate(shards, start=1):
-        file = f"model-{k:05d}-of-{n:05d}.safetensors"
-        # clone(): expert rows share their stack's storage, which safetensors refuses to save as-is.
-        data = {name: tensors[name].detach().to("cpu").clone() for name in names}
-        save_file(data, str(path / file), metadata={"format": "pt"})
-        for name in names:
-            weight_map[name] = file
-            total += data[name].numel() * data[name].element_size()
-        del data
-    with open(path / INDEX_NAME, "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        f.write("\n")
-    config: KimiLinearConfig = model.config
-    config.dtype = model.model.embed_tokens.weight.dtype if not is_base else model.embed_tokens.weight.dtype
-    config.to_json_file(path / CONFIG_NAME)
+    # Write everything into a staging folder beside the target, then move it in with the index and config
+    # last: a save that fails half-way leaves an existing checkpoint in `path` as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
+    try:
+        for k, names in enumerate(tqdm(shards, desc="saving shards", unit="shard", disable=None), start=1):
+            file = f"model-{k:05d}-of-{n:05d}.safetensors"
+            # clone(): expert rows share their stack's storage, which safetensors refuses to save as-is.
+            data = {name: tensors[name].detach().to("cpu").clone() for name in names}
+            save_file(data, str(staging / file), metadata={"format": "pt"})
+            for name in names:
+                weight_map[name] = file
+                total += data[name].numel() * data[name].element_size()
+            del data
+        with open(staging / INDEX_NAME, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            f.write("\n")
+        config: KimiLinearConfig = model.config
+        config.dtype = model.model.embed_tokens.weight.dtype if not is_base else model.embed_tokens.weight.dtype
+        config.to_json_file(staging / CONFIG_NAME)
+        for name in sorted(set(weight_map.values())) + [INDEX_NAME, CONFIG_NAME]:
+            os.replace(staging / name, path / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
