@@ -115,3 +115,13 @@ def test_state_pool_errors():
 def test_context_parallel_is_refused_not_ignored():
     with pytest.raises(NotImplementedError, match="cp_context"):
         call(chunk_kda, base(cp_context=object()))
+
+
+def test_forcing_triton_on_unsupported_inputs_is_refused(monkeypatch):
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BACKEND", "triton")
+    x = make_inputs(B=1, T=4, H=1, K=8, V=8, seed=0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Triton kernels take"):
+        x.call(chunk_kda)
+    x = make_inputs(B=1, T=2, H=1, K=260, V=8, seed=0)
+    with pytest.raises(ValueError, match="K=260"):
+        x.call(fused_recurrent_kda)

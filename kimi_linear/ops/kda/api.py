@@ -23,10 +23,23 @@ from .reference import recurrent_kda_reference
 BACKEND_ENV = "KIMI_LINEAR_KDA_BACKEND"  # "torch" forces the PyTorch path, "triton" forbids falling back
 
 
-def _gpu_backend(x: torch.Tensor):
+# What the Triton kernels are built for; anything else (float64 gradchecks, huge heads) runs in PyTorch.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _gpu_backend(x: torch.Tensor, shapes: KDAShapes):
     """The Triton backend module for CUDA tensors, or None to use PyTorch."""
     choice = os.environ.get(BACKEND_ENV, "auto")
     if choice == "torch" or (not x.is_cuda and choice != "triton"):
+        return None
+    unsupported = x.dtype not in TRITON_DTYPES or max(shapes.K, shapes.V) > TRITON_MAX_HEAD_DIM
+    if unsupported:
+        if choice == "triton":
+            raise ValueError(
+                f"{BACKEND_ENV}=triton, but the Triton kernels take {', '.join(map(str, TRITON_DTYPES))} inputs "
+                f"with K, V <= {TRITON_MAX_HEAD_DIM}; got {x.dtype}, K={shapes.K}, V={shapes.V}"
+            )
         return None
     try:
         from . import triton_backend  # noqa: PLC0415 (optional: needs triton and a GPU or the interpreter)
@@ -222,7 +235,7 @@ def chunk_kda(
         allow_neg_eigval=allow_neg_eigval, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
     )
 
-    backend = _gpu_backend(q)
+    backend = _gpu_backend(q, shapes)
     if backend is not None:
         return backend.chunk_kda(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -300,7 +313,7 @@ def fused_recurrent_kda(
         if not isinstance(out, torch.Tensor) or out.shape != want:
             raise ValueError(f"out must be a tensor of shape {list(want)}, got {getattr(out, 'shape', out)}")
 
-    backend = _gpu_backend(q)
+    backend = _gpu_backend(q, shapes)
     if backend is not None:
         return backend.fused_recurrent_kda(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
