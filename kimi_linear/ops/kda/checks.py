@@ -107,12 +107,8 @@ def check_kda_inputs(
                 raise ValueError(
                     f"dt_bias must hold HV*K={HV * K} values (shape [HV*K]), got shape {_shape(dt_bias)}"
                 )
-        if lower_bound is not None and (
-            isinstance(lower_bound, bool)
-            or not isinstance(lower_bound, (int, float))
-            or not (-5.0 <= lower_bound < 0.0)
-        ):
-            raise ValueError(f"lower_bound must be a number in [-5, 0), got {lower_bound!r}")
+        if lower_bound is not None:
+            check_lower_bound(lower_bound)
     else:
         given = [n for n, x in (("A_log", A_log), ("dt_bias", dt_bias), ("lower_bound", lower_bound)) if x is not None]
         if given:
@@ -168,6 +164,12 @@ def check_kda_inputs(
 def _capturing(x: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured (a host synchronisation would break the capture)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_lower_bound(lower_bound) -> None:
+    """The bounded gate's floor must lie in [-5, 0) (FLA's range; every kernel relies on it)."""
+    if isinstance(lower_bound, bool) or not isinstance(lower_bound, (int, float)) or not (-5.0 <= lower_bound < 0.0):
+        raise ValueError(f"lower_bound must be a number in [-5, 0), got {lower_bound!r}")
 
 
 def check_chunk_size(chunk_size) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import check_lower_bound
+
 L2NORM_EPS = 1e-6
 # Softplus switches to the identity above this argument, as torch's default and FLA's gate kernel do.
 SOFTPLUS_THRESHOLD = 20.0
@@ -51,7 +53,7 @@ def kda_gate_lower_bound(
 
     Every value lies in ``(lower_bound, 0)``. Without A_log the scale is 1, as in FLA.
     """
-    _check_lower_bound(lower_bound)
+    check_lower_bound(lower_bound)
     x = _biased_input(g, A_log, dt_bias)
     if A_log is not None:
         x = torch.exp(_per_head_a(A_log, g.shape[-2], x.dtype)) * x
@@ -75,11 +77,6 @@ def kda_gate(
 
 # FLA's name for the same function, so code written against fla.ops.kda keeps working.
 fused_kda_gate = kda_gate
-
-
-def _check_lower_bound(lower_bound: float) -> None:
-    if not isinstance(lower_bound, (int, float)) or not (-5.0 <= float(lower_bound) < 0.0):
-        raise ValueError(f"lower_bound must be a number in [-5, 0), got {lower_bound!r}")
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
