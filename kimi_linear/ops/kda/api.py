@@ -135,8 +135,8 @@ def _reject_unsupported(cp_context) -> None:
 
 def _check_call(
     q, k, v, g, beta, *, scale, initial_state, cu_seqlens, cu_seqlens_cpu, chunk_size, state_v_first,
-    ssm_state_indices=None, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias,
-    lower_bound,
+    ssm_state_indices=None, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+    allow_neg_eigval, A_log, dt_bias, lower_bound,
 ):
     """Checks shared by both public functions; returns the shapes, the resolved scale and the flags
     every backend takes."""
@@ -229,7 +229,8 @@ def chunk_kda(
     _reject_unsupported(cp_context)
     state_v_first = state_v_first or transpose_state_layout
     shapes, scale, flags = _check_call(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
         state_v_first=state_v_first, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         use_gate_in_kernel=use_gate_in_kernel, use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
         allow_neg_eigval=allow_neg_eigval, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
@@ -300,7 +301,8 @@ def fused_recurrent_kda(
     """
     state_v_first = state_v_first or transpose_state_layout
     shapes, scale, flags = _check_call(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
         state_v_first=state_v_first, ssm_state_indices=ssm_state_indices,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
         use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
