@@ -171,10 +171,18 @@ def decode_case(B, gate, copy_bw):
     return row
 
 
+def kernel_info(kern):
+    """Registers and spills of a compiled Triton kernel (where the launch returned one)."""
+    try:
+        return f"{kern.n_regs} regs, {kern.n_spills} spills"
+    except Exception:  # noqa: BLE001
+        return "n/a"
+
+
 def breakdown(T, gate):
-    """Time the two forward launches separately (where the forward time goes)."""
-    from kimi_linear.ops.kda import triton_backend as tb
+    """Time the two forward launches separately (where the forward time goes), with variants."""
     from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur
 
     ts, kw, _ = inputs(1, T, gate)
@@ -183,10 +191,11 @@ def breakdown(T, gate):
     info, seq = chunk_layout(shapes, None, 64, q.device)
     lb = kw.get("lower_bound")
     res = {}
+    args = dict(scale=D**-0.5, shapes=shapes, gate=1 if lb is None else 2, A_log=kw["A_log"],
+                dt_bias=kw["dt_bias"], lower_bound=lb, l2norm=True, beta_sigmoid=True, neg_eigval=False, BT=64,
+                pad=True)
     for store in (torch.float32, DT):
-        args = dict(scale=D**-0.5, shapes=shapes, gate=1 if lb is None else 2, A_log=kw["A_log"],
-                    dt_bias=kw["dt_bias"], lower_bound=lb, l2norm=True, beta_sigmoid=True, neg_eigval=False, BT=64,
-                    dtype=store)
+        args["dtype"] = store
         prep = lambda: chunk_prep(q, k, v, g, beta, info, **args)  # noqa: E731
         inter = prep()
         o = torch.empty_like(v)
@@ -194,15 +203,28 @@ def breakdown(T, gate):
                                   out=o, store_final=True, store_states=False, BT=64)
         name = str(store).replace("torch.", "")
         res[f"prep_{name}_ms"] = bench(prep)
+        res[f"prep_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
         res[f"recur_{name}_ms"] = bench(rec)
-    # prep-kernel tuning sweep (register pressure): K block and warps
-    for bk, warps in ((32, 4), (32, 8), (64, 8), (16, 4)):
-        os.environ["KIMI_LINEAR_KDA_PREP_BK"], os.environ["KIMI_LINEAR_KDA_PREP_WARPS"] = str(bk), str(warps)
-        args["dtype"] = torch.float32
-        res[f"prep_bk{bk}_w{warps}_ms"] = bench(lambda: chunk_prep(q, k, v, g, beta, info, **args))
-    os.environ.pop("KIMI_LINEAR_KDA_PREP_BK")
-    os.environ.pop("KIMI_LINEAR_KDA_PREP_WARPS")
-    del tb
+        res[f"recur_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
+    # recurrence variants (bf16 intermediates): V block, pipeline stages, warps
+    for bv, stages, warps in ((64, 2, 4), (64, 2, 8), (32, 3, 4), (16, 2, 4)):
+        env = {"KIMI_LINEAR_KDA_BV": str(bv), "KIMI_LINEAR_KDA_STAGES": str(stages),
+               "KIMI_LINEAR_KDA_RECUR_WARPS": str(warps)}
+        os.environ.update(env)
+        res[f"recur_bf16_bv{bv}_s{stages}_w{warps}_ms"] = bench(rec)
+        for key in env:
+            os.environ.pop(key)
+    # prep-kernel variants: K block, warps, and the in-sub-chunk binary tree forced everywhere
+    args["dtype"] = DT
+    for bk, warps, diag in ((16, 4, ""), (64, 4, ""), (32, 8, ""), (64, 8, ""), (32, 4, "tree")):
+        env = {"KIMI_LINEAR_KDA_PREP_BK": str(bk), "KIMI_LINEAR_KDA_PREP_WARPS": str(warps),
+               "KIMI_LINEAR_KDA_DIAG": diag}
+        os.environ.update(env)
+        tag = f"prep_bk{bk}_w{warps}{'_' + diag if diag else ''}"
+        res[tag + "_ms"] = bench(lambda: chunk_prep(q, k, v, g, beta, info, **args))
+        res[tag + "_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
+        for key in env:
+            os.environ.pop(key)
     return res
 
 
@@ -225,7 +247,10 @@ def main():
     print(f"measured device copy bandwidth: {bw:.2f} TB/s")
     for gate in () if args.no_breakdown else ("softplus",):
         try:
-            print(f"breakdown T=32K {gate} (ms per launch; intermediates fp32 = default, bf16 = opt-in):", {k: round(v, 3) for k, v in breakdown(32768, gate).items()})
+            res = breakdown(32768, gate)
+            print(f"breakdown T=32K {gate} (ms per launch):")
+            for key, val in res.items():
+                print(f"  {key}: {round(val, 3) if isinstance(val, float) else val}")
         except Exception as e:  # noqa: BLE001
             print(f"breakdown failed: {e!r}")
     Ts = args.lengths or ([8192] if args.quick else [8192, 32768, 131072])

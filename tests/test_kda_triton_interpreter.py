@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kda_utils import make_inputs, reference, rel_rms
+from kimi_linear.ops import kda_gate, l2norm
 from kimi_linear.ops import chunk_kda, fused_recurrent_kda
 from kimi_linear.ops.kda import api
 
@@ -91,3 +92,71 @@ def test_decode_state_pool():
     # several tokens per call equal the token loop
     o_all, s_all = inp.call(fused_recurrent_kda)
     assert rel_rms(o_all, ref_o) < TOL and rel_rms(s_all, ref_s) < TOL
+
+
+def _prep_reference(inp, BT):
+    """Chunk-local quantities of one sequence straight from the definitions, in float64."""
+    kw = inp.kwargs
+    x = inp.cast(torch.float64, torch.float64, torch.float64)
+    q, k, v, g, beta = x.q[0], x.k[0], x.v[0], x.g[0], x.beta[0]  # [T, H, .]
+    q, k = l2norm(q), l2norm(k)
+    g = kda_gate(g, x.A_log, x.dt_bias, kw.get("lower_bound"))
+    beta = torch.sigmoid(beta)
+    scale = q.shape[-1] ** -0.5
+    out = {n: [] for n in ("w", "u", "qg", "kg", "aqk", "gc", "t")}
+    for c0 in range(0, q.shape[0], BT):
+        sl = slice(c0, min(c0 + BT, q.shape[0]))
+        n = sl.stop - sl.start
+        qc, kc, vc, gc, bc = (t[sl].transpose(0, 1) for t in (q, k, v, g, beta))  # [H, n, .]
+        G = gc.cumsum(1)
+        P = torch.exp((G[:, :, None, :] - G[:, None, :, :]).clamp(max=0.0))  # [H, i, j, d], used for j <= i
+        lower = torch.ones(n, n, dtype=torch.bool).tril()
+        aqk = torch.einsum("hid,hjd,hijd->hij", qc, kc, P) * scale * lower
+        akk = torch.einsum("hid,hjd,hijd->hij", kc, kc, P) * bc[..., None] * lower.tril(-1)
+        t = torch.linalg.inv(torch.eye(n, dtype=torch.float64) + akk)
+        pad = lambda m, rows=BT, cols=None: torch.nn.functional.pad(  # noqa: E731
+            m, (0, (cols or m.shape[-1]) - m.shape[-1], 0, rows - m.shape[-2]))
+        out["w"].append(pad(t @ (kc * torch.exp(G) * bc[..., None])))
+        out["u"].append(pad(t @ (vc * bc[..., None])))
+        out["qg"].append(pad(qc * torch.exp(G) * scale))
+        out["kg"].append(pad(kc * torch.exp(G[:, -1:] - G)).transpose(-1, -2))
+        out["aqk"].append(pad(aqk, BT, BT))
+        out["gc"].append(G[:, -1])
+        eye = torch.eye(BT, dtype=torch.float64).expand(t.shape[0], BT, BT).clone()
+        eye[:, :n, :n] = t
+        out["t"].append(eye)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("BT", [16, 64, 128])
+@pytest.mark.parametrize("diag", ["midpoint", "auto", "tree"])
+def test_prep_kernel_definitions(BT, diag, monkeypatch):
+    """The prep kernel's outputs (incl. T) against their definitions, with a partial last chunk and K/V
+    not powers of two. "midpoint": moderate gates, so the factored in-sub-chunk path; "auto": +1000 raw
+    gates in most sub-chunks, so the tree fallback where needed; "tree": the fallback everywhere."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
+    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
+
+    if diag == "tree":
+        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG", "tree")
+    T, H, K, V = BT + 21, 2, 20, 24
+    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7,
+                      extreme_gate_frac=0.0 if diag == "midpoint" else 0.02,
+                      dtype=torch.float64).cast(torch.float32)
+    shapes = KDAShapes(1, T, H, H, K, V, 1)
+    info, _ = chunk_layout(shapes, None, BT, "cpu")
+    got = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, scale=K ** -0.5, shapes=shapes,
+                     gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias, lower_bound=None, l2norm=True,
+                     beta_sigmoid=True, neg_eigval=False, BT=BT, dtype=torch.float32, pad=True, store_t=True)
+    ref = _prep_reference(inp, BT)
+    for name, x in zip(("w", "u", "qg", "kg", "aqk", "gc", "t"), got):
+        r = ref[name]
+        if name in ("w", "qg", "gc"):
+            assert torch.all(x[..., K:] == 0), name  # padding is written as zeros
+            x = x[..., :K]
+        elif name == "u":
+            x = x[..., :V]
+        elif name == "kg":
+            x = x[:, :, :K]
+        assert rel_rms(x, r) < TOL, (name, rel_rms(x, r))

@@ -41,7 +41,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states):
     w, u, qg, kg, aqk, gc = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
-        neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q),
+        neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q), pad=True,
     )
     o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
     o, ht, states = chunk_recur(
