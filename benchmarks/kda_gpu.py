@@ -216,9 +216,14 @@ def breakdown(T, gate):
             os.environ.pop(key)
     # prep-kernel variants: K block, warps, and the in-sub-chunk binary tree forced everywhere
     args["dtype"] = DT
-    for bk, warps, diag in ((16, 4, ""), (64, 4, ""), (32, 8, ""), (64, 8, ""), (32, 4, "tree")):
+    for bits in (1, 2, 4, 8, 16, 32, 63):  # leave-one-stage-out timings of the default prep kernel
+        os.environ["KIMI_LINEAR_KDA_PREP_ABLATE"] = str(bits)
+        res[f"prep_ablate{bits}_ms"] = bench(lambda: chunk_prep(q, k, v, g, beta, info, **args))
+        res[f"prep_ablate{bits}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
+    os.environ.pop("KIMI_LINEAR_KDA_PREP_ABLATE")
+    for bk, warps, diag in ((16, 4, ""), (32, 2, ""), (32, 4, "tree"), (16, 4, "generic")):
         env = {"KIMI_LINEAR_KDA_PREP_BK": str(bk), "KIMI_LINEAR_KDA_PREP_WARPS": str(warps),
-               "KIMI_LINEAR_KDA_DIAG": diag}
+               "KIMI_LINEAR_KDA_DIAG": diag, "KIMI_LINEAR_KDA_PREP": diag}
         os.environ.update(env)
         tag = f"prep_bk{bk}_w{warps}{'_' + diag if diag else ''}"
         res[tag + "_ms"] = bench(lambda: chunk_prep(q, k, v, g, beta, info, **args))
