@@ -179,8 +179,8 @@ def kernel_info(kern):
         return "n/a"
 
 
-def breakdown(T, gate):
-    """Time the two forward launches separately (where the forward time goes), with variants."""
+def breakdown(T, gate, ablate=False):
+    """Time the forward's launches separately (where the forward time goes), with prep variants."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur
@@ -193,43 +193,30 @@ def breakdown(T, gate):
     res = {}
     args = dict(scale=D**-0.5, shapes=shapes, gate=1 if lb is None else 2, A_log=kw["A_log"],
                 dt_bias=kw["dt_bias"], lower_bound=lb, l2norm=True, beta_sigmoid=True, neg_eigval=False, BT=64,
-                pad=True)
-    for store in (torch.float32, DT):
-        args["dtype"] = store
-        prep = lambda: chunk_prep(q, k, v, g, beta, info, **args)  # noqa: E731
-        inter = prep()
-        o = torch.empty_like(v)
-        rec = lambda: chunk_recur(*inter, info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
-                                  out=o, store_final=True, store_states=False, BT=64)
-        name = str(store).replace("torch.", "")
-        res[f"prep_{name}_ms"] = bench(prep)
-        res[f"prep_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
-        res[f"recur_{name}_ms"] = bench(rec)
-        res[f"recur_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
-    # recurrence variants (bf16 intermediates): V block, pipeline stages, warps
-    for bv, stages, warps in ((64, 2, 4), (64, 2, 8), (32, 3, 4), (16, 2, 4)):
-        env = {"KIMI_LINEAR_KDA_BV": str(bv), "KIMI_LINEAR_KDA_STAGES": str(stages),
-               "KIMI_LINEAR_KDA_RECUR_WARPS": str(warps)}
-        os.environ.update(env)
-        res[f"recur_bf16_bv{bv}_s{stages}_w{warps}_ms"] = bench(rec)
-        for key in env:
-            os.environ.pop(key)
-    # prep-kernel variants: K block, warps, and the in-sub-chunk binary tree forced everywhere
-    args["dtype"] = DT
-    for bits in (1, 2, 4, 8, 16, 32, 63):  # leave-one-stage-out timings of the default prep kernel
-        os.environ["KIMI_LINEAR_KDA_PREP_ABLATE"] = str(bits)
-        res[f"prep_ablate{bits}_ms"] = bench(lambda: chunk_prep(q, k, v, g, beta, info, **args))
-        res[f"prep_ablate{bits}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
-    os.environ.pop("KIMI_LINEAR_KDA_PREP_ABLATE")
-    for bk, warps, diag in ((16, 4, ""), (32, 2, ""), (32, 4, "tree"), (16, 4, "generic")):
-        env = {"KIMI_LINEAR_KDA_PREP_BK": str(bk), "KIMI_LINEAR_KDA_PREP_WARPS": str(warps),
-               "KIMI_LINEAR_KDA_DIAG": diag, "KIMI_LINEAR_KDA_PREP": diag}
-        os.environ.update(env)
-        tag = f"prep_bk{bk}_w{warps}{'_' + diag if diag else ''}"
-        res[tag + "_ms"] = bench(lambda: chunk_prep(q, k, v, g, beta, info, **args))
-        res[tag + "_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
-        for key in env:
-            os.environ.pop(key)
+                pad=True, dtype=DT)
+    prep = lambda: chunk_prep(q, k, v, g, beta, info, **args)  # noqa: E731
+    ref = prep()
+    o = torch.empty_like(v)
+    rec = lambda: chunk_recur(*ref, info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
+                              out=o, store_final=True, store_states=False, BT=64)
+    res["recur_ms"] = bench(rec)
+    res["recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
+    for mode in ("fused", "split", "blocks"):  # KIMI_LINEAR_KDA_PREP
+        os.environ["KIMI_LINEAR_KDA_PREP"] = mode
+        got = prep()
+        res[f"prep_{mode}_ms"] = bench(prep)
+        res[f"prep_{mode}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
+        if mode == "split":
+            res["wy_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("wy"))
+        res[f"prep_{mode}_vs_fused"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
+    os.environ.pop("KIMI_LINEAR_KDA_PREP")
+    if ablate:  # leave-one-stage-out timings of the explicit-block kernel (wrong results, profile only)
+        os.environ["KIMI_LINEAR_KDA_PREP"] = "blocks"
+        for bits in (1, 2, 4, 8, 16, 32, 63):
+            os.environ["KIMI_LINEAR_KDA_PREP_ABLATE"] = str(bits)
+            res[f"blocks_ablate{bits}_ms"] = bench(prep)
+        os.environ.pop("KIMI_LINEAR_KDA_PREP_ABLATE")
+        os.environ.pop("KIMI_LINEAR_KDA_PREP")
     return res
 
 
@@ -243,7 +230,8 @@ def main():
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--max-bwd-t", type=int, default=32768, help="longest T timed with the backward")
     ap.add_argument("--lengths", type=int, nargs="+", help="B=1 sequence lengths (default 8K 32K 128K)")
-    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep sweep")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep variants")
+    ap.add_argument("--ablate", action="store_true", help="add leave-one-stage-out timings to the breakdown")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     print(f"card: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
@@ -252,7 +240,7 @@ def main():
     print(f"measured device copy bandwidth: {bw:.2f} TB/s")
     for gate in () if args.no_breakdown else ("softplus",):
         try:
-            res = breakdown(32768, gate)
+            res = breakdown(32768, gate, args.ablate)
             print(f"breakdown T=32K {gate} (ms per launch):")
             for key, val in res.items():
                 print(f"  {key}: {round(val, 3) if isinstance(val, float) else val}")

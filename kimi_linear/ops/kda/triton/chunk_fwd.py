@@ -132,7 +132,9 @@ def _chunk_prep_kernel(
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     STORE_T: tl.constexpr, DIAG_TREE: tl.constexpr, DIAG_SPAN: tl.constexpr, WY_PREC: tl.constexpr,
+    WY: tl.constexpr = True,
 ):
+    # WY=False: only Aqk and T (STORE_T); _chunk_wy_kernel then writes w, u, qg, kg, gC.
     NS: tl.constexpr = BT // 16
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1)
@@ -186,14 +188,15 @@ def _chunk_prep_kernel(
         e_g = tl.exp(g_loc)  # <= 1: decay from the sub-chunk start to the row
         e_r = tl.exp(r_loc)  # <= 1: decay from the row to the sub-chunk end
         # Outputs that need no inverse: decays from the chunk start (qg) and to the chunk end (kg).
-        e_start = e_g * tl.exp(_between(tot, -NS, -1, NS, BK, BT))
-        e_end = e_r * tl.exp(_between(tot, 1, NS, NS, BK, BT))
-        p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]
-        m_o = (r < BT)[:, None] & (o_k < SK)[None, :]
-        tl.store(qg_out + p_o, (bq * e_start * scale).to(qg_out.dtype.element_ty), mask=m_o)
-        p_kt = base * BT * SK + o_k[None, :] * BT + r[:, None]  # kg is stored transposed, [K, BT] per chunk
-        tl.store(kg_out + p_kt, (bk * e_end).to(kg_out.dtype.element_ty), mask=m_o)
-        tl.store(gc_out + base * SK + o_k, tl.sum(tot, axis=0), mask=o_k < SK)
+        if WY:
+            e_start = e_g * tl.exp(_between(tot, -NS, -1, NS, BK, BT))
+            e_end = e_r * tl.exp(_between(tot, 1, NS, NS, BK, BT))
+            p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]
+            m_o = (r < BT)[:, None] & (o_k < SK)[None, :]
+            tl.store(qg_out + p_o, (bq * e_start * scale).to(qg_out.dtype.element_ty), mask=m_o)
+            p_kt = base * BT * SK + o_k[None, :] * BT + r[:, None]  # kg stored transposed, [K, BT] per chunk
+            tl.store(kg_out + p_kt, (bk * e_end).to(kg_out.dtype.element_ty), mask=m_o)
+            tl.store(gc_out + base * SK + o_k, tl.sum(tot, axis=0), mask=o_k < SK)
 
         # Between sub-chunks J < I: exp(G_i - G_j) = e_g[i] * exp(totals strictly between) * e_r[j].
         row_q = bq * e_g
@@ -266,6 +269,79 @@ def _chunk_prep_kernel(
     if STORE_T:
         tl.store(t_out + base * BT * BT + r[:, None] * BT + r[None, :], Tfull)
 
+    if WY:
+        for kb in range(0, SK, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            bias = tl.zeros([BK], dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            bk = tl.load(k + ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+            bk = bk * rk[:, None]
+            bg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+            bg = tl.where(m_rk, apply_gate(bg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
+            g_loc, r_loc, tot = _sub_chunk_sums(bg, r, BT, BK, NS)
+            e_start = tl.exp(g_loc) * tl.exp(_between(tot, -NS, -1, NS, BK, BT))
+            b_w = tl.dot(Tfull, bk * e_start * b_beta[:, None], input_precision=WY_PREC)
+            p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]
+            tl.store(w_out + p_o, b_w.to(w_out.dtype.element_ty), mask=(r < BT)[:, None] & (o_k < SK)[None, :])
+
+        for vb in range(0, SV, BV):
+            o_v = vb + tl.arange(0, BV)
+            m_v = o_v < V
+            bv = tl.load(v + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
+                         mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            b_u = tl.dot(Tfull, bv * b_beta[:, None], input_precision=WY_PREC)
+            tl.store(u_out + base * BT * SV + r[:, None] * SV + o_v[None, :], b_u.to(u_out.dtype.element_ty),
+                     mask=(r < BT)[:, None] & (o_v < SV)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk length 64: the same computation on explicit 16-row sub-chunk tiles (the default path)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _chunk_wy_kernel(
+    q, k, v, g, beta, A_log, dt_bias, chunk_info, t_in,
+    w_out, u_out, qg_out, kg_out, gc_out,
+    scale, lower_bound,
+    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
+):
+    """Second half of the split prep: from T, w = T (beta k e^G), u = T (beta v), qg, kg, gC. Decays
+    relative to the chunk start (e^G) and to its end (e^(G_C - G)) are direct sums, so all <= 1."""
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    row0 = tl.load(chunk_info + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_info + 2 * i_c + 1)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    base = i_c.to(tl.int64) * HV + i_hv
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    rq = tl.full([BT], 1.0, dtype=tl.float32)
+    rk = tl.full([BT], 1.0, dtype=tl.float32)
+    if L2NORM:
+        sq = tl.zeros([BT], dtype=tl.float32)
+        sk = tl.zeros([BT], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_rk = m_r[:, None] & (o_k < K)[None, :]
+            p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
+            bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32)
+            bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
+            sq += tl.sum(bq * bq, axis=1)
+            sk += tl.sum(bk * bk, axis=1)
+        rq = 1.0 / tl.sqrt(sq + 1e-6)
+        rk = 1.0 / tl.sqrt(sk + 1e-6)
+    b_beta = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
+    b_beta = tl.where(m_r, apply_beta(b_beta, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
@@ -273,29 +349,27 @@ def _chunk_prep_kernel(
         bias = tl.zeros([BK], dtype=tl.float32)
         if HAS_BIAS:
             bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        bk = tl.load(k + ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-        bk = bk * rk[:, None]
-        bg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-        bg = tl.where(m_rk, apply_gate(bg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
-        g_loc, r_loc, tot = _sub_chunk_sums(bg, r, BT, BK, NS)
-        e_start = tl.exp(g_loc) * tl.exp(_between(tot, -NS, -1, NS, BK, BT))
-        b_w = tl.dot(Tfull, bk * e_start * b_beta[:, None], input_precision=WY_PREC)
+        bq, bk, bg = _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+        e_start = tl.exp(tl.cumsum(bg, axis=0))
+        e_end = tl.exp(tl.minimum(tl.cumsum(bg, axis=0, reverse=True) - bg, 0.0))
         p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]
-        tl.store(w_out + p_o, b_w.to(w_out.dtype.element_ty), mask=(r < BT)[:, None] & (o_k < SK)[None, :])
-
+        m_o = (r < BT)[:, None] & (o_k < SK)[None, :]
+        tl.store(qg_out + p_o, (bq * e_start * scale).to(qg_out.dtype.element_ty), mask=m_o)
+        tl.store(kg_out + base * BT * SK + o_k[None, :] * BT + r[:, None], (bk * e_end).to(kg_out.dtype.element_ty),
+                 mask=m_o)
+        tl.store(gc_out + base * SK + o_k, tl.sum(bg, axis=0), mask=o_k < SK)
+        b_w = tl.dot(Tm, bk * e_start * b_beta[:, None], input_precision=WY_PREC)
+        tl.store(w_out + p_o, b_w.to(w_out.dtype.element_ty), mask=m_o)
     for vb in range(0, SV, BV):
         o_v = vb + tl.arange(0, BV)
         m_v = o_v < V
         bv = tl.load(v + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
                      mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        b_u = tl.dot(Tfull, bv * b_beta[:, None], input_precision=WY_PREC)
+        b_u = tl.dot(Tm, bv * b_beta[:, None], input_precision=WY_PREC)
         tl.store(u_out + base * BT * SV + r[:, None] * SV + o_v[None, :], b_u.to(u_out.dtype.element_ty),
                  mask=(r < BT)[:, None] & (o_v < SV)[None, :])
 
-
-# ----------------------------------------------------------------------------------------------
-# Chunk length 64: the same computation on explicit 16-row sub-chunk tiles (the default path)
-# ----------------------------------------------------------------------------------------------
 
 @triton.jit
 def _sub_tiles(q, k, g, row0, s, n_rows, i_h, i_hv, o_k, m_k, rq, rk, a, bias, lower_bound,
@@ -782,9 +856,22 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
                  WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=1)
     # The explicit 16-row-block kernel is opt-in: on H200 it measured slower (14.2 vs 12.6 ms at T=32K,
     # H=32; docs/benchmarks.md has its leave-one-stage-out profile).
-    if BT == 64 and os.environ.get("KIMI_LINEAR_KDA_PREP") == "blocks":
+    mode = os.environ.get("KIMI_LINEAR_KDA_PREP", "fused")
+    if BT == 64 and mode == "blocks":
         LAUNCHED["prep"] = _chunk_prep64_kernel[(NC, HV)](
             *args, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_ABLATE", 0)), **flags)
+    elif mode == "split":
+        # Two launches with fewer live registers each: Aqk and T, then w, u, qg, kg, gC from T.
+        if t is None:
+            t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)
+            args = args[:14] + (t,) + args[15:]
+        LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
+            *args, BT=BT, LEVELS=BT.bit_length() - 1, WY=False, **dict(flags, STORE_T=True))
+        LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
+            q, k, v, g, beta, args[5], args[6], chunk_info, t, w, u, qg, kg, gc, args[15], args[16],
+            H, HV, K, V, SK=SK, SV=SV, BT=BT, BK=BK, BV=BV, GATE=gate, HAS_A=A_log is not None,
+            HAS_BIAS=dt_bias is not None, L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval,
+            WY_PREC=flags["WY_PREC"], num_warps=warps, num_stages=1)
     else:
         LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](*args, BT=BT, LEVELS=BT.bit_length() - 1, **flags)
     return outs
