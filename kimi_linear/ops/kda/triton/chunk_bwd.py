@@ -10,13 +10,17 @@
        dgC = exp(gC) * rowsum(h * dS),   dS <- exp(gC) * dS + qg^T do - w^T dv_new
 
    Partial sums over V blocks are accumulated with atomics; dS after the first chunk is dh0.
-3. Chunk-local gradients: ``prep_torch`` is a PyTorch mirror of the prep kernel (same binary-tree
-   factoring of the pairwise decays, safe for any gate). It is re-run under autograd on slices of chunks
-   and back-propagated with the gradients of step 2, which gives dq, dk, dv, dg (or the raw gate, A_log,
-   dt_bias), dbeta, through the L2 norm, gate and sigmoid.
+3. Chunk-local gradients: ``prep_bwd.chunk_prep_bwd`` (one program per chunk and value head) takes
+   T = (I + Akk)^-1 stored by the prep kernel in step 1 and the gradients of step 2, and gives dq, dk,
+   dv, dg (or the raw gate, A_log, dt_bias), dbeta, through the L2 norm, gate and sigmoid.
+   ``prep_torch``, a differentiable PyTorch mirror of the prep kernel, is its test oracle and the
+   fallback (autograd, slice by slice; slow) for chunk sizes the kernel does not take or with
+   ``KIMI_LINEAR_KDA_PREP_BWD=autograd``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -24,6 +28,7 @@ import triton.language as tl
 
 from ..gate import kda_gate
 from .chunk_fwd import chunk_prep, chunk_recur
+from .prep_bwd import chunk_prep_bwd
 from .utils import dummy, next_pow2
 
 
@@ -121,14 +126,16 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
 # PyTorch mirror of the prep kernel (differentiable)
 # ----------------------------------------------------------------------------------------------
 
-def prep_torch(q, k, v, g, beta, valid, A_log, dt_bias, cfg):
+def prep_torch(q, k, v, g, beta, valid, A_log, dt_bias, cfg, return_t=False):
     """q, k: [C, BT, H, K]; v: [C, BT, HV, V]; g: [C, BT, HV, K]; beta: [C, BT, HV]; valid: [C, BT] bool.
 
-    Returns w, u, qg, kg ([C, HV, BT, .]), Aqk [C, HV, BT, BT] and gC [C, HV, K], as the kernel computes them.
+    Returns w, u, qg, kg ([C, HV, BT, .]), Aqk [C, HV, BT, BT] and gC [C, HV, K], as the kernel computes them
+    (and T = (I + Akk)^-1 [C, HV, BT, BT] with ``return_t``). Float64 inputs compute in float64 (the test
+    oracle of ``chunk_prep_bwd``), others in float32.
     """
     shapes = cfg.shapes
     group = shapes.HV // shapes.H
-    f32 = torch.float32
+    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, g, beta = q.to(f32), k.to(f32), v.to(f32), g.to(f32), beta.to(f32)
     if cfg.l2norm:
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
@@ -176,31 +183,19 @@ def prep_torch(q, k, v, g, beta, valid, A_log, dt_bias, cfg):
     qg = q * eG * cfg.scale
     kg = k * torch.exp(G_after.clamp(max=0.0))
     gc = g.sum(2)
+    if return_t:
+        return w, u, qg, kg, Aqk, gc, Tm
     return w, u, qg, kg, Aqk, gc
 
 
-def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq):
+def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg, daqk, dgc, cfg):
+    """Chunk-local gradients by autograd through ``prep_torch``, slice by slice (slow; the fallback for
+    chunk sizes the kernel does not take, and a reference under ``KIMI_LINEAR_KDA_PREP_BWD=autograd``)."""
     shapes, BT = cfg.shapes, cfg.BT
-    B, T, H, HV, K, V = shapes.B, shapes.T, shapes.H, shapes.HV, shapes.K, shapes.V
+    B, T = shapes.B, shapes.T
+    HV, K, V = shapes.HV, shapes.K, shapes.V
     dev = q.device
-    w, u, qg, kg, aqk, gc = chunk_prep(
-        q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
-        neg_eigval=cfg.neg_eigval, BT=BT, dtype=torch.float32,
-    )
-    scratch = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
-    _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=scratch,
-                               store_final=False, store_states=True, BT=BT)
-    del scratch
-    du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(
-        w, u, qg, kg, aqk, gc, info, seq, states, None if dht is None else dht.contiguous(), do,
-        shapes=shapes, BT=BT,
-    )
-    del w, u, qg, kg, aqk, gc, states
-    tril = torch.ones(BT, BT, device=dev, dtype=torch.bool).tril()
-    daqk = daqk * tril
-
-    # Chunk-local part: autograd through the PyTorch mirror, slice by slice.
+    daqk = daqk * torch.ones(BT, BT, device=dev, dtype=torch.bool).tril()
     leaves = [x.detach().reshape(B * T, *x.shape[2:]).requires_grad_(True) for x in (q, k, v, g, beta)]
     a_leaf = None if A_log is None else A_log.detach().requires_grad_(True)
     b_leaf = None if dt_bias is None else dt_bias.detach().requires_grad_(True)
@@ -225,4 +220,33 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq)
                              for lf, x in zip(leaves, (q, k, v, g, beta)))
     dA = None if a_leaf is None else (a_leaf.grad if a_leaf.grad is not None else torch.zeros_like(A_log))
     dbias = None if b_leaf is None else (b_leaf.grad if b_leaf.grad is not None else torch.zeros_like(dt_bias))
-    return dq, dk, dv, dg, dbeta, dA, dbias, (dh0 if h0 is not None else None)
+    return dq, dk, dv, dg, dbeta, dA, dbias
+
+
+def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq):
+    shapes, BT = cfg.shapes, cfg.BT
+    B, T, HV, V = shapes.B, shapes.T, shapes.HV, shapes.V
+    dev = q.device
+    use_kernel = BT in (16, 32, 64, 128) and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD") != "autograd"
+    outs = chunk_prep(
+        q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
+        neg_eigval=cfg.neg_eigval, BT=BT, dtype=torch.float32, store_t=use_kernel,
+    )
+    w, u, qg, kg, aqk, gc = outs[:6]
+    tinv = outs[6] if use_kernel else None
+    scratch = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
+    _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=scratch,
+                               store_final=False, store_states=True, BT=BT)
+    del scratch
+    du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(
+        w, u, qg, kg, aqk, gc, info, seq, states, None if dht is None else dht.contiguous(), do,
+        shapes=shapes, BT=BT,
+    )
+    del w, u, qg, kg, aqk, gc, states
+    if use_kernel:
+        grads = chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, info, tinv, dw, du, dqg, dkg, daqk, dgc, cfg=cfg,
+                               overwrite_t=True)
+    else:
+        grads = _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg, daqk, dgc, cfg)
+    return (*grads, (dh0 if h0 is not None else None))

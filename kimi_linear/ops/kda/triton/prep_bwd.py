@@ -1,0 +1,411 @@
+"""Backward of the chunk-local KDA prep (``_chunk_prep_kernel``): one program per (chunk, value head).
+
+Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk, gC (from the reverse
+recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
+sigmoid). With X = T^T dw, Y = T^T du and dAkk = -T^T (dw W0^T + du U0^T) T^T (W0 = b k e^G, U0 = b v):
+
+    dv = b Y,  db = v.Y + (k e^G).X + sum_j dAkk_ij Kk_ij,  dk += b e^G X + e^(G_C - G) dkg,  dq += scale e^G dqg
+
+plus the pairwise terms of Aqk (Mq = scale dAqk) and Akk (b_i dAkk) and the gate gradients of all decays.
+
+Pairwise decays exp(G_i - G_j) are never formed from two long cumulative sums (fp32 digits are lost
+after -1000 gates, and exp(G_i) * exp(-G_j) overflows):
+
+* between the 16-row sub-chunks, a binary tree: at level HB (BT/2 ... 16) the pair (i in an odd HB-block,
+  j in the even block before it) is exp(fwd_i) * exp(rev_j), fwd = inclusive and rev = exclusive reverse
+  cumsum inside the HB-block: <= 0 sums of one block's gates (segmented scans; rev from the gates shifted
+  by one row, not "sum minus self"). One masked [BT, BT] @ [BT, BK] product per side and matrix.
+* inside a sub-chunk, factored around its row 7: exp(x_i) * exp(-x_j), x = the (exact) local cumsum
+  relative to row 7, |x| <= DIAG_SPAN; a K block with a wider span uses tree levels 8, 4, 2, 1 instead
+  (all factors <= 1). Underflow to 0 is exact.
+
+The gate gradient of each factor goes only to the gates inside its block (segmented sums), never as a
+"+x at row i, -x at row j" pair through one cumulative sum over the chunk: that cancels, and the fp32
+(or tf32) residue multiplied by a -1000 gate ruined dA_log. Products through T use tf32x3; the pairwise
+ones ``PAIR_PREC`` (tf32x3 for fp32 inputs, tf32 for 16-bit ones, as the forward). Passes over K:
+(1) norms, dT, e^G X (parked in the dk buffer), then the V side (dv, v.Y) and dAkk (to a scratch, so no
+[BT, BT] tile stays live in pass 2; each level loads only its masked entries); (2) everything else per K
+block; (3) the L2-norm backward, which needs q.dq over the whole row. dq/dk go through fp32 per-value-head
+buffers (summed over the GVA group on the host), dA_log / dt_bias through per-(chunk, head) partial sums.
+
+Registers: ptxas (sm_90, triton 3.7) reports spills for every configuration with BT >= 32 (BT=64: about
+1 KB of stack with BK=16 and 8 warps, the least of BK 16/32/64 x 4/8 warps; 4 warps spill 2-4x more),
+of the same order as the forward prep kernel. BT=128 works but spills ~4 KB.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import apply_beta, apply_gate, dummy, next_pow2
+
+# Largest |exponent| of the midpoint-factored in-sub-chunk decays; above it the tree is used. Pre-product
+# factors are at most exp(DIAG_SPAN) ~ 2e17, so sums with large dAkk entries stay finite in fp32.
+DIAG_SPAN = 40.0
+
+
+@triton.jit
+def _seg_last(a, sa, b, sb):
+    """Segmented sum for forward scans: keeps the sum of the segment with the larger id (order-free)."""
+    return tl.where(sa == sb, a + b, tl.where(sa > sb, a, b)), tl.maximum(sa, sb)
+
+
+@triton.jit
+def _seg_first(a, sa, b, sb):
+    """Segmented sum for reverse scans: keeps the segment with the smaller id."""
+    return tl.where(sa == sb, a + b, tl.where(sa < sb, a, b)), tl.minimum(sa, sb)
+
+
+@triton.jit
+def _block_sums(bg, bgn, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.constexpr):
+    """fwd: inclusive cumsum of g inside each HB-row block; rev: sum of g after the row inside its block
+    (from bgn = g of the next row)."""
+    if HB == 1:
+        fwd = bg
+        rev = tl.zeros([BT, BK], dtype=tl.float32)
+    else:
+        seg = tl.broadcast_to((r // HB)[:, None], (BT, BK))
+        fwd, _ = tl.associative_scan((bg, seg), 0, _seg_last)
+        gz = tl.where(((r % HB) == HB - 1)[:, None], 0.0, bgn)
+        rev, _ = tl.associative_scan((gz, seg), 0, _seg_first, reverse=True)
+    return fwd, rev
+
+
+@triton.jit
+def _seg_scan(x, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive cumulative sum of x inside each HB-row block (reverse: from the block end)."""
+    seg = tl.broadcast_to((r // HB)[:, None], (BT, BK))
+    if REVERSE:
+        out, _ = tl.associative_scan((x, seg), 0, _seg_first, reverse=True)
+    else:
+        out, _ = tl.associative_scan((x, seg), 0, _seg_last)
+    return out
+
+
+@triton.jit
+def _pairs(bq, bk, bb, er, ec, mq, mk, PREC: tl.constexpr):
+    """Gradients of sum_ij mq_ij q_i.k_j P_ij + mk_ij b_i k_i.k_j P_ij with P_ij = er_i * ec_j (per channel).
+
+    mq, mk are already masked to the pairs of this factoring. Returns dq, dk, the gradients of the row
+    and column exponents (d log er_i, d log ec_j) and the Akk part of db.
+    """
+    row_q = bq * er
+    row_k = bk * er
+    col_k = bk * ec
+    rq = tl.dot(mq, col_k, input_precision=PREC)
+    rk = tl.dot(mk, col_k, input_precision=PREC)
+    cc = tl.dot(tl.trans(mq), row_q, input_precision=PREC)
+    cc = tl.dot(tl.trans(mk), row_k * bb[:, None], cc, input_precision=PREC)
+    t = row_k * rk
+    d_q = er * rq
+    d_k = er * (bb[:, None] * rk) + ec * cc
+    return d_q, d_k, row_q * rq + bb[:, None] * t, col_k * cc, tl.sum(t, axis=1)
+
+
+@triton.jit
+def _load_pairs(p_aqk, p_akk, r, n_rows, scale, keep, BT: tl.constexpr):
+    """Mq = scale dAqk and dAkk (already strictly lower) on the pairs of one factoring (keep implies i > j).
+    Loaded per use: masked-off entries cost no memory traffic, and no [BT, BT] tile stays live."""
+    off = r[:, None] * BT + r[None, :]
+    m = keep & (r < n_rows)[:, None]
+    mq = tl.load(p_aqk + off, mask=m, other=0.0) * scale
+    mk = tl.load(p_akk + off, mask=m, other=0.0)
+    return mq, mk
+
+
+@triton.jit
+def _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT: tl.constexpr, BK: tl.constexpr,
+                HB: tl.constexpr, PREC: tl.constexpr):
+    """Pairs (i in an odd HB-block, j in the even block before it). The exponent gradients go to the
+    gates of the two blocks only (segmented sums), so nothing cancels across blocks."""
+    fwd, rev = _block_sums(bg, bgn, r, BT, BK, HB)
+    bi = r // HB
+    odd = (bi % 2) == 1
+    e = tl.exp(tl.minimum(tl.where(odd[:, None], fwd, rev), 0.0))
+    keep = (bi[:, None] == bi[None, :] + 1) & ((bi[None, :] % 2) == 0)
+    mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, keep, BT)
+    d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, e, mq, mk, PREC)
+    # fwd_i = sum of g over [block start, i]; rev_j = sum over (j, block end].
+    d_g = d_row
+    if HB > 1:
+        d_g = _seg_scan(d_row, r, BT, BK, HB, True) + (_seg_scan(d_col, r, BT, BK, HB, False) - d_col)
+    return d_q, d_k, d_g, d_b
+
+
+@triton.jit
+def _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
+               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    xg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+    bg = tl.where(m_rk, apply_gate(xg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
+    return xg, bg
+
+
+@triton.jit
+def _chunk_prep_bwd_kernel(
+    q, k, v, g, beta, A_log, dt_bias, chunk_info, T,
+    dw, du, dqg, dkg, daqk, dgc,
+    dq, dk, dv, dg, dbeta, dA_part, dbias_part, dakk,
+    scale, lower_bound,
+    H, HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    DIAG_TREE: tl.constexpr, SPAN: tl.constexpr, PAIR_PREC: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    row0 = tl.load(chunk_info + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_info + 2 * i_c + 1)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    m_rn = (r + 1) < n_rows
+    base = i_c.to(tl.int64) * HV + i_hv
+    off_tt = r[:, None] * BT + r[None, :]
+    p_aqk = daqk + base * BT * BT
+    p_akk = dakk + base * BT * BT
+    row_qk = (row0 + r) * H + i_h  # token rows of q / k
+    row_hv = (row0 + r) * HV + i_hv  # token rows of v / g and of the per-value-head outputs
+
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    xb = tl.load(beta + row_hv, mask=m_r, other=0.0).to(tl.float32)
+    bb = tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    Tm = tl.load(T + base * BT * BT + off_tt)
+
+    # ---- pass 1: L2 norms, dT = dw W0^T + du U0^T, X = T^T dw, the V side (dv, v.Y), dAkk -------------
+    sq = tl.zeros([BT], dtype=tl.float32)
+    sk = tl.zeros([BT], dtype=tl.float32)
+    dT = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        bias = tl.zeros([BK], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        xk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+        _, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+        eG = tl.exp(tl.cumsum(bg, axis=0))
+        b_dw = tl.load(dw + base * BT * K + r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)
+        dT = tl.dot(b_dw, tl.trans(xk * eG), dT, input_precision="tf32x3")
+        # dW0 = T^T dw, parked (times e^G) in the dk buffer so that T is not live in pass 2.
+        X = tl.dot(tl.trans(Tm), b_dw, input_precision="tf32x3")
+        tl.store(dk + row_hv[:, None] * K + o_k[None, :], eG * X, mask=m_rk)
+        if L2NORM:
+            xq = tl.load(q + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+            sq += tl.sum(xq * xq, axis=1)
+            sk += tl.sum(xk * xk, axis=1)
+    rq = tl.full([BT], 1.0, dtype=tl.float32)
+    rk = tl.full([BT], 1.0, dtype=tl.float32)
+    if L2NORM:
+        rq = 1.0 / tl.sqrt(sq + 1e-6)
+        rk = 1.0 / tl.sqrt(sk + 1e-6)
+    dT = dT * (bb * rk)[None, :]
+    db = tl.zeros([BT], dtype=tl.float32)
+    for vb in range(0, V, BV):
+        o_v = vb + tl.arange(0, BV)
+        m_rv = m_r[:, None] & (o_v < V)[None, :]
+        bv = tl.load(v + row_hv[:, None] * V + o_v[None, :], mask=m_rv, other=0.0).to(tl.float32)
+        b_du = tl.load(du + base * BT * V + r[:, None] * V + o_v[None, :], mask=m_rv, other=0.0)
+        dT = tl.dot(b_du, tl.trans(bv * bb[:, None]), dT, input_precision="tf32x3")
+        Y = tl.dot(tl.trans(Tm), b_du, input_precision="tf32x3")
+        db += tl.sum(bv * Y, axis=1)
+        tl.store(dv + row_hv[:, None] * V + o_v[None, :], (Y * bb[:, None]).to(dv.dtype.element_ty), mask=m_rv)
+    # dAkk = -T^T dT T^T on the strictly lower triangle of the valid rows, through a scratch tile.
+    m_strict = (r[:, None] > r[None, :]) & m_r[:, None]
+    dAkk = tl.dot(dT, tl.trans(Tm), input_precision="tf32x3")
+    dAkk = -tl.dot(tl.trans(Tm), dAkk, input_precision="tf32x3")
+    tl.debug_barrier()  # the scratch may be T's own storage (overwrite_t): every thread has read T
+    tl.store(p_akk + off_tt, tl.where(m_strict, dAkk, 0.0))
+    dq_diag = tl.load(p_aqk + r * BT + r, mask=m_r, other=0.0) * scale  # Aqk's diagonal, no decay
+    odd8 = ((r // 8) % 2) == 1
+    in_sub = ((r[:, None] // 16) == (r[None, :] // 16)) & (r[:, None] > r[None, :])
+    tl.debug_barrier()  # pass 2 reads the e^G X and dAkk tiles written by other threads
+
+    # ---- pass 2: per K block ------------------------------------------------------------------------
+    dA = tl.zeros([BK], dtype=tl.float32)
+    sdq = tl.zeros([BT], dtype=tl.float32)
+    sdk = tl.zeros([BT], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        bias = tl.zeros([BK], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bq = tl.load(q + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
+        bk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
+        _, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+        _, bgn = _load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
+                            HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
+
+        # Terms without pairwise decays. Exponent gradients of G_i reach g_m for m <= i; kg's decay to
+        # the chunk end reaches g_m for m > i.
+        p_ck = base * BT * K + r[:, None] * K + o_k[None, :]
+        t_q = tl.exp(tl.cumsum(bg, axis=0)) * tl.load(dqg + p_ck, mask=m_rk, other=0.0) * scale
+        kX = tl.load(dk + row_hv[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)  # e^G T^T dw
+        acc_q = t_q + dq_diag[:, None] * bk
+        acc_k = bb[:, None] * kX + dq_diag[:, None] * bq
+        d_G = bq * t_q + bb[:, None] * (bk * kX)
+        db += tl.sum(bk * kX, axis=1)
+        t_k = tl.exp(tl.minimum(tl.cumsum(bgn, axis=0, reverse=True), 0.0)) * tl.load(dkg + p_ck, mask=m_rk, other=0.0)
+        acc_k += t_k
+        kgd = bk * t_k
+        b_dgc = tl.load(dgc + base * K + o_k, mask=m_k, other=0.0)
+        d_g = tl.cumsum(d_G, axis=0, reverse=True) + (tl.cumsum(kgd, axis=0) - kgd) + b_dgc[None, :]
+
+        # Between 16-row sub-chunks: tree levels BT/2 ... 16.
+        for lv in tl.static_range(BT.bit_length() - 5):
+            d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
+                                             BT >> (lv + 1), PAIR_PREC)
+            acc_q += d_q
+            acc_k += d_k
+            d_g += d_l
+            db += d_b
+        # Inside the sub-chunks: factored around row 7, or the tree where the decay span is too wide.
+        fwd8, rev8 = _block_sums(bg, bgn, r, BT, BK, 8)
+        x = tl.where(odd8[:, None], fwd8, -rev8)
+        limit = SPAN
+        if DIAG_TREE:
+            limit = -1.0
+        if tl.max(tl.abs(x)) <= limit:
+            mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, in_sub, BT)
+            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, tl.exp(x), tl.exp(-x), mq, mk, PAIR_PREC)
+            acc_q += d_q
+            acc_k += d_k
+            db += d_b
+            # x_i - x_j = sum of g over (j, i]: the reverse sum inside the sub-chunk (row 0's gate is in
+            # no pair, and its sum would be pure cancellation).
+            d_l = _seg_scan(d_row - d_col, r, BT, BK, 16, True)
+            d_g += tl.where(((r % 16) == 0)[:, None], 0.0, d_l)
+        else:
+            bi = r // 8
+            keep = (bi[:, None] == bi[None, :] + 1) & ((bi[None, :] % 2) == 0)
+            e = tl.exp(tl.minimum(tl.where(odd8[:, None], fwd8, rev8), 0.0))
+            mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, keep, BT)
+            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, e, mq, mk, PAIR_PREC)
+            acc_q += d_q
+            acc_k += d_k
+            db += d_b
+            d_g += _seg_scan(d_row, r, BT, BK, 8, True) + (_seg_scan(d_col, r, BT, BK, 8, False) - d_col)
+            for lv in tl.static_range(3):
+                d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
+                                                 4 >> lv, PAIR_PREC)
+                acc_q += d_q
+                acc_k += d_k
+                d_g += d_l
+                db += d_b
+
+        # Through the gate activation (raw gate reloaded rather than kept live).
+        d_g = tl.where(m_rk, d_g, 0.0)
+        if GATE != 0:
+            xs, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+            if HAS_BIAS:
+                xs = xs + bias[None, :]
+            if GATE == 1:
+                sig = tl.where(xs > 20.0, 1.0, tl.sigmoid(xs))
+                if HAS_A:
+                    dA += tl.sum(d_g * bg, axis=0)
+                d_g = -tl.exp(a) * sig * d_g
+            else:
+                z = xs
+                if HAS_A:
+                    z = tl.exp(a) * xs
+                s = tl.sigmoid(z)
+                d_g = d_g * (lower_bound * s * (1.0 - s))
+                if HAS_A:
+                    dA += tl.sum(d_g * z, axis=0)
+                    d_g = d_g * tl.exp(a)
+        if HAS_BIAS:
+            tl.store(dbias_part + base * K + o_k, tl.sum(d_g, axis=0), mask=m_k)
+        p_hk = row_hv[:, None] * K + o_k[None, :]
+        tl.store(dg + p_hk, d_g.to(dg.dtype.element_ty), mask=m_rk)
+        tl.store(dq + p_hk, acc_q, mask=m_rk)
+        tl.store(dk + p_hk, acc_k, mask=m_rk)
+        if L2NORM:
+            sdq += tl.sum(bq * acc_q, axis=1)
+            sdk += tl.sum(bk * acc_k, axis=1)
+
+    if HAS_A:
+        tl.store(dA_part + base, tl.sum(dA, axis=0))
+    if BETA_SIGMOID:
+        s = tl.sigmoid(xb)
+        db = db * s * (1.0 - s)
+        if NEG_EIGVAL:
+            db = db * 2.0
+    tl.store(dbeta + row_hv, db.to(dbeta.dtype.element_ty), mask=m_r)
+
+    # ---- pass 3: L2-norm backward, dx = r (dx^ - (x^.dx^) x^) ----------------------------------------
+    if L2NORM:
+        tl.debug_barrier()
+        for kb in range(0, K, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_rk = m_r[:, None] & (o_k < K)[None, :]
+            p_qk = row_qk[:, None] * K + o_k[None, :]
+            p_hk = row_hv[:, None] * K + o_k[None, :]
+            bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
+            bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
+            g_q = tl.load(dq + p_hk, mask=m_rk, other=0.0)
+            g_k = tl.load(dk + p_hk, mask=m_rk, other=0.0)
+            tl.store(dq + p_hk, rq[:, None] * (g_q - sdq[:, None] * bq), mask=m_rk)
+            tl.store(dk + p_hk, rk[:, None] * (g_k - sdk[:, None] * bk), mask=m_rk)
+
+
+def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg, dkg, daqk, dgc, *, cfg,
+                   overwrite_t=False):
+    """Gradients of the raw inputs of the prep kernel (see the module docstring).
+
+    Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K]; beta [B, T, HV]; chunk_info int32 [NC, 2];
+    T, daqk [NC, HV, BT, BT]; dw, dqg, dkg [NC, HV, BT, K]; du [NC, HV, BT, V]; dgc [NC, HV, K] (all fp32).
+    BT must be a power of two in 16 ... 128 (128 is heavy on registers). ``overwrite_t`` reuses T's
+    storage as the kernel's dAkk scratch (T is garbage afterwards).
+    Returns (dq, dk, dv, dg, dbeta, dA_log or None, ddt_bias or None).
+    """
+    shapes, BT = cfg.shapes, cfg.BT
+    B, Tlen, H, HV, K, V = shapes.B, shapes.T, shapes.H, shapes.HV, shapes.K, shapes.V
+    assert BT in (16, 32, 64, 128), BT
+    NC = chunk_info.shape[0]
+    dev = q.device
+    f32 = torch.float32
+    dq32 = torch.empty(B, Tlen, HV, K, device=dev, dtype=f32)
+    dk32 = torch.empty(B, Tlen, HV, K, device=dev, dtype=f32)
+    dv = torch.empty(B, Tlen, HV, V, device=dev, dtype=v.dtype)
+    dg = torch.empty(B, Tlen, HV, K, device=dev, dtype=g.dtype)
+    dbeta = torch.empty(B, Tlen, HV, device=dev, dtype=beta.dtype)
+    dA_part = torch.empty(NC, HV, device=dev, dtype=f32) if A_log is not None else None
+    dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if dt_bias is not None else None
+    dakk = T if overwrite_t else torch.empty_like(T)  # dAkk of every chunk (read back by the same program)
+    if NC > 0:
+        # Defaults from ptxas on sm_90 (triton 3.7): the fewest spills per chunk size (see the module notes).
+        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 8), 128: (16, 8)}[BT]
+        BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BK", bk)), next_pow2(K)))
+        BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BV", 32)), next_pow2(V)))
+        warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_WARPS", warps))
+        prec = os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_PREC") or ("tf32x3" if q.dtype == f32 else "tf32")
+        d = dummy(dev)
+        _chunk_prep_bwd_kernel[(NC, HV)](
+            q, k, v, g, beta, A_log if A_log is not None else d, dt_bias if dt_bias is not None else d,
+            chunk_info, T, dw, du, dqg, dkg, daqk, dgc,
+            dq32, dk32, dv, dg, dbeta, dA_part if dA_part is not None else d,
+            dbias_part if dbias_part is not None else d, dakk,
+            float(cfg.scale), float(cfg.lower_bound) if cfg.lower_bound is not None else 0.0,
+            H, HV, K, V, BT=BT, BK=BK, BV=BV,
+            GATE=cfg.gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
+            L2NORM=cfg.l2norm, BETA_SIGMOID=cfg.beta_sigmoid, NEG_EIGVAL=cfg.neg_eigval,
+            DIAG_TREE=os.environ.get("KIMI_LINEAR_KDA_DIAG") == "tree", SPAN=DIAG_SPAN, PAIR_PREC=prec,
+            num_warps=warps, num_stages=1,
+        )
+    group = HV // H
+    if group > 1:
+        dq32 = dq32.view(B, Tlen, H, group, K).sum(3)
+        dk32 = dk32.view(B, Tlen, H, group, K).sum(3)
+    dq, dk = dq32.to(q.dtype), dk32.to(k.dtype)
+    dA = None if A_log is None else (dA_part.sum(0) if NC > 0 else torch.zeros_like(A_log))
+    dbias = None if dt_bias is None else (dbias_part.sum(0).reshape(-1) if NC > 0 else torch.zeros_like(dt_bias))
+    return dq, dk, dv, dg, dbeta, dA, dbias
