@@ -854,9 +854,9 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
                  L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, STORE_T=store_t,
                  DIAG_TREE=os.environ.get("KIMI_LINEAR_KDA_DIAG") == "tree", DIAG_SPAN=DIAG_SPAN,
                  WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=1)
-    # The explicit 16-row-block kernel is opt-in: on H200 it measured slower (14.2 vs 12.6 ms at T=32K,
-    # H=32; docs/benchmarks.md has its leave-one-stage-out profile).
-    mode = os.environ.get("KIMI_LINEAR_KDA_PREP", "fused")
+    # KIMI_LINEAR_KDA_PREP: "split" (default; H200, T=32K, H=32: 9.7 ms), "fused" (one launch, 12.6 ms),
+    # "blocks" (explicit 16-row blocks, BT=64 only, 15.5 ms; docs/benchmarks.md has its profile).
+    mode = os.environ.get("KIMI_LINEAR_KDA_PREP", "split")
     if BT == 64 and mode == "blocks":
         LAUNCHED["prep"] = _chunk_prep64_kernel[(NC, HV)](
             *args, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_ABLATE", 0)), **flags)
