@@ -128,20 +128,20 @@ def _prep_reference(inp, BT):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("BT,diag", [(bt, d) for bt in (16, 64, 128) for d in ("midpoint", "auto", "tree", "split")]
+@pytest.mark.parametrize("BT,diag", [(bt, d) for bt in (16, 64, 128) for d in ("midpoint", "auto", "tree")]
                          + [(64, "blocks")])
 def test_prep_kernel_definitions(BT, diag, monkeypatch):
     """The prep kernel's outputs (incl. T) against their definitions, with a partial last chunk and K/V
     not powers of two. "midpoint": moderate gates, so the factored in-sub-chunk path; "auto": +1000 raw
-    gates in most sub-chunks, so the tree fallback where needed; "tree": the fallback everywhere; "split" and
-    "blocks": the two-launch prep and the explicit 16-row-block kernel (BT=64 only), with the +1000 gates."""
+    gates in most sub-chunks, so the tree fallback where needed; "tree": the fallback everywhere; "blocks":
+    the explicit 16-row-block kernel (BT=64 only), with the +1000 gates."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
     from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
 
     if diag == "tree":
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG", "tree")
-    if diag in ("split", "blocks"):  # "blocks" exists for BT=64 only
+    if diag == "blocks":  # exists for BT=64 only
         monkeypatch.setenv("KIMI_LINEAR_KDA_PREP", diag)
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7,

@@ -1,22 +1,24 @@
-"""Chunked KDA forward: two launches.
+"""Chunked KDA forward: prep (two launches by default) and a sequential recurrence.
 
-1. ``_chunk_prep_kernel``, chunk-parallel, grid (chunks, HV). From the raw inputs of one chunk
-   (L2 norm, gate, beta sigmoid applied in-register) it forms, with G the within-chunk inclusive
-   cumulative log decay:
+1. Prep, chunk-parallel, grid (chunks, HV). From the raw inputs of one chunk (L2 norm, gate, beta
+   sigmoid applied in-register), with G the within-chunk inclusive cumulative log decay:
 
        Aqk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)     (j <= i)
        Akk[i, j] = beta_i * sum_d k_id k_jd exp(G_id - G_jd)    (j < i),   T = (I + Akk)^-1
        w = T (beta k exp(G)),  u = T (beta v),  qg = scale q exp(G),  kg = k exp(G_C - G),  gC = G_C
 
-   and stores them chunk-major ([chunk, head, row, .]; kg transposed, [chunk, head, K, row]).
+   stored chunk-major ([chunk, head, row, .]; kg transposed, [chunk, head, K, row]).
 
-   Numerics for any gate value: the pairwise decays are never formed from two large cumulative sums.
-   The strictly-lower triangle is split along a binary tree of the chunk rows: at level HB (BT/2, ...,
-   1) the pair (i, j) with i in the odd HB-block right after j's even block is
-   exp(local inclusive cumsum of i in its block) * exp(local exclusive reverse cumsum of j in its block),
-   both factors <= 1, and the two local sums only add gates of one block (same sign, no cancellation).
-   Each level is one (BT x BK) @ (BK x BT) product; entries of other levels are masked out. Very
-   negative gates underflow to 0, which is exact.
+   Numerics for any gate value: pairwise decays are never formed from two long cumulative sums. Rows
+   are grouped in 16-row sub-chunks with local sums from segmented scans (same-sign terms only). Between
+   sub-chunks J < I, exp(G_i - G_j) = exp(local sum up to i) * exp(totals strictly between) *
+   exp(local sum after j), all <= 1. Inside a sub-chunk the pair is factored around row 7 while the
+   exponents stay within +-DIAG_SPAN, else by a binary tree of half-blocks (factors <= 1). Underflow to
+   0 is exact.
+
+   Two launches: ``_chunk_prep_kernel`` writes Aqk and T, ``_chunk_wy_kernel`` writes w, u, qg, kg, gC
+   (one fused launch measured 30% slower: more live registers). KIMI_LINEAR_KDA_PREP=blocks selects
+   ``_chunk_prep64_kernel``, the same on explicit 16 x 16 blocks (C = 64 only, slower; kept to profile).
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
 
@@ -60,6 +62,30 @@ def _level_diag(bq, bk, bg, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.conste
     a = tl.arange(0, 16) // HB
     keep = ((a[:, None] == a[None, :] + 1) & ((a[None, :] % 2) == 0))[None, :, :]
     return tl.where(keep, a_qk, 0.0), tl.where(keep, a_kk, 0.0)
+
+
+@triton.jit
+def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr, BK: tl.constexpr,
+                L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """Per-row L2-norm factors of q and k (1 without the in-kernel norm) and the activated beta."""
+    rq = tl.full([BT], 1.0, dtype=tl.float32)
+    rk = tl.full([BT], 1.0, dtype=tl.float32)
+    if L2NORM:
+        sq = tl.zeros([BT], dtype=tl.float32)
+        sk = tl.zeros([BT], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_rk = m_r[:, None] & (o_k < K)[None, :]
+            p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
+            bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32)
+            bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
+            sq += tl.sum(bq * bq, axis=1)
+            sk += tl.sum(bk * bk, axis=1)
+        rq = 1.0 / tl.sqrt(sq + 1e-6)
+        rk = 1.0 / tl.sqrt(sk + 1e-6)
+    b_beta = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
+    b_beta = tl.where(m_r, apply_beta(b_beta, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    return rq, rk, b_beta
 
 
 @triton.jit
@@ -132,9 +158,8 @@ def _chunk_prep_kernel(
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     STORE_T: tl.constexpr, DIAG_TREE: tl.constexpr, DIAG_SPAN: tl.constexpr, WY_PREC: tl.constexpr,
-    WY: tl.constexpr = True,
 ):
-    # WY=False: only Aqk and T (STORE_T); _chunk_wy_kernel then writes w, u, qg, kg, gC.
+    # Writes Aqk and T; _chunk_wy_kernel then writes w, u, qg, kg, gC from T.
     NS: tl.constexpr = BT // 16
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1)
@@ -150,24 +175,8 @@ def _chunk_prep_kernel(
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)
 
-    rq = tl.full([BT], 1.0, dtype=tl.float32)
-    rk = tl.full([BT], 1.0, dtype=tl.float32)
-    if L2NORM:
-        sq = tl.zeros([BT], dtype=tl.float32)
-        sk = tl.zeros([BT], dtype=tl.float32)
-        for kb in range(0, K, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_rk = m_r[:, None] & (o_k < K)[None, :]
-            p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
-            bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-            bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-            sq += tl.sum(bq * bq, axis=1)
-            sk += tl.sum(bk * bk, axis=1)
-        rq = 1.0 / tl.sqrt(sq + 1e-6)
-        rk = 1.0 / tl.sqrt(sk + 1e-6)
-
-    b_beta = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
-    b_beta = tl.where(m_r, apply_beta(b_beta, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
 
     base = i_c.to(tl.int64) * HV + i_hv
     A_qk = tl.zeros([BT, BT], dtype=tl.float32)  # entries between different sub-chunks
@@ -188,16 +197,6 @@ def _chunk_prep_kernel(
         e_g = tl.exp(g_loc)  # <= 1: decay from the sub-chunk start to the row
         e_r = tl.exp(r_loc)  # <= 1: decay from the row to the sub-chunk end
         # Outputs that need no inverse: decays from the chunk start (qg) and to the chunk end (kg).
-        if WY:
-            e_start = e_g * tl.exp(_between(tot, -NS, -1, NS, BK, BT))
-            e_end = e_r * tl.exp(_between(tot, 1, NS, NS, BK, BT))
-            p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]
-            m_o = (r < BT)[:, None] & (o_k < SK)[None, :]
-            tl.store(qg_out + p_o, (bq * e_start * scale).to(qg_out.dtype.element_ty), mask=m_o)
-            p_kt = base * BT * SK + o_k[None, :] * BT + r[:, None]  # kg stored transposed, [K, BT] per chunk
-            tl.store(kg_out + p_kt, (bk * e_end).to(kg_out.dtype.element_ty), mask=m_o)
-            tl.store(gc_out + base * SK + o_k, tl.sum(tot, axis=0), mask=o_k < SK)
-
         # Between sub-chunks J < I: exp(G_i - G_j) = e_g[i] * exp(totals strictly between) * e_r[j].
         row_q = bq * e_g
         row_k = bk * e_g
@@ -269,37 +268,6 @@ def _chunk_prep_kernel(
     if STORE_T:
         tl.store(t_out + base * BT * BT + r[:, None] * BT + r[None, :], Tfull)
 
-    if WY:
-        for kb in range(0, SK, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            bias = tl.zeros([BK], dtype=tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            bk = tl.load(k + ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-            bk = bk * rk[:, None]
-            bg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-            bg = tl.where(m_rk, apply_gate(bg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
-            g_loc, r_loc, tot = _sub_chunk_sums(bg, r, BT, BK, NS)
-            e_start = tl.exp(g_loc) * tl.exp(_between(tot, -NS, -1, NS, BK, BT))
-            b_w = tl.dot(Tfull, bk * e_start * b_beta[:, None], input_precision=WY_PREC)
-            p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]
-            tl.store(w_out + p_o, b_w.to(w_out.dtype.element_ty), mask=(r < BT)[:, None] & (o_k < SK)[None, :])
-
-        for vb in range(0, SV, BV):
-            o_v = vb + tl.arange(0, BV)
-            m_v = o_v < V
-            bv = tl.load(v + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
-                         mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            b_u = tl.dot(Tfull, bv * b_beta[:, None], input_precision=WY_PREC)
-            tl.store(u_out + base * BT * SV + r[:, None] * SV + o_v[None, :], b_u.to(u_out.dtype.element_ty),
-                     mask=(r < BT)[:, None] & (o_v < SV)[None, :])
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunk length 64: the same computation on explicit 16-row sub-chunk tiles (the default path)
-# ----------------------------------------------------------------------------------------------
 
 @triton.jit
 def _chunk_wy_kernel(
@@ -324,23 +292,8 @@ def _chunk_wy_kernel(
     a = 0.0
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)
-    rq = tl.full([BT], 1.0, dtype=tl.float32)
-    rk = tl.full([BT], 1.0, dtype=tl.float32)
-    if L2NORM:
-        sq = tl.zeros([BT], dtype=tl.float32)
-        sk = tl.zeros([BT], dtype=tl.float32)
-        for kb in range(0, K, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_rk = m_r[:, None] & (o_k < K)[None, :]
-            p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
-            bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-            bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-            sq += tl.sum(bq * bq, axis=1)
-            sk += tl.sum(bk * bk, axis=1)
-        rq = 1.0 / tl.sqrt(sq + 1e-6)
-        rk = 1.0 / tl.sqrt(sk + 1e-6)
-    b_beta = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
-    b_beta = tl.where(m_r, apply_beta(b_beta, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
@@ -854,26 +807,24 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
                  L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, STORE_T=store_t,
                  DIAG_TREE=os.environ.get("KIMI_LINEAR_KDA_DIAG") == "tree", DIAG_SPAN=DIAG_SPAN,
                  WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=1)
-    # KIMI_LINEAR_KDA_PREP: "split" (default; H200, T=32K, H=32: 9.7 ms), "fused" (one launch, 12.6 ms),
-    # "blocks" (explicit 16-row blocks, BT=64 only, 15.5 ms; docs/benchmarks.md has its profile).
-    mode = os.environ.get("KIMI_LINEAR_KDA_PREP", "split")
-    if BT == 64 and mode == "blocks":
+    # KIMI_LINEAR_KDA_PREP=blocks: the explicit 16-row-block kernel (BT=64 only; slower, 15.5 ms at T=32K,
+    # H=32 on an H200; docs/benchmarks.md has its leave-one-stage-out profile).
+    if BT == 64 and os.environ.get("KIMI_LINEAR_KDA_PREP") == "blocks":
         LAUNCHED["prep"] = _chunk_prep64_kernel[(NC, HV)](
             *args, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_ABLATE", 0)), **flags)
-    elif mode == "split":
-        # Two launches with fewer live registers each: Aqk and T, then w, u, qg, kg, gC from T.
-        if t is None:
-            t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)
-            args = args[:14] + (t,) + args[15:]
-        LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
-            *args, BT=BT, LEVELS=BT.bit_length() - 1, WY=False, **dict(flags, STORE_T=True))
-        LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
-            q, k, v, g, beta, args[5], args[6], chunk_info, t, w, u, qg, kg, gc, args[15], args[16],
-            H, HV, K, V, SK=SK, SV=SV, BT=BT, BK=BK, BV=BV, GATE=gate, HAS_A=A_log is not None,
-            HAS_BIAS=dt_bias is not None, L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval,
-            WY_PREC=flags["WY_PREC"], num_warps=warps, num_stages=1)
-    else:
-        LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](*args, BT=BT, LEVELS=BT.bit_length() - 1, **flags)
+        return outs
+    # Two launches with fewer live registers each (9.7 ms vs 12.6 ms for one fused launch at T=32K, H=32
+    # on an H200): Aqk and T, then w, u, qg, kg, gC from T.
+    if t is None:
+        t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)
+        args = args[:14] + (t,) + args[15:]
+    LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
+        *args, BT=BT, LEVELS=BT.bit_length() - 1, **dict(flags, STORE_T=True))
+    LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
+        q, k, v, g, beta, args[5], args[6], chunk_info, t, w, u, qg, kg, gc, args[15], args[16],
+        H, HV, K, V, SK=SK, SV=SV, BT=BT, BK=BK, BV=BV, GATE=gate, HAS_A=A_log is not None,
+        HAS_BIAS=dt_bias is not None, L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval,
+        WY_PREC=flags["WY_PREC"], num_warps=warps, num_stages=1)
     return outs
 
 
