@@ -29,7 +29,7 @@ import triton.language as tl
 from ..gate import kda_gate
 from .chunk_fwd import chunk_prep, chunk_recur
 from .prep_bwd import chunk_prep_bwd
-from .utils import dummy, next_pow2
+from .utils import chunk_rows, dummy, next_pow2, sequence_program
 
 
 @triton.jit
@@ -40,12 +40,7 @@ def _chunk_recur_bwd_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = i_nh % HV
-    c0 = tl.load(seq_chunks + i_n)
-    c1 = tl.load(seq_chunks + i_n + 1)
+    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -70,8 +65,7 @@ def _chunk_recur_bwd_kernel(
         p_a = base * BT * BT + r[:, None] * BT + r[None, :]
         b_a = tl.load(aqk + p_a).to(tl.float32)
         b_gc = tl.load(gc + base * K + o_k, mask=m_k, other=0.0)
-        row0 = tl.load(chunk_info + 2 * c).to(tl.int64)
-        n_rows = tl.load(chunk_info + 2 * c + 1)
+        row0, n_rows = chunk_rows(chunk_info, c)
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
                        mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         v_new = b_u - tl.dot(b_w, h)

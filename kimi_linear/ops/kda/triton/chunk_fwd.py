@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, apply_beta, apply_gate, dummy, next_pow2
+from .utils import (
+    INTERPRET, apply_beta, apply_gate, chunk_rows, dummy, load_bias, next_pow2, sequence_program,
+)
 
 
 @triton.jit
@@ -150,22 +152,20 @@ def _block_dot(x, y, BT: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
 
 @triton.jit
 def _chunk_prep_kernel(
-    q, k, v, g, beta, A_log, dt_bias, chunk_info,
-    w_out, u_out, qg_out, kg_out, aqk_out, gc_out, t_out,
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
     scale, lower_bound,
-    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr,
+    H, HV, K, SK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    STORE_T: tl.constexpr, DIAG_TREE: tl.constexpr, DIAG_SPAN: tl.constexpr, WY_PREC: tl.constexpr,
+    DIAG_TREE: tl.constexpr, DIAG_SPAN: tl.constexpr,
 ):
     # Writes Aqk and T; _chunk_wy_kernel then writes w, u, qg, kg, gC from T.
     NS: tl.constexpr = BT // 16
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1)
     i_h = i_hv // (HV // H)
-    row0 = tl.load(chunk_info + 2 * i_c).to(tl.int64)
-    n_rows = tl.load(chunk_info + 2 * i_c + 1)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
     r = tl.arange(0, BT)
     m_r = r < n_rows
     a16 = tl.arange(0, 16)
@@ -188,9 +188,7 @@ def _chunk_prep_kernel(
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
-        bias = tl.zeros([BK], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq, bk, bg = _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         g_loc, r_loc, tot = _sub_chunk_sums(bg, r, BT, BK, NS)
@@ -265,8 +263,7 @@ def _chunk_prep_kernel(
             P = tl.dot(P, P, input_precision="tf32x3")
             R = R + tl.dot(R, P, input_precision="tf32x3")
         Tfull = tl.dot(R, Tfull, input_precision="tf32x3")
-    if STORE_T:
-        tl.store(t_out + base * BT * BT + r[:, None] * BT + r[None, :], Tfull)
+    tl.store(t_out + base * BT * BT + r[:, None] * BT + r[None, :], Tfull)
 
 
 @triton.jit
@@ -284,8 +281,7 @@ def _chunk_wy_kernel(
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1)
     i_h = i_hv // (HV // H)
-    row0 = tl.load(chunk_info + 2 * i_c).to(tl.int64)
-    n_rows = tl.load(chunk_info + 2 * i_c + 1)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
     r = tl.arange(0, BT)
     m_r = r < n_rows
     base = i_c.to(tl.int64) * HV + i_hv
@@ -299,9 +295,7 @@ def _chunk_wy_kernel(
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
-        bias = tl.zeros([BK], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq, bk, bg = _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         e_start = tl.exp(tl.cumsum(bg, axis=0))
@@ -417,8 +411,7 @@ def _chunk_prep64_kernel(
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1)
     i_h = i_hv // (HV // H)
-    row0 = tl.load(chunk_info + 2 * i_c).to(tl.int64)
-    n_rows = tl.load(chunk_info + 2 * i_c + 1)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
     a16 = tl.arange(0, 16)
     base = i_c.to(tl.int64) * HV + i_hv
 
@@ -462,9 +455,7 @@ def _chunk_prep64_kernel(
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
-        bias = tl.zeros([BK], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         q0, k0, g0, G0, R0, t0 = _sub_tiles(q, k, g, row0, 0, n_rows, i_h, i_hv, o_k, m_k, rq0, rk0, a, bias,
                                             lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
         q1, k1, g1, G1, R1, t1 = _sub_tiles(q, k, g, row0, 1, n_rows, i_h, i_hv, o_k, m_k, rq1, rk1, a, bias,
@@ -603,9 +594,7 @@ def _chunk_prep64_kernel(
         for kb in range(0, SK, BK):
             o_k = kb + tl.arange(0, BK)
             m_k = o_k < K
-            bias = tl.zeros([BK], dtype=tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
             _, k0, _, G0, _, t0 = _sub_tiles(q, k, g, row0, 0, n_rows, i_h, i_hv, o_k, m_k, rq0, rk0, a, bias,
                                              lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
             _, k1, _, G1, _, t1 = _sub_tiles(q, k, g, row0, 1, n_rows, i_h, i_hv, o_k, m_k, rq1, rk1, a, bias,
@@ -673,12 +662,7 @@ def _chunk_recur_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = i_nh % HV
-    c0 = tl.load(seq_chunks + i_n)
-    c1 = tl.load(seq_chunks + i_n + 1)
+    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -708,8 +692,7 @@ def _chunk_recur_kernel(
         v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
         vd = v_new.to(DOT_DTYPE)
         b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
-        row0 = tl.load(chunk_info + 2 * c).to(tl.int64)
-        n_rows = tl.load(chunk_info + 2 * c + 1)
+        row0, n_rows = chunk_rows(chunk_info, c)
         tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=(r < n_rows)[:, None] & m_v[None, :])
         S = S * tl.exp(b_gc)[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
@@ -773,7 +756,7 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False):
-    """Launch the chunk-local kernel. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
+    """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
     ``pad`` widens the K and V axes of the intermediates to powers of two (zeros past K and V), so the
@@ -791,7 +774,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     u = torch.empty(NC, HV, BT, SV, device=dev, dtype=dtype)
     aqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=dtype)
     gc = torch.empty(NC, HV, SK, device=dev, dtype=torch.float32)
-    t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32) if store_t else None
+    t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)  # T: the default prep always writes it
     outs = (w, u, qg, kg, aqk, gc) + ((t,) if store_t else ())
     if NC == 0:
         return outs
@@ -800,31 +783,28 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BV", 64)), next_pow2(V)))
     warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_WARPS", 4 if BT <= 64 else 8))
     d = dummy(dev)
-    args = (q, k, v, g, beta, A_log if A_log is not None else d, dt_bias if dt_bias is not None else d,
-            chunk_info, w, u, qg, kg, aqk, gc, t if t is not None else d,
-            float(scale), float(lower_bound) if lower_bound is not None else 0.0, H, HV, K, V)
-    flags = dict(SK=SK, SV=SV, BK=BK, BV=BV, GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
-                 L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, STORE_T=store_t,
-                 DIAG_TREE=os.environ.get("KIMI_LINEAR_KDA_DIAG") == "tree", DIAG_SPAN=DIAG_SPAN,
-                 WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=1)
+    a_log = A_log if A_log is not None else d
+    bias = dt_bias if dt_bias is not None else d
+    lb = float(lower_bound) if lower_bound is not None else 0.0
+    inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm,
+                  BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
+    pairs = dict(DIAG_TREE=os.environ.get("KIMI_LINEAR_KDA_DIAG") == "tree", DIAG_SPAN=DIAG_SPAN)
+    wy = dict(SV=SV, BV=BV, WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
     # KIMI_LINEAR_KDA_PREP=blocks: the explicit 16-row-block kernel (BT=64 only; slower, 15.5 ms at T=32K,
     # H=32 on an H200; docs/benchmarks.md has its leave-one-stage-out profile).
     if BT == 64 and os.environ.get("KIMI_LINEAR_KDA_PREP") == "blocks":
         LAUNCHED["prep"] = _chunk_prep64_kernel[(NC, HV)](
-            *args, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_ABLATE", 0)), **flags)
+            q, k, v, g, beta, a_log, bias, chunk_info, w, u, qg, kg, aqk, gc, t, float(scale), lb, H, HV, K, V,
+            STORE_T=store_t, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_ABLATE", 0)), **inputs, **pairs, **wy)
         return outs
     # Two launches with fewer live registers each (9.7 ms vs 12.6 ms for one fused launch at T=32K, H=32
     # on an H200): Aqk and T, then w, u, qg, kg, gC from T.
-    if t is None:
-        t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)
-        args = args[:14] + (t,) + args[15:]
     LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
-        *args, BT=BT, LEVELS=BT.bit_length() - 1, **dict(flags, STORE_T=True))
+        q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
+        BT=BT, LEVELS=BT.bit_length() - 1, **inputs, **pairs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
-        q, k, v, g, beta, args[5], args[6], chunk_info, t, w, u, qg, kg, gc, args[15], args[16],
-        H, HV, K, V, SK=SK, SV=SV, BT=BT, BK=BK, BV=BV, GATE=gate, HAS_A=A_log is not None,
-        HAS_BIAS=dt_bias is not None, L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval,
-        WY_PREC=flags["WY_PREC"], num_warps=warps, num_stages=1)
+        q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
+        BT=BT, **inputs, **wy)
     return outs
 
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import apply_beta, apply_gate, dummy, next_pow2
+from .utils import apply_beta, apply_gate, chunk_rows, dummy, load_bias, next_pow2
 
 # Largest |exponent| of the midpoint-factored in-sub-chunk decays; above it the tree is used. Pre-product
 # factors are at most exp(DIAG_SPAN) ~ 2e17, so sums with large dAkk entries stay finite in fp32.
@@ -159,8 +159,7 @@ def _chunk_prep_bwd_kernel(
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1)
     i_h = i_hv // (HV // H)
-    row0 = tl.load(chunk_info + 2 * i_c).to(tl.int64)
-    n_rows = tl.load(chunk_info + 2 * i_c + 1)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
     r = tl.arange(0, BT)
     m_r = r < n_rows
     m_rn = (r + 1) < n_rows
@@ -186,9 +185,7 @@ def _chunk_prep_bwd_kernel(
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
-        bias = tl.zeros([BK], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         xk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
         _, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
         eG = tl.exp(tl.cumsum(bg, axis=0))
@@ -236,9 +233,7 @@ def _chunk_prep_bwd_kernel(
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
-        bias = tl.zeros([BK], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq = tl.load(q + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
         bk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
         _, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)

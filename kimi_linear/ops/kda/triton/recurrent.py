@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import apply_beta, apply_gate, dummy, next_pow2
+from .utils import apply_beta, apply_gate, dummy, load_bias, next_pow2
 
 
 @triton.jit
@@ -61,9 +61,7 @@ def _recurrent_kda_kernel(
     a = 0.0
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)
-    bias = tl.zeros([BK], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
 
     for t in range(bos, eos):
         p_qk = (t * H + i_h) * K + o_k

@@ -42,6 +42,31 @@ def dummy(device) -> torch.Tensor:
 
 
 @triton.jit
+def load_bias(dt_bias, i_hv, K, o_k, m_k, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """dt_bias[i_hv, o_k] in fp32 (zeros without a bias)."""
+    bias = tl.zeros([BK], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def chunk_rows(chunk_info, c):
+    """(first flattened token, number of valid rows) of chunk c in a ``chunk_layout`` list."""
+    return tl.load(chunk_info + 2 * c).to(tl.int64), tl.load(chunk_info + 2 * c + 1)
+
+
+@triton.jit
+def sequence_program(seq_chunks, HV):
+    """Program ids of the sequential kernels, grid (V slices, N * HV): the V slice, the (sequence, head)
+    index, the value head, and the sequence's chunk range [c0, c1)."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    return i_v, i_nh, i_nh % HV, tl.load(seq_chunks + i_n), tl.load(seq_chunks + i_n + 1)
+
+
+@triton.jit
 def apply_gate(x, a, bias, lower_bound, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Activated log decay from the raw gate input x (fp32). a = A_log[h] (scalar), bias = dt_bias slice."""
     if GATE == 0:
