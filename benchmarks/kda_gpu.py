@@ -12,6 +12,7 @@ fresh random non-zero inputs per case, bf16, H = 32, K = V = 128, gate / L2 norm
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,7 +41,11 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def inputs(B, T, gate, cu=None, grad=False, seed=0):
+def inputs(B, T, gate, cu=None, grad=False, seed=0, dist="stress"):
+    """Random inputs. ``dist`` picks the gate parameters: "stress" (raw gate and dt_bias ~ N(0, 1) and
+    N(0, 0.25), A in U(1, 16): mean log decay about -6.7 per token, most 16-token sub-chunks beyond the
+    factored range) or "init" (the Mamba-style initialisation of trained checkpoints: softplus(dt_bias)
+    log-uniform in [1e-3, 1e-1], A in U(1, 16))."""
     torch.manual_seed(seed)
     dev = "cuda"
     N = B if cu is None else len(cu) - 1
@@ -50,7 +55,11 @@ def inputs(B, T, gate, cu=None, grad=False, seed=0):
     g = torch.randn(B, T, H, D, device=dev, dtype=DT)
     beta = torch.randn(B, T, H, device=dev, dtype=DT)
     A_log = torch.log(torch.empty(H, device=dev).uniform_(1, 16))
-    dt_bias = torch.randn(H * D, device=dev) * 0.5
+    if dist == "stress":
+        dt_bias = torch.randn(H * D, device=dev) * 0.5
+    else:
+        dt = torch.exp(torch.empty(H * D, device=dev).uniform_(math.log(1e-3), math.log(1e-1)))
+        dt_bias = dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
     h0 = torch.randn(N, H, D, D, device=dev) * 0.1
     ts = [q, k, v, g, beta]
     if grad:
@@ -76,18 +85,18 @@ def bench(fn, grad_to_none=None):
     return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
 
 
-def time_case(name, B, T, gate, cu=None, do_bwd=True):
+def time_case(name, B, T, gate, cu=None, do_bwd=True, dist="stress"):
     try:
-        return _time_case(name, B, T, gate, cu, do_bwd)
+        return _time_case(name, B, T, gate, cu, do_bwd, dist)
     except Exception as e:  # noqa: BLE001  (report and go on with the other cases)
         print(f"{name}: failed with {e!r}")
         torch.cuda.empty_cache()
         return {"case": name + " (failed)", "fwd_ours": float("nan")}
 
 
-def _time_case(name, B, T, gate, cu=None, do_bwd=True):
+def _time_case(name, B, T, gate, cu=None, do_bwd=True, dist="stress"):
     row = {"case": name}
-    ts, kw, leaves = inputs(B, T, gate, cu)
+    ts, kw, leaves = inputs(B, T, gate, cu, dist=dist)
     with torch.no_grad():
         ours = lambda: chunk_kda(*ts, **kw)  # noqa: E731
         o, s = ours()
@@ -99,7 +108,7 @@ def _time_case(name, B, T, gate, cu=None, do_bwd=True):
             row["fwd_fla"] = bench(theirs)
     del ts, leaves
     if do_bwd:
-        ts, kw, leaves = inputs(B, T, gate, cu, grad=True)
+        ts, kw, leaves = inputs(B, T, gate, cu, grad=True, dist=dist)
         do = torch.randn(B, T, H, D, device="cuda", dtype=DT)
 
         def fb(fn, kwargs):
@@ -179,45 +188,118 @@ def kernel_info(kern):
         return "n/a"
 
 
-def breakdown(T, gate, ablate=False):
-    """Time the forward's launches separately (where the forward time goes), with prep variants."""
+def gate_share(g, A_log, dt_bias, lower_bound, span=120.0):
+    """Share of 16-row sub-chunks whose log-decay span exceeds ``span`` in some channel: those take the
+    pairwise (exact) path of chunk_intra's diagonal blocks."""
+    from kimi_linear.ops.kda.gate import kda_gate
+
+    B, T, Hh, Dd = g.shape
+    x = kda_gate(g[:, : T // 16 * 16].float(), A_log, dt_bias, lower_bound)
+    x = x.reshape(B, T // 16, 16, Hh, Dd)[:, :, 1:].sum(2)  # rows 1..15 (row 0 cancels in every pair)
+    return float((x.abs().amax(-1) > span).float().mean())
+
+
+def breakdown(T, gate, dist="stress", parts=("fwd", "bwd")):
+    """Time the forward's launches separately (where the forward time goes), with chunk_intra variants,
+    and the pieces of the backward (with prep_bwd launch variants)."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur
 
-    ts, kw, _ = inputs(1, T, gate)
+    ts, kw, _ = inputs(1, T, gate, dist=dist)
     q, k, v, g, beta = ts
     shapes = KDAShapes(B=1, T=T, H=H, HV=H, K=D, V=D, N=1)
     info, seq = chunk_layout(shapes, None, 64, q.device)
     lb = kw.get("lower_bound")
-    res = {}
-    args = dict(scale=D**-0.5, shapes=shapes, gate=1 if lb is None else 2, A_log=kw["A_log"],
-                dt_bias=kw["dt_bias"], lower_bound=lb, l2norm=True, beta_sigmoid=True, neg_eigval=False, BT=64,
-                pad=True, dtype=DT)
-    prep = lambda: chunk_prep(q, k, v, g, beta, info, **args)  # noqa: E731
+    res = {"pairwise_share": gate_share(g, kw["A_log"], kw["dt_bias"], lb)}
+    common = dict(scale=D**-0.5, shapes=shapes, gate=1 if lb is None else 2, A_log=kw["A_log"],
+                  dt_bias=kw["dt_bias"], lower_bound=lb, l2norm=True, beta_sigmoid=True, neg_eigval=False)
+    prep = lambda: chunk_prep(q, k, v, g, beta, info, BT=64, pad=True, dtype=DT, **common)  # noqa: E731
     ref = prep()
     o = torch.empty_like(v)
-    rec = lambda: chunk_recur(*ref, info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
-                              out=o, store_final=True, store_states=False, BT=64)
+    rec = lambda: chunk_recur(*ref, info, seq, shapes=shapes, initial_state=kw["initial_state"], out=o,  # noqa: E731
+                              store_final=True, store_states=False, BT=64)
     res["recur_ms"] = bench(rec)
     res["recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
     res["prep_ms"] = bench(prep)  # both launches
     res["prep_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
     res["wy_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("wy"))
-    for mode in ("blocks",):  # KIMI_LINEAR_KDA_PREP variants
-        os.environ["KIMI_LINEAR_KDA_PREP"] = mode
-        got = prep()
-        res[f"prep_{mode}_ms"] = bench(prep)
-        res[f"prep_{mode}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
-        res[f"prep_{mode}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-    os.environ.pop("KIMI_LINEAR_KDA_PREP")
-    if ablate:  # leave-one-stage-out timings of the explicit-block kernel (wrong results, profile only)
-        os.environ["KIMI_LINEAR_KDA_PREP"] = "blocks"
-        for bits in (1, 2, 4, 8, 16, 32, 63):
-            os.environ["KIMI_LINEAR_KDA_PREP_ABLATE"] = str(bits)
-            res[f"blocks_ablate{bits}_ms"] = bench(prep)
-        os.environ.pop("KIMI_LINEAR_KDA_PREP_ABLATE")
-        os.environ.pop("KIMI_LINEAR_KDA_PREP")
+    if "fwd" in parts:
+        res.update(_intra_variants(q, k, v, g, beta, kw, info, seq, shapes, common))
+    if "bwd" in parts:
+        res.update(_bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T))
+    return res
+
+
+def _intra_variants(q, k, v, g, beta, kw, info, seq, shapes, common):
+    """The opt-in chunk_intra design (KIMI_LINEAR_KDA_PREP=intra) and its launch variants."""
+    from kimi_linear.ops.kda.triton import chunk_fwd, chunk_intra as intra_mod
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_recur
+
+    res = {}
+    intra = lambda: intra_mod.chunk_intra(q, k, g, beta, info, dtype=DT, **common)  # noqa: E731
+    ref = intra()
+    o = torch.empty_like(v)
+    rec = lambda: chunk_recur(ref[0], v, *ref[1:], info, seq, shapes=shapes,  # noqa: E731
+                              initial_state=kw["initial_state"], out=o, store_final=True, store_states=False, BT=64,
+                              u_tokens=True)
+    res["intra_recur_ms"] = bench(rec)
+    res["intra_recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
+    res["intra_ms"] = bench(intra)
+    res["intra_kernel"] = kernel_info(intra_mod.LAUNCHED.get("intra"))
+    res["diag_kernel"] = kernel_info(intra_mod.LAUNCHED.get("diag"))
+    for env, values in (("KIMI_LINEAR_KDA_INTRA_DIAG", ("exact", "factored")),
+                        ("KIMI_LINEAR_KDA_INTRA_WARPS", ("2", "8"))):
+        for val in values:
+            os.environ[env] = val
+            try:
+                got = intra()
+                res[f"intra_{val}_ms"] = bench(intra)
+                res[f"intra_{val}_kernel"] = kernel_info(intra_mod.LAUNCHED.get("intra"))
+                res[f"intra_{val}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
+            except Exception as e:  # noqa: BLE001
+                res[f"intra_{val}"] = f"failed: {e!r}"
+            os.environ.pop(env)
+    return res
+
+
+def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T):
+    """Backward pieces (fp32 recompute as chunk_kda_bwd does it)."""
+    from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_prep, chunk_recur
+
+    res = {}
+    f32 = dict(common, dtype=torch.float32)
+    pre = lambda: chunk_prep(q, k, v, g, beta, info, BT=64, store_t=True, **f32)  # noqa: E731
+    outs = pre()
+    res["bwd_recompute_prep_ms"] = bench(pre)
+    res["bwd_wy_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("wy"))
+    scratch = torch.empty(1, T, H, D, device=q.device, dtype=torch.float32)
+    states_fn = lambda: chunk_recur(*outs[:6], info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
+                                    out=scratch, store_final=False, store_states=True, BT=64)
+    states = states_fn()[2]
+    res["bwd_recompute_states_ms"] = bench(states_fn)
+    do = torch.randn_like(v)
+    sweep = lambda: chunk_bwd.chunk_recur_bwd(*outs[:6], info, seq, states, None, do, shapes=shapes, BT=64)  # noqa: E731
+    grads = sweep()
+    res["bwd_sweep_ms"] = bench(sweep)
+    du, dqg, dkg, dw, daqk, dgc, _ = grads
+    cfg = type("Cfg", (), dict(shapes=shapes, BT=64, scale=D**-0.5, gate=common["gate"], lower_bound=lb, l2norm=True,
+                               beta_sigmoid=True, neg_eigval=False))()
+    tinv = outs[6]
+    pb = lambda: chunk_bwd.chunk_prep_bwd(q, k, v, g, beta, kw["A_log"], kw["dt_bias"], info, tinv.clone(), dw, du,  # noqa: E731
+                                          dqg, dkg, daqk, dgc, cfg=cfg, overwrite_t=True)
+    pb()
+    res["bwd_prep_bwd_ms"] = bench(pb)
+    for env, val in (("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "4"), ("KIMI_LINEAR_KDA_PREP_BWD_BK", "32"),
+                     ("KIMI_LINEAR_KDA_PREP_BWD_BV", "64")):
+        os.environ[env] = val
+        try:
+            pb()
+            res[f"bwd_prep_bwd_{env[-5:].strip('_').lower()}{val}_ms"] = bench(pb)
+        except Exception as e:  # noqa: BLE001
+            res[f"bwd_prep_bwd_{env}{val}"] = f"failed: {e!r}"
+        os.environ.pop(env)
     return res
 
 
@@ -232,36 +314,44 @@ def main():
     ap.add_argument("--max-bwd-t", type=int, default=32768, help="longest T timed with the backward")
     ap.add_argument("--lengths", type=int, nargs="+", help="B=1 sequence lengths (default 8K 32K 128K)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep variants")
-    ap.add_argument("--ablate", action="store_true", help="add leave-one-stage-out timings to the breakdown")
+    ap.add_argument("--breakdown-t", type=int, default=32768, help="sequence length of the per-launch breakdown")
+    ap.add_argument("--breakdown-parts", nargs="+", default=["fwd", "bwd"], help="fwd (prep variants) and/or bwd")
+    ap.add_argument("--breakdown-dists", nargs="+", default=["stress", "init"])
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--gates", nargs="+", default=["softplus", "lower_bound", "softplus-init"],
+                    help="gate cases: softplus / lower_bound with the stress parameters, softplus-init with "
+                         "initialisation-like ones (see inputs())")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     print(f"card: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
           f"fla-core {getattr(fla, '__version__', 'n/a') if fla else 'n/a'}")
     bw = copy_bandwidth()
     print(f"measured device copy bandwidth: {bw:.2f} TB/s")
-    for gate in () if args.no_breakdown else ("softplus",):
+    for dist in () if args.no_breakdown else args.breakdown_dists:
         try:
-            res = breakdown(32768, gate, args.ablate)
-            print(f"breakdown T=32K {gate} (ms per launch):")
+            res = breakdown(args.breakdown_t, "softplus", dist, args.breakdown_parts)
+            print(f"breakdown T={args.breakdown_t // 1024}K softplus, {dist} gates (ms per launch):")
             for key, val in res.items():
-                print(f"  {key}: {round(val, 3) if isinstance(val, float) else val}")
+                print(f"  {key}: {round(val, 3) if isinstance(val, float) else val}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"breakdown failed: {e!r}")
     Ts = args.lengths or ([8192] if args.quick else [8192, 32768, 131072])
     rows = []
-    for gate in ("softplus", "lower_bound"):
+    for case in args.gates:
+        gate, dist = (case.split("-") + ["stress"])[:2]
         for T in Ts:
-            rows.append(time_case(f"B=1 T={T // 1024}K {gate}", 1, T, gate,
-                                  do_bwd=not args.no_bwd and T <= args.max_bwd_t))
+            rows.append(time_case(f"B=1 T={T // 1024}K {case}", 1, T, gate,
+                                  do_bwd=not args.no_bwd and T <= args.max_bwd_t, dist=dist))
             print(rows[-1], flush=True)
         if not args.quick:
-            rows.append(time_case(f"B=8 T=4K {gate}", 8, 4096, gate, do_bwd=not args.no_bwd))
+            rows.append(time_case(f"B=8 T=4K {case}", 8, 4096, gate, do_bwd=not args.no_bwd, dist=dist))
             print(rows[-1], flush=True)
             cu = [0, 1, 15, 1000, 4096, 4200, 9000, 16384, 20000, 32768]
-            rows.append(time_case(f"varlen 9 seqs (32K) {gate}", 1, cu[-1], gate, cu=cu, do_bwd=not args.no_bwd))
+            rows.append(time_case(f"varlen 9 seqs (32K) {case}", 1, cu[-1], gate, cu=cu, do_bwd=not args.no_bwd,
+                                  dist=dist))
             print(rows[-1], flush=True)
     dec = []
-    for B in (1, 64, 256):
+    for B in () if args.no_decode else (1, 64, 256):
         for gate in ("softplus", "lower_bound"):
             dec.append(decode_case(B, gate, bw))
             print(dec[-1], flush=True)

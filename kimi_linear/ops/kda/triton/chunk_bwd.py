@@ -5,11 +5,13 @@
 2. ``_chunk_recur_bwd_kernel``: reverse sweep over each sequence's chunks, grid (V / BV, N * HV), with the
    state gradient dS ([K, BV], fp32) in registers. For a chunk with entering state h:
 
-       v_new = u - w h,   dv_new = Aqk^T do + kg dS
-       dqg = do h^T,  dkg = v_new dS^T,  dw = -dv_new h^T,  du = dv_new,  dAqk = do v_new^T,
-       dgC = exp(gC) * rowsum(h * dS),   dS <- exp(gC) * dS + qg^T do - w^T dv_new
+       v_new = u - w h,   dv_new = Aqk^T do + kg dS,   dS <- exp(gC) * dS + qg^T do - w^T dv_new
 
-   Partial sums over V blocks are accumulated with atomics; dS after the first chunk is dh0.
+   It stores dv_new (= du), v_new and dS per chunk (each V slice its own part; dS after the first chunk is
+   dh0). ``_chunk_bwd_grads_kernel`` then forms, chunk-parallel over full V rows,
+   dqg = do h^T, dkg = v_new dS^T, dw = -dv_new h^T, dAqk = do v_new^T, dgC = exp(gC) * rowsum(h * dS).
+   (The earlier single sweep summed those over V slices with fp32 atomics: 36 ms of sweep at T=32K, H=32
+   on an H200.)
 3. Chunk-local gradients: ``prep_bwd.chunk_prep_bwd`` (one program per chunk and value head) takes
    T = (I + Akk)^-1 stored by the prep kernel in step 1 and the gradients of step 2, and gives dq, dk,
    dv, dg (or the raw gate, A_log, dt_bias), dbeta, through the L2 norm, gate and sigmoid.
@@ -29,17 +31,20 @@ import triton.language as tl
 from ..gate import kda_gate
 from .chunk_fwd import chunk_prep, chunk_recur
 from .prep_bwd import chunk_prep_bwd
-from .utils import chunk_rows, dummy, next_pow2, sequence_program
+from .utils import INTERPRET, chunk_rows, dummy, next_pow2, sequence_program
 
 
 @triton.jit
 def _chunk_recur_bwd_kernel(
-    w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, states, dht, do,
-    du, dqg, dkg, dw, daqk, dgc, dh0,
+    w, u, kg, aqk, gc, qg, chunk_info, seq_chunks, states, dht, do,
+    du, v_new_out, ds_out, dh0,
     HV, K, V,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, ATOMIC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
 ):
+    """Reverse sweep, grid (V / BV, N * HV): only the dependent chain. Per chunk it stores dv (= du),
+    v_new and the state gradient dS entering the sweep step (the gradient of the state after the chunk);
+    ``_chunk_bwd_grads_kernel`` turns those into the other gradients chunk-parallel. Every store is
+    exclusive to its V slice (no atomics)."""
     i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -55,64 +60,111 @@ def _chunk_recur_bwd_kernel(
     for i in range(0, c1 - c0):
         c = c1 - 1 - i
         base = (c * HV + i_hv).to(tl.int64)
-        h = tl.load(states + (base * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+        p_kv = (base * K + o_k[:, None]) * V + o_v[None, :]
+        h = tl.load(states + p_kv, mask=m_kv, other=0.0)
+        tl.store(ds_out + p_kv, dS, mask=m_kv)
         p_k = base * BT * K + r[:, None] * K + o_k[None, :]
         b_w = tl.load(w + p_k, mask=m_rk, other=0.0).to(tl.float32)
         b_qg = tl.load(qg + p_k, mask=m_rk, other=0.0).to(tl.float32)
         b_kg = tl.load(kg + base * BT * K + o_k[None, :] * BT + r[:, None], mask=m_rk, other=0.0).to(tl.float32)
         p_u = base * BT * V + r[:, None] * V + o_v[None, :]
         b_u = tl.load(u + p_u, mask=m_v[None, :], other=0.0).to(tl.float32)
-        p_a = base * BT * BT + r[:, None] * BT + r[None, :]
-        b_a = tl.load(aqk + p_a).to(tl.float32)
+        b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :]).to(tl.float32)
         b_gc = tl.load(gc + base * K + o_k, mask=m_k, other=0.0)
         row0, n_rows = chunk_rows(chunk_info, c)
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
                        mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        v_new = b_u - tl.dot(b_w, h)
+        tl.store(v_new_out + p_u, b_u - tl.dot(b_w, h), mask=m_v[None, :])
         dv = tl.dot(tl.trans(b_a), b_do) + tl.dot(b_kg, dS)
         tl.store(du + p_u, dv, mask=m_v[None, :])
-        p_dqg = tl.dot(b_do, tl.trans(h))
-        p_dkg = tl.dot(v_new, tl.trans(dS))
-        p_dw = -tl.dot(dv, tl.trans(h))
-        p_da = tl.dot(b_do, tl.trans(v_new))
-        p_dgc = tl.sum(h * dS, axis=1) * tl.exp(b_gc)
-        if ATOMIC:
-            tl.atomic_add(dqg + p_k, p_dqg, mask=m_rk)
-            tl.atomic_add(dkg + p_k, p_dkg, mask=m_rk)
-            tl.atomic_add(dw + p_k, p_dw, mask=m_rk)
-            tl.atomic_add(daqk + p_a, p_da)
-            tl.atomic_add(dgc + base * K + o_k, p_dgc, mask=m_k)
-        else:
-            tl.store(dqg + p_k, p_dqg, mask=m_rk)
-            tl.store(dkg + p_k, p_dkg, mask=m_rk)
-            tl.store(dw + p_k, p_dw, mask=m_rk)
-            tl.store(daqk + p_a, p_da)
-            tl.store(dgc + base * K + o_k, p_dgc, mask=m_k)
         dS = dS * tl.exp(b_gc)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), dv)
     tl.store(dh0 + p_s, dS, mask=m_kv)
 
 
+@triton.jit
+def _chunk_bwd_grads_kernel(
+    gc, chunk_info, states, ds, do, dv, v_new,
+    dqg, dkg, dw, daqk, dgc,
+    HV, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Chunk-parallel, grid (chunks, HV, K / BK), for a chunk with entering state h and state gradient dS:
+
+        dqg = do h^T,  dkg = v_new dS^T,  dw = -dv h^T,  dAqk = do v_new^T,  dgC = exp(gC) rowsum(h * dS)
+    """
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_k = tl.program_id(2)
+    base = (i_c * HV + i_hv).to(tl.int64)
+    r = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    acc_q = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_k = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_w = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_a = tl.zeros([BT, BT], dtype=tl.float32)
+    acc_g = tl.zeros([BK], dtype=tl.float32)
+    for vb in range(0, V, BV):
+        o_v = vb + tl.arange(0, BV)
+        m_v = o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_kv = (base * K + o_k[:, None]) * V + o_v[None, :]
+        h = tl.load(states + p_kv, mask=m_kv, other=0.0)
+        b_ds = tl.load(ds + p_kv, mask=m_kv, other=0.0)
+        b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
+                       mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        p_u = base * BT * V + r[:, None] * V + o_v[None, :]
+        b_dv = tl.load(dv + p_u, mask=m_v[None, :], other=0.0)
+        b_vn = tl.load(v_new + p_u, mask=m_v[None, :], other=0.0)
+        acc_q += tl.dot(b_do, tl.trans(h))
+        acc_k += tl.dot(b_vn, tl.trans(b_ds))
+        acc_w -= tl.dot(b_dv, tl.trans(h))
+        acc_g += tl.sum(h * b_ds, axis=1)
+        if i_k == 0:
+            acc_a += tl.dot(b_do, tl.trans(b_vn))
+    p_k = base * BT * K + r[:, None] * K + o_k[None, :]
+    m_rk = (r < BT)[:, None] & m_k[None, :]
+    tl.store(dqg + p_k, acc_q, mask=m_rk)
+    tl.store(dkg + p_k, acc_k, mask=m_rk)
+    tl.store(dw + p_k, acc_w, mask=m_rk)
+    tl.store(dgc + base * K + o_k, acc_g * tl.exp(tl.load(gc + base * K + o_k, mask=m_k, other=0.0)), mask=m_k)
+    if i_k == 0:
+        tl.store(daqk + base * BT * BT + r[:, None] * BT + r[None, :], acc_a)
+
+
 def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes, BT):
+    """Reverse sweep then the chunk-parallel gradients. Returns (du, dqg, dkg, dw, dAqk, dgC, dh0), fp32.
+    The per-chunk state gradients take a buffer as large as ``states`` (fp32 [chunks, HV, K, V])."""
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     NC = info.shape[0]
     dev = w.device
+    f32 = torch.float32
     BK = max(16, next_pow2(K))
     BV = max(16, min(32, next_pow2(V)))
-    NV = triton.cdiv(V, BV)
-    alloc = torch.zeros if NV > 1 else torch.empty
-    dqg = alloc(NC, HV, BT, K, device=dev, dtype=torch.float32)
-    dkg = alloc(NC, HV, BT, K, device=dev, dtype=torch.float32)
-    dw = alloc(NC, HV, BT, K, device=dev, dtype=torch.float32)
-    daqk = alloc(NC, HV, BT, BT, device=dev, dtype=torch.float32)
-    dgc = alloc(NC, HV, K, device=dev, dtype=torch.float32)
-    du = torch.empty(NC, HV, BT, V, device=dev, dtype=torch.float32)
-    dh0 = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32)
-    _chunk_recur_bwd_kernel[(NV, N * HV)](
-        w, u, qg, kg, aqk, gc, info, seq, states, dht if dht is not None else dummy(dev), do.contiguous(),
-        du, dqg, dkg, dw, daqk, dgc, dh0,
-        HV, K, V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None, ATOMIC=NV > 1,
+    do = do.contiguous()
+    du = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
+    v_new = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
+    ds = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
+    dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32)
+    _chunk_recur_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
+        w, u, kg, aqk, gc, qg, info, seq, states, dht if dht is not None else dummy(dev), do,
+        du, v_new, ds, dh0,
+        HV, K, V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
         num_warps=4 if BK <= 128 else 8, num_stages=1,
     )
+    dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=f32)
+    dkg = torch.empty_like(dqg)
+    dw = torch.empty_like(dqg)
+    daqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=f32)
+    dgc = torch.empty(NC, HV, K, device=dev, dtype=f32)
+    GK = max(16, min(32, next_pow2(K)))
+    GV = max(16, min(32, next_pow2(V)))
+    if NC > 0:
+        _chunk_bwd_grads_kernel[(NC, HV, triton.cdiv(K, GK))](
+            gc, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, BT=BT, BK=GK, BV=GV,
+            num_warps=4, num_stages=2 if not INTERPRET else 1,
+        )
     return du, dqg, dkg, dw, daqk, dgc, dh0
 
 

@@ -17,8 +17,8 @@
    0 is exact.
 
    Two launches: ``_chunk_prep_kernel`` writes Aqk and T, ``_chunk_wy_kernel`` writes w, u, qg, kg, gC
-   (one fused launch measured 30% slower: more live registers). KIMI_LINEAR_KDA_PREP=blocks selects
-   ``_chunk_prep64_kernel``, the same on explicit 16 x 16 blocks (C = 64 only, slower; kept to profile).
+   (one fused launch measured 30% slower: more live registers). KIMI_LINEAR_KDA_PREP=intra selects the
+   16-row-tile design of ``chunk_intra.py`` instead (opt-in experiment, slower; see its notes).
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
 
@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_intra import chunk_intra
 from .utils import (
     INTERPRET, apply_beta, apply_gate, chunk_rows, dummy, load_bias, next_pow2, sequence_program,
 )
@@ -319,349 +320,15 @@ def _chunk_wy_kernel(
 
 
 @triton.jit
-def _sub_tiles(q, k, g, row0, s, n_rows, i_h, i_hv, o_k, m_k, rq, rk, a, bias, lower_bound,
-               H, HV, K, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """q, k (normalised) and the log decay of rows [16 s, 16 s + 16) of a chunk, with the sub-chunk's
-    inclusive cumsum G, exclusive reverse cumsum R and total (all sums of same-sign terms)."""
-    r16 = s * 16 + tl.arange(0, 16)
-    m = (r16 < n_rows)[:, None] & m_k[None, :]
-    p = ((row0 + r16)[:, None] * H + i_h) * K + o_k[None, :]
-    bq = tl.load(q + p, mask=m, other=0.0).to(tl.float32) * rq[:, None]
-    bk = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * rk[:, None]
-    bg = tl.load(g + ((row0 + r16)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-    bg = tl.where(m, apply_gate(bg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
-    G = tl.cumsum(bg, axis=0)
-    R = tl.minimum(tl.cumsum(bg, axis=0, reverse=True) - bg, 0.0)
-    return bq, bk, bg, G, R, tl.sum(bg, axis=0)
-
-
-@triton.jit
-def _diag16(bq, bk, bg, G, BK: tl.constexpr, SPAN: tl.constexpr, FORCE_TREE: tl.constexpr,
-            NO_TREE: tl.constexpr = False):
-    """q k^T and k k^T weighted by exp(G_i - G_j) inside one 16-row sub-chunk (all i, j; the caller
-    keeps j <= i). Factored around row 7 when every exponent stays within +-SPAN, else by the binary
-    tree of half-blocks (factors <= 1, any gate)."""
-    a16 = tl.arange(0, 16)
-    x = G - tl.sum(tl.where((a16 == 7)[:, None], G, 0.0), axis=0)[None, :]
-    limit = SPAN
-    if FORCE_TREE:
-        limit = -1.0
-    if NO_TREE or tl.max(tl.abs(x)) <= limit:
-        ex = tl.exp(x)
-        col = bk * tl.exp(-x)
-        d_qk = tl.dot(bq * ex, tl.trans(col))
-        d_kk = tl.dot(bk * ex, tl.trans(col))
-    else:
-        d_qk = tl.where(a16[:, None] == a16[None, :], tl.sum(bq * bk, axis=1)[:, None], 0.0)
-        d_kk = tl.zeros([16, 16], dtype=tl.float32)
-        for lv in tl.static_range(4):
-            HB = 8 >> lv
-            first = tl.broadcast_to(((a16 % HB) == 0).to(tl.int32)[:, None], (16, BK))
-            last = tl.broadcast_to(((a16 % HB) == HB - 1).to(tl.int32)[:, None], (16, BK))
-            fwd, _ = tl.associative_scan((bg, first), 0, _seg_add)
-            rev, _ = tl.associative_scan((bg, last), 0, _seg_add, reverse=True)
-            odd = ((a16 // HB) % 2) == 1
-            e = tl.exp(tl.minimum(tl.where(odd[:, None], fwd, rev - bg), 0.0))
-            col = tl.where(odd[:, None], 0.0, bk * e)
-            blk = a16 // HB
-            keep = (blk[:, None] == blk[None, :] + 1) & ((blk[None, :] % 2) == 0)
-            d_qk += tl.where(keep, tl.dot(tl.where(odd[:, None], bq * e, 0.0), tl.trans(col)), 0.0)
-            d_kk += tl.where(keep, tl.dot(tl.where(odd[:, None], bk * e, 0.0), tl.trans(col)), 0.0)
-    return d_qk, d_kk
-
-
-@triton.jit
-def _inv16(A):
-    """(I + A)^-1 for a strictly lower-triangular 16 x 16 A, by forward substitution in fp32."""
-    a16 = tl.arange(0, 16)
-    T = tl.where(a16[:, None] == a16[None, :], 1.0, 0.0)
-    for i in range(1, 16):
-        sel = (a16 == i)[:, None]
-        a_row = tl.sum(tl.where(sel, A, 0.0), axis=0)
-        T = tl.where(sel, T - tl.sum(a_row[:, None] * T, axis=0)[None, :], T)
-    return T
-
-
-@triton.jit
-def _store16(ptr, x, row_blk, col_blk, BT: tl.constexpr):
-    a16 = tl.arange(0, 16)
-    tl.store(ptr + (row_blk * 16 + a16)[:, None] * BT + (col_blk * 16 + a16)[None, :], x.to(ptr.dtype.element_ty))
-
-
-@triton.jit
-def _dot3(x, y):
-    return tl.dot(x, y, input_precision="ieee")
-
-
-@triton.jit
-def _chunk_prep64_kernel(
-    q, k, v, g, beta, A_log, dt_bias, chunk_info,
-    w_out, u_out, qg_out, kg_out, aqk_out, gc_out, t_out,
-    scale, lower_bound,
-    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    STORE_T: tl.constexpr, DIAG_TREE: tl.constexpr, DIAG_SPAN: tl.constexpr, WY_PREC: tl.constexpr,
-    ABLATE: tl.constexpr = 0,
-):
-    # ABLATE (profiling only, wrong results): bit 1 skips the diagonal blocks, 2 the off-diagonal
-    # products, 4 the inverse, 8 the w/u pass, 16 the qg/kg stores, 32 compiles no tree fallback.
-    BT: tl.constexpr = 64
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_h = i_hv // (HV // H)
-    row0, n_rows = chunk_rows(chunk_info, i_c)
-    a16 = tl.arange(0, 16)
-    base = i_c.to(tl.int64) * HV + i_hv
-
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    # Per sub-chunk row vectors: L2-norm factors and beta.
-    rq0 = tl.full([16], 1.0, dtype=tl.float32)
-    rq1, rq2, rq3, rk0, rk1, rk2, rk3 = rq0, rq0, rq0, rq0, rq0, rq0, rq0
-    if L2NORM:
-        sq0 = tl.zeros([16], dtype=tl.float32)
-        sq1, sq2, sq3, sk0, sk1, sk2, sk3 = sq0, sq0, sq0, sq0, sq0, sq0, sq0
-        for kb in range(0, K, BK):
-            o_k = kb + tl.arange(0, BK)
-            r = tl.arange(0, 64)
-            m = (r < n_rows)[:, None] & (o_k < K)[None, :]
-            p = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
-            x = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
-            y = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-            s_q = tl.reshape(tl.sum(x * x, axis=1), (4, 16))
-            s_k = tl.reshape(tl.sum(y * y, axis=1), (4, 16))
-            sq0 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 0, s_q, 0.0), axis=0)
-            sq1 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 1, s_q, 0.0), axis=0)
-            sq2 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 2, s_q, 0.0), axis=0)
-            sq3 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 3, s_q, 0.0), axis=0)
-            sk0 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 0, s_k, 0.0), axis=0)
-            sk1 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 1, s_k, 0.0), axis=0)
-            sk2 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 2, s_k, 0.0), axis=0)
-            sk3 += tl.sum(tl.where(tl.arange(0, 4)[:, None] == 3, s_k, 0.0), axis=0)
-        rq0, rq1, rq2, rq3 = 1.0 / tl.sqrt(sq0 + 1e-6), 1.0 / tl.sqrt(sq1 + 1e-6), 1.0 / tl.sqrt(sq2 + 1e-6), 1.0 / tl.sqrt(sq3 + 1e-6)
-        rk0, rk1, rk2, rk3 = 1.0 / tl.sqrt(sk0 + 1e-6), 1.0 / tl.sqrt(sk1 + 1e-6), 1.0 / tl.sqrt(sk2 + 1e-6), 1.0 / tl.sqrt(sk3 + 1e-6)
-    b0 = _beta16(beta, row0, 0, n_rows, i_hv, HV, BETA_SIGMOID, NEG_EIGVAL)
-    b1 = _beta16(beta, row0, 1, n_rows, i_hv, HV, BETA_SIGMOID, NEG_EIGVAL)
-    b2 = _beta16(beta, row0, 2, n_rows, i_hv, HV, BETA_SIGMOID, NEG_EIGVAL)
-    b3 = _beta16(beta, row0, 3, n_rows, i_hv, HV, BETA_SIGMOID, NEG_EIGVAL)
-
-    # Pairwise blocks: Q.. = Aqk, K.. = Akk (before scale / beta), block (I, J) with I >= J.
-    Q10 = tl.zeros([16, 16], dtype=tl.float32)
-    Q20, Q21, Q30, Q31, Q32, Q00, Q11, Q22, Q33 = Q10, Q10, Q10, Q10, Q10, Q10, Q10, Q10, Q10
-    K10, K20, K21, K30, K31, K32, K00, K11, K22, K33 = Q10, Q10, Q10, Q10, Q10, Q10, Q10, Q10, Q10, Q10
-    for kb in range(0, SK, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        q0, k0, g0, G0, R0, t0 = _sub_tiles(q, k, g, row0, 0, n_rows, i_h, i_hv, o_k, m_k, rq0, rk0, a, bias,
-                                            lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        q1, k1, g1, G1, R1, t1 = _sub_tiles(q, k, g, row0, 1, n_rows, i_h, i_hv, o_k, m_k, rq1, rk1, a, bias,
-                                            lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        q2, k2, g2, G2, R2, t2 = _sub_tiles(q, k, g, row0, 2, n_rows, i_h, i_hv, o_k, m_k, rq2, rk2, a, bias,
-                                            lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        q3, k3, g3, G3, R3, t3 = _sub_tiles(q, k, g, row0, 3, n_rows, i_h, i_hv, o_k, m_k, rq3, rk3, a, bias,
-                                            lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        # Diagonal blocks first (they need the raw tiles).
-        if (ABLATE & 1) == 0:
-            d_qk, d_kk = _diag16(q0, k0, g0, G0, BK, DIAG_SPAN, DIAG_TREE, (ABLATE & 32) != 0)
-            Q00 += d_qk
-            K00 += d_kk
-            d_qk, d_kk = _diag16(q1, k1, g1, G1, BK, DIAG_SPAN, DIAG_TREE, (ABLATE & 32) != 0)
-            Q11 += d_qk
-            K11 += d_kk
-            d_qk, d_kk = _diag16(q2, k2, g2, G2, BK, DIAG_SPAN, DIAG_TREE, (ABLATE & 32) != 0)
-            Q22 += d_qk
-            K22 += d_kk
-            d_qk, d_kk = _diag16(q3, k3, g3, G3, BK, DIAG_SPAN, DIAG_TREE, (ABLATE & 32) != 0)
-            Q33 += d_qk
-            K33 += d_kk
-
-        # qg = scale q exp(G from the chunk start), kg = k exp(G to the chunk end), gC = chunk total.
-        p_o = base * BT * SK + a16[:, None] * SK + o_k[None, :]
-        m_o = (a16 < 16)[:, None] & (o_k < SK)[None, :]
-        p_t = base * BT * SK + o_k[None, :] * BT + a16[:, None]
-        e1 = tl.exp(t0)
-        e2 = tl.exp(t0 + t1)
-        e3 = tl.exp(t0 + t1 + t2)
-        eg0, eg1, eg2, eg3 = tl.exp(G0), tl.exp(G1), tl.exp(G2), tl.exp(G3)
-        er0, er1, er2, er3 = tl.exp(R0), tl.exp(R1), tl.exp(R2), tl.exp(R3)
-        qg_t = qg_out.dtype.element_ty
-        if (ABLATE & 16) == 0:
-            tl.store(qg_out + p_o, (q0 * eg0 * scale).to(qg_t), mask=m_o)
-            tl.store(qg_out + p_o + 16 * SK, (q1 * eg1 * (e1 * scale)[None, :]).to(qg_t), mask=m_o)
-            tl.store(qg_out + p_o + 32 * SK, (q2 * eg2 * (e2 * scale)[None, :]).to(qg_t), mask=m_o)
-            tl.store(qg_out + p_o + 48 * SK, (q3 * eg3 * (e3 * scale)[None, :]).to(qg_t), mask=m_o)
-            tl.store(kg_out + p_t, (k0 * er0 * tl.exp(t1 + t2 + t3)[None, :]).to(qg_t), mask=m_o)
-            tl.store(kg_out + p_t + 16, (k1 * er1 * tl.exp(t2 + t3)[None, :]).to(qg_t), mask=m_o)
-            tl.store(kg_out + p_t + 32, (k2 * er2 * tl.exp(t3)[None, :]).to(qg_t), mask=m_o)
-            tl.store(kg_out + p_t + 48, (k3 * er3).to(qg_t), mask=m_o)
-        tl.store(gc_out + base * SK + o_k, t0 + t1 + t2 + t3, mask=o_k < SK)
-
-        # Between sub-chunks J < I: exp(G_i - G_j) = eg[i] * exp(totals strictly between) * er[j].
-        if (ABLATE & 2) == 0:
-            c0 = tl.trans(k0 * er0)
-            c1 = tl.trans(k1 * er1)
-            c2 = tl.trans(k2 * er2)
-            f21 = tl.exp(t1)[None, :]
-            f32 = tl.exp(t2)[None, :]
-            f31 = tl.exp(t1 + t2)[None, :]
-            x1 = q1 * eg1
-            y1 = k1 * eg1
-            Q10 = tl.dot(x1, c0, Q10)
-            K10 = tl.dot(y1, c0, K10)
-            x2 = q2 * eg2
-            y2 = k2 * eg2
-            Q21 = tl.dot(x2, c1, Q21)
-            K21 = tl.dot(y2, c1, K21)
-            Q20 = tl.dot(x2 * f21, c0, Q20)
-            K20 = tl.dot(y2 * f21, c0, K20)
-            x3 = q3 * eg3
-            y3 = k3 * eg3
-            Q32 = tl.dot(x3, c2, Q32)
-            K32 = tl.dot(y3, c2, K32)
-            Q31 = tl.dot(x3 * f32, c1, Q31)
-            K31 = tl.dot(y3 * f32, c1, K31)
-            Q30 = tl.dot(x3 * f31, c0, Q30)
-            K30 = tl.dot(y3 * f31, c0, K30)
-
-    lower = a16[:, None] >= a16[None, :]
-    strict = a16[:, None] > a16[None, :]
-    p_a = aqk_out + base * BT * BT
-    zero = tl.zeros([16, 16], dtype=tl.float32)
-    _store16(p_a, tl.where(lower, Q00, 0.0) * scale, 0, 0, BT)
-    _store16(p_a, zero, 0, 1, BT)
-    _store16(p_a, zero, 0, 2, BT)
-    _store16(p_a, zero, 0, 3, BT)
-    _store16(p_a, Q10 * scale, 1, 0, BT)
-    _store16(p_a, tl.where(lower, Q11, 0.0) * scale, 1, 1, BT)
-    _store16(p_a, zero, 1, 2, BT)
-    _store16(p_a, zero, 1, 3, BT)
-    _store16(p_a, Q20 * scale, 2, 0, BT)
-    _store16(p_a, Q21 * scale, 2, 1, BT)
-    _store16(p_a, tl.where(lower, Q22, 0.0) * scale, 2, 2, BT)
-    _store16(p_a, zero, 2, 3, BT)
-    _store16(p_a, Q30 * scale, 3, 0, BT)
-    _store16(p_a, Q31 * scale, 3, 1, BT)
-    _store16(p_a, Q32 * scale, 3, 2, BT)
-    _store16(p_a, tl.where(lower, Q33, 0.0) * scale, 3, 3, BT)
-
-    # T = (I + Akk)^-1 by 16 x 16 blocks: diagonal blocks by forward substitution, then
-    # T_IJ = -T_II sum_{J <= M < I} A_IM T_MJ, in fp32.
-    K10 = K10 * b1[:, None]
-    K20 = K20 * b2[:, None]
-    K21 = K21 * b2[:, None]
-    K30 = K30 * b3[:, None]
-    K31 = K31 * b3[:, None]
-    K32 = K32 * b3[:, None]
-    if (ABLATE & 4) == 0:
-        T00 = _inv16(tl.where(strict, K00, 0.0) * b0[:, None])
-        T11 = _inv16(tl.where(strict, K11, 0.0) * b1[:, None])
-        T22 = _inv16(tl.where(strict, K22, 0.0) * b2[:, None])
-        T33 = _inv16(tl.where(strict, K33, 0.0) * b3[:, None])
-        T10 = -_dot3(T11, _dot3(K10, T00))
-        T21 = -_dot3(T22, _dot3(K21, T11))
-        T32 = -_dot3(T33, _dot3(K32, T22))
-        T20 = -_dot3(T22, _dot3(K20, T00) + _dot3(K21, T10))
-        T31 = -_dot3(T33, _dot3(K31, T11) + _dot3(K32, T21))
-        T30 = -_dot3(T33, _dot3(K30, T00) + _dot3(K31, T10) + _dot3(K32, T20))
-    else:
-        T00 = tl.where(lower, K00, 0.0)
-        T11, T22, T33, T10, T21, T32, T20, T31, T30 = T00, T00, T00, K10, K21, K32, K20, K31, K30
-    if STORE_T:
-        p_tt = t_out + base * BT * BT
-        _store16(p_tt, T00, 0, 0, BT)
-        _store16(p_tt, zero, 0, 1, BT)
-        _store16(p_tt, zero, 0, 2, BT)
-        _store16(p_tt, zero, 0, 3, BT)
-        _store16(p_tt, T10, 1, 0, BT)
-        _store16(p_tt, T11, 1, 1, BT)
-        _store16(p_tt, zero, 1, 2, BT)
-        _store16(p_tt, zero, 1, 3, BT)
-        _store16(p_tt, T20, 2, 0, BT)
-        _store16(p_tt, T21, 2, 1, BT)
-        _store16(p_tt, T22, 2, 2, BT)
-        _store16(p_tt, zero, 2, 3, BT)
-        _store16(p_tt, T30, 3, 0, BT)
-        _store16(p_tt, T31, 3, 1, BT)
-        _store16(p_tt, T32, 3, 2, BT)
-        _store16(p_tt, T33, 3, 3, BT)
-
-    # w = T (beta k exp(G)),  u = T (beta v)
-    if (ABLATE & 8) == 0:
-        for kb in range(0, SK, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-            _, k0, _, G0, _, t0 = _sub_tiles(q, k, g, row0, 0, n_rows, i_h, i_hv, o_k, m_k, rq0, rk0, a, bias,
-                                             lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-            _, k1, _, G1, _, t1 = _sub_tiles(q, k, g, row0, 1, n_rows, i_h, i_hv, o_k, m_k, rq1, rk1, a, bias,
-                                             lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-            _, k2, _, G2, _, t2 = _sub_tiles(q, k, g, row0, 2, n_rows, i_h, i_hv, o_k, m_k, rq2, rk2, a, bias,
-                                             lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-            _, k3, _, G3, _, _ = _sub_tiles(q, k, g, row0, 3, n_rows, i_h, i_hv, o_k, m_k, rq3, rk3, a, bias,
-                                            lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-            x0 = k0 * tl.exp(G0) * b0[:, None]
-            x1 = k1 * tl.exp(G1) * (tl.exp(t0)[None, :] * b1[:, None])
-            x2 = k2 * tl.exp(G2) * (tl.exp(t0 + t1)[None, :] * b2[:, None])
-            x3 = k3 * tl.exp(G3) * (tl.exp(t0 + t1 + t2)[None, :] * b3[:, None])
-            _store_wy(w_out, base, o_k, SK, x0, x1, x2, x3,
-                      T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, BK, WY_PREC)
-        for vb in range(0, SV, BV):
-            o_v = vb + tl.arange(0, BV)
-            m_v = o_v < V
-            x0 = _v16(v, row0, 0, n_rows, i_hv, HV, V, o_v, m_v) * b0[:, None]
-            x1 = _v16(v, row0, 1, n_rows, i_hv, HV, V, o_v, m_v) * b1[:, None]
-            x2 = _v16(v, row0, 2, n_rows, i_hv, HV, V, o_v, m_v) * b2[:, None]
-            x3 = _v16(v, row0, 3, n_rows, i_hv, HV, V, o_v, m_v) * b3[:, None]
-            _store_wy(u_out, base, o_v, SV, x0, x1, x2, x3,
-                      T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, BV, WY_PREC)
-
-
-@triton.jit
-def _beta16(beta, row0, s, n_rows, i_hv, HV, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
-    r16 = s * 16 + tl.arange(0, 16)
-    m = r16 < n_rows
-    b = tl.load(beta + (row0 + r16) * HV + i_hv, mask=m, other=0.0).to(tl.float32)
-    return tl.where(m, apply_beta(b, BETA_SIGMOID, NEG_EIGVAL), 0.0)
-
-
-@triton.jit
-def _v16(v, row0, s, n_rows, i_hv, HV, V, o_v, m_v):
-    r16 = s * 16 + tl.arange(0, 16)
-    m = (r16 < n_rows)[:, None] & m_v[None, :]
-    return tl.load(v + ((row0 + r16)[:, None] * HV + i_hv) * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_wy(out, base, o_x, SX: tl.constexpr, x0, x1, x2, x3,
-              T00, T10, T11, T20, T21, T22, T30, T31, T32, T33, BX: tl.constexpr, PREC: tl.constexpr):
-    """Rows of T x by 16-row blocks (T block lower triangular), stored at [chunk, head, row, SX]."""
-    a16 = tl.arange(0, 16)
-    p = out + base * 64 * SX + a16[:, None] * SX + o_x[None, :]
-    m = (a16 < 16)[:, None] & (o_x < SX)[None, :]
-    ty = out.dtype.element_ty
-    tl.store(p, tl.dot(T00, x0, input_precision=PREC).to(ty), mask=m)
-    y1 = tl.dot(T11, x1, tl.dot(T10, x0, input_precision=PREC), input_precision=PREC)
-    tl.store(p + 16 * SX, y1.to(ty), mask=m)
-    y2 = tl.dot(T22, x2, tl.dot(T21, x1, tl.dot(T20, x0, input_precision=PREC), input_precision=PREC),
-                input_precision=PREC)
-    tl.store(p + 32 * SX, y2.to(ty), mask=m)
-    y3 = tl.dot(T33, x3, tl.dot(T32, x2, tl.dot(T31, x1, tl.dot(T30, x0, input_precision=PREC),
-                                                  input_precision=PREC), input_precision=PREC),
-                input_precision=PREC)
-    tl.store(p + 48 * SX, y3.to(ty), mask=m)
-
-
-@triton.jit
 def _chunk_recur_kernel(
     w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, h0, ht, states, o,
     HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    U_TOKENS: tl.constexpr = False,
 ):
+    # U_TOKENS: ``u`` is v itself in token layout [B*T, HV, V] (the chunk_intra form, where T and beta
+    # are folded into w -> x, Aqk -> M and kg -> Wt), else the chunk-major [NC, HV, BT, SV] u = T beta v.
     i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -685,14 +352,19 @@ def _chunk_recur_kernel(
         b_w = tl.load(w + p_k, mask=m_ks[None, :], other=0.0)
         b_qg = tl.load(qg + p_k, mask=m_ks[None, :], other=0.0)
         b_kgt = tl.load(kg + base * BT * SK + o_k[:, None] * BT + r[None, :], mask=m_ks[:, None], other=0.0)
-        b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_vs[None, :], other=0.0).to(tl.float32)
+        row0, n_rows = chunk_rows(chunk_info, c)
+        if U_TOKENS:
+            b_u = tl.load(u + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
+                          mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        else:
+            b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_vs[None, :],
+                          other=0.0).to(tl.float32)
         b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :])
         b_gc = tl.load(gc + base * SK + o_k, mask=m_ks, other=0.0)
         Sd = S.to(DOT_DTYPE)
         v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
         vd = v_new.to(DOT_DTYPE)
         b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
-        row0, n_rows = chunk_rows(chunk_info, c)
         tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=(r < n_rows)[:, None] & m_v[None, :])
         S = S * tl.exp(b_gc)[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
@@ -790,18 +462,17 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
     pairs = dict(DIAG_TREE=os.environ.get("KIMI_LINEAR_KDA_DIAG") == "tree", DIAG_SPAN=DIAG_SPAN)
     wy = dict(SV=SV, BV=BV, WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
-    # KIMI_LINEAR_KDA_PREP=blocks: the explicit 16-row-block kernel (BT=64 only; slower, 15.5 ms at T=32K,
-    # H=32 on an H200; docs/benchmarks.md has its leave-one-stage-out profile).
-    if BT == 64 and os.environ.get("KIMI_LINEAR_KDA_PREP") == "blocks":
-        LAUNCHED["prep"] = _chunk_prep64_kernel[(NC, HV)](
-            q, k, v, g, beta, a_log, bias, chunk_info, w, u, qg, kg, aqk, gc, t, float(scale), lb, H, HV, K, V,
-            STORE_T=store_t, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_ABLATE", 0)), **inputs, **pairs, **wy)
-        return outs
-    # Two launches with fewer live registers each (9.7 ms vs 12.6 ms for one fused launch at T=32K, H=32
-    # on an H200): Aqk and T, then w, u, qg, kg, gC from T.
-    LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
-        q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
-        BT=BT, LEVELS=BT.bit_length() - 1, **inputs, **pairs)
+    if BT == 64 and os.environ.get("KIMI_LINEAR_KDA_PREP") == "intra":
+        # Aqk and T from the 16-row-tile kernel (chunk_intra.py, opt-in experiment).
+        aqk, t = chunk_intra(q, k, g, beta, chunk_info, scale=scale, shapes=shapes, gate=gate, A_log=A_log,
+                             dt_bias=dt_bias, lower_bound=lower_bound, l2norm=l2norm, beta_sigmoid=beta_sigmoid,
+                             neg_eigval=neg_eigval, dtype=dtype, backward=True)
+        outs = (w, u, qg, kg, aqk, gc) + ((t,) if store_t else ())
+    else:
+        # Any chunk size: Aqk and T on [BT, BK] tiles.
+        LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
+            q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
+            BT=BT, LEVELS=BT.bit_length() - 1, **inputs, **pairs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, **inputs, **wy)
@@ -831,8 +502,11 @@ def _recur_stages(dtype, BK: int) -> int:
 
 
 def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
-                store_final, store_states, BT):
-    """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None)."""
+                store_final, store_states, BT, u_tokens=False):
+    """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None).
+
+    With ``u_tokens`` the arguments are ``chunk_intra``'s (x, v, qg, wt, m, gC): u is v in token layout.
+    """
     import os
 
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
@@ -848,8 +522,9 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
         w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
         initial_state if initial_state is not None else d, ht if ht is not None else d,
         states if states is not None else d, out,
-        HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None,
-        STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype,
+        HV, K, V, SK=w.shape[-1], SV=next_pow2(max(V, 16)) if u_tokens else u.shape[-1], BT=BT, BK=BK, BV=BV,
+        HAS_H0=initial_state is not None, STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype,
+        U_TOKENS=u_tokens,
         num_warps=int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)),
         num_stages=_recur_stages(w.dtype, BK),
     )
