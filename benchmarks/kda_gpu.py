@@ -199,9 +199,9 @@ def gate_share(g, A_log, dt_bias, lower_bound, span=120.0):
     return float((x.abs().amax(-1) > span).float().mean())
 
 
-def breakdown(T, gate, dist="stress", parts=("fwd", "bwd")):
-    """Time the forward's launches separately (where the forward time goes), with chunk_intra variants,
-    and the pieces of the backward (with prep_bwd launch variants)."""
+def breakdown(T, gate, dist="stress", parts=("bwd",)):
+    """Time the forward's launches separately (where the forward time goes) and the pieces of the
+    backward (with prep_bwd launch variants)."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur
@@ -221,49 +221,15 @@ def breakdown(T, gate, dist="stress", parts=("fwd", "bwd")):
                               store_final=True, store_states=False, BT=64)
     res["recur_ms"] = bench(rec)
     res["recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
-    res["prep_ms"] = bench(prep)  # both launches
-    res["prep_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("prep"))
-    res["wy_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("wy"))
-    if "fwd" in parts:
-        res.update(_intra_variants(q, k, v, g, beta, kw, info, seq, shapes, common))
+    res["prep_ms"] = bench(prep)  # all three launches
+    for name in ("diag", "prep", "wy"):
+        res[f"{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
     if "bwd" in parts:
-        res.update(_bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T))
+        res.update(_bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, "variants" in parts))
     return res
 
 
-def _intra_variants(q, k, v, g, beta, kw, info, seq, shapes, common):
-    """The opt-in chunk_intra design (KIMI_LINEAR_KDA_PREP=intra) and its launch variants."""
-    from kimi_linear.ops.kda.triton import chunk_fwd, chunk_intra as intra_mod
-    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_recur
-
-    res = {}
-    intra = lambda: intra_mod.chunk_intra(q, k, g, beta, info, dtype=DT, **common)  # noqa: E731
-    ref = intra()
-    o = torch.empty_like(v)
-    rec = lambda: chunk_recur(ref[0], v, *ref[1:], info, seq, shapes=shapes,  # noqa: E731
-                              initial_state=kw["initial_state"], out=o, store_final=True, store_states=False, BT=64,
-                              u_tokens=True)
-    res["intra_recur_ms"] = bench(rec)
-    res["intra_recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
-    res["intra_ms"] = bench(intra)
-    res["intra_kernel"] = kernel_info(intra_mod.LAUNCHED.get("intra"))
-    res["diag_kernel"] = kernel_info(intra_mod.LAUNCHED.get("diag"))
-    for env, values in (("KIMI_LINEAR_KDA_INTRA_DIAG", ("exact", "factored")),
-                        ("KIMI_LINEAR_KDA_INTRA_WARPS", ("2", "8"))):
-        for val in values:
-            os.environ[env] = val
-            try:
-                got = intra()
-                res[f"intra_{val}_ms"] = bench(intra)
-                res[f"intra_{val}_kernel"] = kernel_info(intra_mod.LAUNCHED.get("intra"))
-                res[f"intra_{val}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-            except Exception as e:  # noqa: BLE001
-                res[f"intra_{val}"] = f"failed: {e!r}"
-            os.environ.pop(env)
-    return res
-
-
-def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T):
+def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants=True):
     """Backward pieces (fp32 recompute as chunk_kda_bwd does it)."""
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_prep, chunk_recur
@@ -291,12 +257,19 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T):
                                           dqg, dkg, daqk, dgc, cfg=cfg, overwrite_t=True)
     pb()
     res["bwd_prep_bwd_ms"] = bench(pb)
-    for env, val in (("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "4"), ("KIMI_LINEAR_KDA_PREP_BWD_BK", "32"),
-                     ("KIMI_LINEAR_KDA_PREP_BWD_BV", "64")):
+    from kimi_linear.ops.kda.triton import prep_bwd
+
+    for name in ("wy", "diag", "pairs"):
+        res[f"bwd_prep_bwd_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
+    # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
+    # 1 the pairs between sub-chunks, 16 the L2-norm pass).
+    variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "8")] + [("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", str(b))
+                                                           for b in (1, 16)] if variants else []
+    for env, val in variants:
         os.environ[env] = val
         try:
             pb()
-            res[f"bwd_prep_bwd_{env[-5:].strip('_').lower()}{val}_ms"] = bench(pb)
+            res[f"bwd_prep_bwd_{env.rsplit('_', 1)[-1].lower()}{val}_ms"] = bench(pb)
         except Exception as e:  # noqa: BLE001
             res[f"bwd_prep_bwd_{env}{val}"] = f"failed: {e!r}"
         os.environ.pop(env)
@@ -315,7 +288,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", help="B=1 sequence lengths (default 8K 32K 128K)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep variants")
     ap.add_argument("--breakdown-t", type=int, default=32768, help="sequence length of the per-launch breakdown")
-    ap.add_argument("--breakdown-parts", nargs="+", default=["fwd", "bwd"], help="fwd (prep variants) and/or bwd")
+    ap.add_argument("--breakdown-parts", nargs="+", default=["bwd"], help="bwd: add the backward's pieces; variants: and prep_bwd launch variants")
     ap.add_argument("--breakdown-dists", nargs="+", default=["stress", "init"])
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--gates", nargs="+", default=["softplus", "lower_bound", "softplus-init"],

@@ -79,7 +79,7 @@ def _run(*, B=1, T=40, H=1, HV=None, K=20, V=24, BT=16, gate="softplus", l2norm=
 @pytest.mark.parametrize("gate", ["pregated", "softplus", "lower_bound"])
 def test_gates(gate):
     """Each gate form, BT=16, partial last chunk, K/V not powers of two, GVA (H=1, HV=2), a few extreme
-    gates (-1000 log decays, +1000 raw gates): those K blocks take the tree inside the sub-chunks."""
+    gates (-1000 log decays, +1000 raw gates)."""
     _run(T=25, H=1, HV=2, BT=16, gate=gate, extreme=0.03, seed=1)
 
 
@@ -89,12 +89,10 @@ def test_chunk64(gate, extreme):
     _run(T=73, H=1, BT=64, gate=gate, extreme=extreme, seed=1)
 
 
-@pytest.mark.parametrize("diag", ["midpoint", "tree"])
-def test_inner_factoring(diag, monkeypatch):
-    """Moderate gates (midpoint factoring inside sub-chunks) and the forced tree, BT=32, K=40 (two K blocks)."""
-    if diag == "tree":
-        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG", "tree")
-    _run(T=30, H=2, K=40, V=20, BT=32, gate="lower_bound", seed=2)
+@pytest.mark.parametrize("BT", [32, 128])
+def test_chunk_sizes(BT):
+    """BT=32 and 128 (one and three tree levels between sub-chunks), K=40 (several K and channel blocks)."""
+    _run(T=BT + 9, H=2, K=40, V=20, BT=BT, gate="lower_bound", extreme=0.02, seed=2)
 
 
 def test_flags_off():

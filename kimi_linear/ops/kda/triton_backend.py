@@ -9,13 +9,10 @@ see ``triton/chunk_bwd.py``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .triton.chunk_bwd import chunk_kda_bwd
 from .triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur, storage_dtype
-from .triton.chunk_intra import chunk_intra
 from .triton.recurrent import recurrent_kda_fwd
 from .triton.utils import gate_code
 
@@ -42,20 +39,15 @@ class _Cfg:
 def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states):
     shapes, BT = cfg.shapes, cfg.BT
     info, seq = chunk_layout(shapes, cfg.cu_seqlens, BT, q.device)
-    common = dict(scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
-                  lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
-                  neg_eigval=cfg.neg_eigval, dtype=storage_dtype(q))
-    if BT == 64 and os.environ.get("KIMI_LINEAR_KDA_PREP") == "intra":
-        # Opt-in experiment (slower on an H200: 10-13 vs 9.7 ms at T=32K, see docs/benchmarks.md): one
-        # chunk-local launch on 16-row tiles with T and beta folded in; the recurrence reads v directly.
-        x, qg, wt, m, gc = chunk_intra(q, k, g, beta, info, **common)
-        recur_in = (x, v, qg, wt, m, gc)
-    else:
-        recur_in = chunk_prep(q, k, v, g, beta, info, BT=BT, pad=True, **common)
+    w, u, qg, kg, aqk, gc = chunk_prep(
+        q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
+        lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
+        neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q), pad=True,
+    )
     o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
     o, ht, states = chunk_recur(
-        *recur_in, info, seq, shapes=shapes, initial_state=h0, out=o, store_final=True,
-        store_states=store_states, BT=BT, u_tokens=recur_in[1] is v,
+        w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=o, store_final=True,
+        store_states=store_states, BT=BT,
     )
     return o, ht, states, info, seq
 

@@ -1,4 +1,4 @@
-"""Backward of the chunk-local KDA prep (``_chunk_prep_kernel``): one program per (chunk, value head).
+"""Backward of the chunk-local KDA prep (``_chunk_prep_kernel``), three launches per (chunk, value head).
 
 Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk, gC (from the reverse
 recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
@@ -8,29 +8,33 @@ sigmoid). With X = T^T dw, Y = T^T du and dAkk = -T^T (dw W0^T + du U0^T) T^T (W
 
 plus the pairwise terms of Aqk (Mq = scale dAqk) and Akk (b_i dAkk) and the gate gradients of all decays.
 
-Pairwise decays exp(G_i - G_j) are never formed from two long cumulative sums (fp32 digits are lost
-after -1000 gates, and exp(G_i) * exp(-G_j) overflows):
+Launches:
 
-* between the 16-row sub-chunks, a binary tree: at level HB (BT/2 ... 16) the pair (i in an odd HB-block,
-  j in the even block before it) is exp(fwd_i) * exp(rev_j), fwd = inclusive and rev = exclusive reverse
-  cumsum inside the HB-block: <= 0 sums of one block's gates (segmented scans; rev from the gates shifted
-  by one row, not "sum minus self"). One masked [BT, BT] @ [BT, BK] product per side and matrix.
-* inside a sub-chunk, factored around its row 7: exp(x_i) * exp(-x_j), x = the (exact) local cumsum
-  relative to row 7, |x| <= DIAG_SPAN; a K block with a wider span uses tree levels 8, 4, 2, 1 instead
-  (all factors <= 1). Underflow to 0 is exact.
+1. ``_prep_bwd_wy_kernel`` (grid chunks x HV): L2 norms, dT, e^G X (parked in the dk buffer), the V side
+   (dv, v.Y) and dAkk (to a scratch, T's own storage with ``overwrite_t``).
+2. ``_prep_bwd_diag_kernel`` (grid chunks * BT/16 x HV): the pairs inside each 16-row sub-chunk, formed
+   one by one (exact for any gate) on [16, 16, 8] channel blocks, to a scratch.
+3. ``_chunk_prep_bwd_kernel`` (grid chunks x HV): per K block, the terms without pairwise decays, the
+   pairs between sub-chunks and the scratch of launch 2, the gate activation; then the L2-norm backward,
+   which needs q.dq over the whole row.
+
+Pairwise decays exp(G_i - G_j) are never formed from two long cumulative sums (fp32 digits are lost
+after -1000 gates, and exp(G_i) * exp(-G_j) overflows). Between the 16-row sub-chunks a binary tree: at
+level HB (BT/2 ... 16) the pair (i in an odd HB-block, j in the even block before it) is
+exp(fwd_i) * exp(rev_j), fwd = inclusive and rev = exclusive reverse cumsum inside the HB-block: <= 0 sums
+of one block's gates (segmented scans; rev from the gates shifted by one row, not "sum minus self"). One
+masked [BT, BT] @ [BT, BK] product per side and matrix. Underflow to 0 is exact.
 
 The gate gradient of each factor goes only to the gates inside its block (segmented sums), never as a
 "+x at row i, -x at row j" pair through one cumulative sum over the chunk: that cancels, and the fp32
 (or tf32) residue multiplied by a -1000 gate ruined dA_log. Products through T use tf32x3; the pairwise
-ones ``PAIR_PREC`` (tf32x3 for fp32 inputs, tf32 for 16-bit ones, as the forward). Passes over K:
-(1) norms, dT, e^G X (parked in the dk buffer), then the V side (dv, v.Y) and dAkk (to a scratch, so no
-[BT, BT] tile stays live in pass 2; each level loads only its masked entries); (2) everything else per K
-block; (3) the L2-norm backward, which needs q.dq over the whole row. dq/dk go through fp32 per-value-head
-buffers (summed over the GVA group on the host), dA_log / dt_bias through per-(chunk, head) partial sums.
+ones ``PAIR_PREC`` (tf32x3 for fp32 inputs, tf32 for 16-bit ones, as the forward). dq/dk go through fp32
+per-value-head buffers (summed over the GVA group on the host), dA_log / dt_bias through per-(chunk,
+head) partial sums.
 
-Registers: ptxas (sm_90, triton 3.7) reports spills for every configuration with BT >= 32 (BT=64: about
-1 KB of stack with BK=16 and 8 warps, the least of BK 16/32/64 x 4/8 warps; 4 warps spill 2-4x more),
-of the same order as the forward prep kernel. BT=128 works but spills ~4 KB.
+History: until session 3 this was one kernel whose in-sub-chunk pairs used a midpoint factoring with a
+3-level tree fallback: 31 of its 53 ms at T=32K, H=32 (H200, stress gates that take the fallback in 76% of
+the sub-chunks), 13 ms of it for merely compiling the fallback in (docs/benchmarks.md, session 3).
 """
 
 from __future__ import annotations
@@ -43,9 +47,8 @@ import triton.language as tl
 
 from .utils import apply_beta, apply_gate, chunk_rows, dummy, load_bias, next_pow2
 
-# Largest |exponent| of the midpoint-factored in-sub-chunk decays; above it the tree is used. Pre-product
-# factors are at most exp(DIAG_SPAN) ~ 2e17, so sums with large dAkk entries stay finite in fp32.
-DIAG_SPAN = 40.0
+# The last compiled kernel of each launch (the benchmarks read registers and spills from them).
+LAUNCHED: dict = {}
 
 
 @triton.jit
@@ -145,27 +148,26 @@ def _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
 
 
 @triton.jit
-def _chunk_prep_bwd_kernel(
+def _prep_bwd_wy_kernel(
     q, k, v, g, beta, A_log, dt_bias, chunk_info, T,
-    dw, du, dqg, dkg, daqk, dgc,
-    dq, dk, dv, dg, dbeta, dA_part, dbias_part, dakk,
-    scale, lower_bound,
+    dw, du, dk, dv, dakk, norms, db_part,
+    lower_bound,
     H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    DIAG_TREE: tl.constexpr, SPAN: tl.constexpr, PAIR_PREC: tl.constexpr,
 ):
+    """Pass 1, grid (chunks, HV): L2 norms (to ``norms``), dT = dw W0^T + du U0^T, X = T^T dw (parked as
+    e^G X in the dk buffer), the V side (dv, and v.Y to ``db_part``), dAkk = -T^T dT T^T (strictly lower,
+    to ``dakk``)."""
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1)
     i_h = i_hv // (HV // H)
     row0, n_rows = chunk_rows(chunk_info, i_c)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    m_rn = (r + 1) < n_rows
     base = i_c.to(tl.int64) * HV + i_hv
     off_tt = r[:, None] * BT + r[None, :]
-    p_aqk = daqk + base * BT * BT
     p_akk = dakk + base * BT * BT
     row_qk = (row0 + r) * H + i_h  # token rows of q / k
     row_hv = (row0 + r) * HV + i_hv  # token rows of v / g and of the per-value-head outputs
@@ -191,7 +193,7 @@ def _chunk_prep_bwd_kernel(
         eG = tl.exp(tl.cumsum(bg, axis=0))
         b_dw = tl.load(dw + base * BT * K + r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)
         dT = tl.dot(b_dw, tl.trans(xk * eG), dT, input_precision="tf32x3")
-        # dW0 = T^T dw, parked (times e^G) in the dk buffer so that T is not live in pass 2.
+        # dW0 = T^T dw, parked (times e^G) in the dk buffer for pass 2.
         X = tl.dot(tl.trans(Tm), b_dw, input_precision="tf32x3")
         tl.store(dk + row_hv[:, None] * K + o_k[None, :], eG * X, mask=m_rk)
         if L2NORM:
@@ -220,10 +222,120 @@ def _chunk_prep_bwd_kernel(
     dAkk = -tl.dot(tl.trans(Tm), dAkk, input_precision="tf32x3")
     tl.debug_barrier()  # the scratch may be T's own storage (overwrite_t): every thread has read T
     tl.store(p_akk + off_tt, tl.where(m_strict, dAkk, 0.0))
+    tl.store(norms + base * 2 * BT + r, rq)
+    tl.store(norms + base * 2 * BT + BT + r, rk)
+    tl.store(db_part + base * BT + r, db)
+
+
+@triton.jit
+def _prep_bwd_diag_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, pair_grads, db_pair,
+    scale, lower_bound,
+    H, HV, K,
+    BT: tl.constexpr, BC: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+):
+    """Pairs j < i inside one 16-row sub-chunk, grid (chunks * BT / 16, HV), formed one by one on
+    [16, 16, BC] channel blocks: P_ijd = exp(G'_id - G'_jd) with G' the sub-chunk's local cumulative sum
+    (row 0's gate, in no pair, left out), exact for any gate. With Mq = scale dAqk and Mk = dAkk:
+
+        dq_i = sum_j Mq_ij P_ij k_j,   dk_j += sum_i (Mq_ij q_i + b_i Mk_ij k_i) P_ij,
+        dk_i += b_i sum_j Mk_ij P_ij k_j,   db_i = sum_j Mk_ij sum_d k_id k_jd P_ijd,
+        E_ijd = (Mq_ij q_id + b_i Mk_ij k_id) k_jd P_ijd = d/d log P_ijd,
+        dg_t = sum over pairs with j < t <= i of E = reverse cumsum over the sub-chunk of (rowsum - colsum)
+
+    Every term is bounded by its pair's |M q k| (no large factors), so the sums inside a 16-row sub-chunk
+    cannot cancel badly. Writes dq, dk and the activated-gate gradient to ``pair_grads`` [chunks, HV, 3,
+    BT, K] and db to ``db_pair``."""
+    NS: tl.constexpr = BT // 16
+    i_p = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_c = i_p // NS
+    s = i_p % NS
+    i_h = i_hv // (HV // H)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    base = i_c.to(tl.int64) * HV + i_hv
+    a16 = tl.arange(0, 16)
+    r16 = s * 16 + a16
+    m_r = r16 < n_rows
+    rq = tl.load(norms + base * 2 * BT + r16)
+    rk = tl.load(norms + base * 2 * BT + BT + r16)
+    xb = tl.load(beta + (row0 + r16) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
+    bb = tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    off = r16[:, None] * BT + r16[None, :]
+    strict = (a16[:, None] > a16[None, :]) & m_r[:, None]
+    mq = tl.load(daqk + base * BT * BT + off, mask=strict, other=0.0) * scale
+    mk = tl.load(dakk + base * BT * BT + off, mask=strict, other=0.0)
+    mkb = mk * bb[:, None]
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    db = tl.zeros([16], dtype=tl.float32)
+    p_out = pair_grads + base * 3 * BT * K + r16[:, None] * K
+    for cb in range(0, K, BC):
+        o_c = cb + tl.arange(0, BC)
+        m_c = o_c < K
+        m = m_r[:, None] & m_c[None, :]
+        p = ((row0 + r16)[:, None] * H + i_h) * K + o_c[None, :]
+        cq = tl.load(q + p, mask=m, other=0.0).to(tl.float32) * rq[:, None]
+        ck = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * rk[:, None]
+        bias = load_bias(dt_bias, i_hv, K, o_c, m_c, BC, HAS_BIAS)
+        _, cg = _load_gate(g, row0, r16, i_hv, o_c, m, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+        cG = tl.cumsum(tl.where((a16 == 0)[:, None], 0.0, cg), axis=0)
+        P = tl.exp(tl.minimum(cG[:, None, :] - cG[None, :, :], 0.0))  # [i, j, d]
+        Pk = P * ck[None, :, :]
+        dq_c = tl.sum(mq[:, :, None] * Pk, axis=1)
+        db += tl.sum(tl.sum(mk[:, :, None] * Pk * ck[:, None, :], axis=2), axis=1)
+        W = mq[:, :, None] * cq[:, None, :] + mkb[:, :, None] * ck[:, None, :]  # row-side weights
+        dk_c = tl.sum(mkb[:, :, None] * Pk, axis=1) + tl.sum(W * P, axis=0)
+        E = W * Pk
+        d_l = tl.sum(E, axis=1) - tl.sum(E, axis=0)
+        dg_c = tl.where((a16 == 0)[:, None], 0.0, tl.cumsum(d_l, axis=0, reverse=True))
+        m_o = (a16 < 16)[:, None] & m_c[None, :]
+        tl.store(p_out + o_c[None, :], dq_c, mask=m_o)
+        tl.store(p_out + BT * K + o_c[None, :], dk_c, mask=m_o)
+        tl.store(p_out + 2 * BT * K + o_c[None, :], dg_c, mask=m_o)
+    tl.store(db_pair + base * BT + r16, db)
+
+
+@triton.jit
+def _chunk_prep_bwd_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info,
+    dqg, dkg, daqk, dgc, norms, db_part, pair_grads, db_pair,
+    dq, dk, dg, dbeta, dA_part, dbias_part, dakk,
+    scale, lower_bound,
+    H, HV, K,
+    BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0,
+):
+    """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, adding the
+    in-sub-chunk pairs of ``_prep_bwd_diag_kernel``; then the L2-norm backward."""
+    # ABLATE (profiling only, wrong results): bit 1 drops the pairs between sub-chunks, 16 drops pass 3.
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    m_rn = (r + 1) < n_rows
+    base = i_c.to(tl.int64) * HV + i_hv
+    p_aqk = daqk + base * BT * BT
+    p_akk = dakk + base * BT * BT
+    row_qk = (row0 + r) * H + i_h  # token rows of q / k
+    row_hv = (row0 + r) * HV + i_hv  # token rows of v / g and of the per-value-head outputs
+
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    xb = tl.load(beta + row_hv, mask=m_r, other=0.0).to(tl.float32)
+    bb = tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    rq = tl.load(norms + base * 2 * BT + r)
+    rk = tl.load(norms + base * 2 * BT + BT + r)
+    db = tl.load(db_part + base * BT + r) + tl.load(db_pair + base * BT + r)
     dq_diag = tl.load(p_aqk + r * BT + r, mask=m_r, other=0.0) * scale  # Aqk's diagonal, no decay
-    odd8 = ((r // 8) % 2) == 1
-    in_sub = ((r[:, None] // 16) == (r[None, :] // 16)) & (r[:, None] > r[None, :])
-    tl.debug_barrier()  # pass 2 reads the e^G X and dAkk tiles written by other threads
 
     # ---- pass 2: per K block ------------------------------------------------------------------------
     dA = tl.zeros([BK], dtype=tl.float32)
@@ -256,46 +368,18 @@ def _chunk_prep_bwd_kernel(
         d_g = tl.cumsum(d_G, axis=0, reverse=True) + (tl.cumsum(kgd, axis=0) - kgd) + b_dgc[None, :]
 
         # Between 16-row sub-chunks: tree levels BT/2 ... 16.
-        for lv in tl.static_range(BT.bit_length() - 5):
+        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 5):
             d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
                                              BT >> (lv + 1), PAIR_PREC)
             acc_q += d_q
             acc_k += d_k
             d_g += d_l
             db += d_b
-        # Inside the sub-chunks: factored around row 7, or the tree where the decay span is too wide.
-        fwd8, rev8 = _block_sums(bg, bgn, r, BT, BK, 8)
-        x = tl.where(odd8[:, None], fwd8, -rev8)
-        limit = SPAN
-        if DIAG_TREE:
-            limit = -1.0
-        if tl.max(tl.abs(x)) <= limit:
-            mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, in_sub, BT)
-            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, tl.exp(x), tl.exp(-x), mq, mk, PAIR_PREC)
-            acc_q += d_q
-            acc_k += d_k
-            db += d_b
-            # x_i - x_j = sum of g over (j, i]: the reverse sum inside the sub-chunk (row 0's gate is in
-            # no pair, and its sum would be pure cancellation).
-            d_l = _seg_scan(d_row - d_col, r, BT, BK, 16, True)
-            d_g += tl.where(((r % 16) == 0)[:, None], 0.0, d_l)
-        else:
-            bi = r // 8
-            keep = (bi[:, None] == bi[None, :] + 1) & ((bi[None, :] % 2) == 0)
-            e = tl.exp(tl.minimum(tl.where(odd8[:, None], fwd8, rev8), 0.0))
-            mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, keep, BT)
-            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, e, mq, mk, PAIR_PREC)
-            acc_q += d_q
-            acc_k += d_k
-            db += d_b
-            d_g += _seg_scan(d_row, r, BT, BK, 8, True) + (_seg_scan(d_col, r, BT, BK, 8, False) - d_col)
-            for lv in tl.static_range(3):
-                d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
-                                                 4 >> lv, PAIR_PREC)
-                acc_q += d_q
-                acc_k += d_k
-                d_g += d_l
-                db += d_b
+        # Inside the sub-chunks: the pairs formed one by one by _prep_bwd_diag_kernel.
+        p_pg = pair_grads + base * 3 * BT * K + r[:, None] * K + o_k[None, :]
+        acc_q += tl.load(p_pg, mask=m_rk, other=0.0)
+        acc_k += tl.load(p_pg + BT * K, mask=m_rk, other=0.0)
+        d_g += tl.load(p_pg + 2 * BT * K, mask=m_rk, other=0.0)
 
         # Through the gate activation (raw gate reloaded rather than kept live).
         d_g = tl.where(m_rk, d_g, 0.0)
@@ -337,7 +421,7 @@ def _chunk_prep_bwd_kernel(
     tl.store(dbeta + row_hv, db.to(dbeta.dtype.element_ty), mask=m_r)
 
     # ---- pass 3: L2-norm backward, dx = r (dx^ - (x^.dx^) x^) ----------------------------------------
-    if L2NORM:
+    if L2NORM and (ABLATE & 16) == 0:
         tl.debug_barrier()
         for kb in range(0, K, BK):
             o_k = kb + tl.arange(0, BK)
@@ -375,26 +459,38 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     dbeta = torch.empty(B, Tlen, HV, device=dev, dtype=beta.dtype)
     dA_part = torch.empty(NC, HV, device=dev, dtype=f32) if A_log is not None else None
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if dt_bias is not None else None
-    dakk = T if overwrite_t else torch.empty_like(T)  # dAkk of every chunk (read back by the same program)
+    dakk = T if overwrite_t else torch.empty_like(T)  # dAkk of every chunk (written by pass 1)
     if NC > 0:
-        # Defaults from ptxas on sm_90 (triton 3.7): the fewest spills per chunk size (see the module notes).
-        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 8), 128: (16, 8)}[BT]
+        # Pass 2 (the per-K-block kernel): 4 warps; BT=64 ran 53 ms vs 61 ms with 8 at T=32K, H=32 on an
+        # H200 (session 3, single-kernel version) despite more spills.
+        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 4), 128: (16, 8)}[BT]
         BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BK", bk)), next_pow2(K)))
         BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BV", 32)), next_pow2(V)))
         warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_WARPS", warps))
         prec = os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_PREC") or ("tf32x3" if q.dtype == f32 else "tf32")
         d = dummy(dev)
-        _chunk_prep_bwd_kernel[(NC, HV)](
-            q, k, v, g, beta, A_log if A_log is not None else d, dt_bias if dt_bias is not None else d,
-            chunk_info, T, dw, du, dqg, dkg, daqk, dgc,
-            dq32, dk32, dv, dg, dbeta, dA_part if dA_part is not None else d,
-            dbias_part if dbias_part is not None else d, dakk,
-            float(cfg.scale), float(cfg.lower_bound) if cfg.lower_bound is not None else 0.0,
-            H, HV, K, V, BT=BT, BK=BK, BV=BV,
-            GATE=cfg.gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
-            L2NORM=cfg.l2norm, BETA_SIGMOID=cfg.beta_sigmoid, NEG_EIGVAL=cfg.neg_eigval,
-            DIAG_TREE=os.environ.get("KIMI_LINEAR_KDA_DIAG") == "tree", SPAN=DIAG_SPAN, PAIR_PREC=prec,
-            num_warps=warps, num_stages=1,
+        a_log = A_log if A_log is not None else d
+        bias = dt_bias if dt_bias is not None else d
+        lb = float(cfg.lower_bound) if cfg.lower_bound is not None else 0.0
+        flags = dict(GATE=cfg.gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
+                     BETA_SIGMOID=cfg.beta_sigmoid, NEG_EIGVAL=cfg.neg_eigval)
+        norms = torch.empty(NC, HV, 2, BT, device=dev, dtype=f32)  # L2-norm factors of q and k
+        db_part = torch.empty(NC, HV, BT, device=dev, dtype=f32)
+        pair_grads = torch.empty(NC, HV, 3, BT, K, device=dev, dtype=f32)
+        db_pair = torch.empty(NC, HV, BT, device=dev, dtype=f32)
+        LAUNCHED["wy"] = _prep_bwd_wy_kernel[(NC, HV)](
+            q, k, v, g, beta, a_log, bias, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part,
+            lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags, num_warps=4, num_stages=1,
+        )
+        LAUNCHED["diag"] = _prep_bwd_diag_kernel[(NC * (BT // 16), HV)](
+            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, pair_grads, db_pair,
+            float(cfg.scale), lb, H, HV, K, BT=BT, BC=8, **flags, num_warps=4, num_stages=1,
+        )
+        LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
+            q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, pair_grads, db_pair,
+            dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d, dbias_part if dbias_part is not None else d,
+            dakk, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK, L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec,
+            ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0)), num_warps=warps, num_stages=1,
         )
     group = HV // H
     if group > 1:

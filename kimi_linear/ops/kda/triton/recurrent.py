@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -106,7 +105,7 @@ def recurrent_kda_fwd(
     ``indices[n]``) for in-place updates, else an [N, HV, K, V] tensor, or None. out: [B, T, HV, V]. all_states: [B, T, HV, K, V]
     (or [.., V, K]) or None.
     """
-    B, T, H, HV, K, V, N = shapes.B, shapes.T, shapes.H, shapes.HV, shapes.K, shapes.V, shapes.N
+    T, H, HV, K, V, N = shapes.T, shapes.H, shapes.HV, shapes.K, shapes.V, shapes.N
     dev = q.device
     BK = next_pow2(K)
     BV = min(next_pow2(V), 32 if N * HV >= 256 else 16)
