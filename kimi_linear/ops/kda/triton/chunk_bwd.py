@@ -31,7 +31,7 @@ import triton.language as tl
 from ..gate import kda_gate
 from .chunk_fwd import chunk_prep, chunk_recur
 from .prep_bwd import chunk_prep_bwd
-from .utils import INTERPRET, chunk_rows, dummy, next_pow2, sequence_program
+from .utils import INTERPRET, chunk_program, chunk_rows, dummy, next_pow2, sequence_program
 
 
 @triton.jit
@@ -92,14 +92,11 @@ def _chunk_bwd_grads_kernel(
 
         dqg = do h^T,  dkg = v_new dS^T,  dw = -dv h^T,  dAqk = do v_new^T,  dgC = exp(gC) rowsum(h * dS)
     """
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
+    i_c, i_hv, _, row0, n_rows, base = chunk_program(chunk_info, HV, HV)
     i_k = tl.program_id(2)
-    base = (i_c * HV + i_hv).to(tl.int64)
     r = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    row0, n_rows = chunk_rows(chunk_info, i_c)
     acc_q = tl.zeros([BT, BK], dtype=tl.float32)
     acc_k = tl.zeros([BT, BK], dtype=tl.float32)
     acc_w = tl.zeros([BT, BK], dtype=tl.float32)

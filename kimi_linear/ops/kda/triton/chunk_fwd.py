@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, apply_gate, chunk_rows, dummy, load_bias, next_pow2, sequence_program,
+    INTERPRET, apply_beta, apply_gate, chunk_program, chunk_rows, dummy, load_bias, next_pow2, pair_block,
+    sequence_program, sub_chunk_program,
 )
 
 
@@ -121,15 +122,8 @@ def _chunk_diag_kernel(
     pair), so the exponent is a short sum and exact for any gate; i < j entries are clamped (the caller
     masks them). Writes [chunks, HV, BT/16, 2, 16, 16] fp32."""
     NS: tl.constexpr = BT // 16
-    i_p = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_c = i_p // NS
-    s = i_p % NS
-    i_h = i_hv // (HV // H)
-    row0, n_rows = chunk_rows(chunk_info, i_c)
+    i_c, s, i_hv, i_h, row0, r16, m_r, base = sub_chunk_program(chunk_info, H, HV, NS)
     a16 = tl.arange(0, 16)
-    r16 = s * 16 + a16
-    m_r = r16 < n_rows
     p_row = ((row0 + r16) * H + i_h) * K
     rq = tl.full([16], 1.0, dtype=tl.float32)
     rk = tl.full([16], 1.0, dtype=tl.float32)
@@ -151,19 +145,12 @@ def _chunk_diag_kernel(
     d_qk = tl.zeros([16, 16], dtype=tl.float32)
     d_kk = tl.zeros([16, 16], dtype=tl.float32)
     for cb in range(0, K, BC):
-        o_c = cb + tl.arange(0, BC)
-        m_c = o_c < K
-        m = m_r[:, None] & m_c[None, :]
-        cq = tl.load(q + p_row[:, None] + o_c[None, :], mask=m, other=0.0).to(tl.float32) * rq[:, None]
-        ck = tl.load(k + p_row[:, None] + o_c[None, :], mask=m, other=0.0).to(tl.float32) * rk[:, None]
-        bias = load_bias(dt_bias, i_hv, K, o_c, m_c, BC, HAS_BIAS)
-        cg = tl.load(g + ((row0 + r16)[:, None] * HV + i_hv) * K + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-        cg = tl.where(m, apply_gate(cg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
-        cG = tl.cumsum(tl.where((a16 == 0)[:, None], 0.0, cg), axis=0)
+        cq, ck, cG = pair_block(q, k, g, row0, r16, m_r, i_h, i_hv, H, HV, K, cb + tl.arange(0, BC), rq, rk, a,
+                                dt_bias, lower_bound, BC, GATE, HAS_A, HAS_BIAS)
         ke = ck[None, :, :] * tl.exp(tl.minimum(cG[:, None, :] - cG[None, :, :], 0.0))
         d_qk += tl.sum(cq[:, None, :] * ke, axis=2)
         d_kk += tl.sum(ck[:, None, :] * ke, axis=2)
-    p_d = d_out + ((i_c.to(tl.int64) * HV + i_hv) * NS + s) * 512 + a16[:, None] * 16 + a16[None, :]
+    p_d = d_out + (base * NS + s) * 512 + a16[:, None] * 16 + a16[None, :]
     tl.store(p_d, d_qk)
     tl.store(p_d + 256, d_kk)
 
@@ -180,10 +167,7 @@ def _chunk_prep_kernel(
     # Writes Aqk and T; the diagonal 16 x 16 blocks come from _chunk_diag_kernel (d_in), and
     # _chunk_wy_kernel then writes w, u, qg, kg, gC from T.
     NS: tl.constexpr = BT // 16
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_h = i_hv // (HV // H)
-    row0, n_rows = chunk_rows(chunk_info, i_c)
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
     a16 = tl.arange(0, 16)
@@ -196,7 +180,6 @@ def _chunk_prep_kernel(
     rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
 
-    base = i_c.to(tl.int64) * HV + i_hv
     A_qk = tl.zeros([BT, BT], dtype=tl.float32)  # entries between different sub-chunks
     A_kk = tl.zeros([BT, BT], dtype=tl.float32)
     gap = sub[:, None] - sub[None, :]
@@ -279,13 +262,9 @@ def _chunk_wy_kernel(
 ):
     """Second half of the split prep: from T, w = T (beta k e^G), u = T (beta v), qg, kg, gC. Decays
     relative to the chunk start (e^G) and to its end (e^(G_C - G)) are direct sums, so all <= 1."""
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_h = i_hv // (HV // H)
-    row0, n_rows = chunk_rows(chunk_info, i_c)
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    base = i_c.to(tl.int64) * HV + i_hv
     a = 0.0
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)

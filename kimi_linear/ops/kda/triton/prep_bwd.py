@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import apply_beta, apply_gate, chunk_rows, dummy, load_bias, next_pow2
+from .utils import apply_beta, apply_gate, chunk_program, dummy, load_bias, next_pow2, pair_block, sub_chunk_program
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
 LAUNCHED: dict = {}
@@ -148,6 +148,17 @@ def _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
 
 
 @triton.jit
+def _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+                   NEG_EIGVAL: tl.constexpr):
+    """A_log of the value head (0 without), and the raw and activated beta of the chunk's rows."""
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    xb = tl.load(beta + row_hv, mask=m_r, other=0.0).to(tl.float32)
+    return a, xb, tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+
+
+@triton.jit
 def _prep_bwd_wy_kernel(
     q, k, v, g, beta, A_log, dt_bias, chunk_info, T,
     dw, du, dk, dv, dakk, norms, db_part,
@@ -160,23 +171,15 @@ def _prep_bwd_wy_kernel(
     """Pass 1, grid (chunks, HV): L2 norms (to ``norms``), dT = dw W0^T + du U0^T, X = T^T dw (parked as
     e^G X in the dk buffer), the V side (dv, and v.Y to ``db_part``), dAkk = -T^T dT T^T (strictly lower,
     to ``dakk``)."""
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_h = i_hv // (HV // H)
-    row0, n_rows = chunk_rows(chunk_info, i_c)
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    base = i_c.to(tl.int64) * HV + i_hv
     off_tt = r[:, None] * BT + r[None, :]
     p_akk = dakk + base * BT * BT
     row_qk = (row0 + r) * H + i_h  # token rows of q / k
     row_hv = (row0 + r) * HV + i_hv  # token rows of v / g and of the per-value-head outputs
 
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    xb = tl.load(beta + row_hv, mask=m_r, other=0.0).to(tl.float32)
-    bb = tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    a, xb, bb = _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
     Tm = tl.load(T + base * BT * BT + off_tt)
 
     # ---- pass 1: L2 norms, dT = dw W0^T + du U0^T, X = T^T dw, the V side (dv, v.Y), dAkk -------------
@@ -249,16 +252,8 @@ def _prep_bwd_diag_kernel(
     cannot cancel badly. Writes dq, dk and the activated-gate gradient to ``pair_grads`` [chunks, HV, 3,
     BT, K] and db to ``db_pair``."""
     NS: tl.constexpr = BT // 16
-    i_p = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_c = i_p // NS
-    s = i_p % NS
-    i_h = i_hv // (HV // H)
-    row0, n_rows = chunk_rows(chunk_info, i_c)
-    base = i_c.to(tl.int64) * HV + i_hv
+    i_c, s, i_hv, i_h, row0, r16, m_r, base = sub_chunk_program(chunk_info, H, HV, NS)
     a16 = tl.arange(0, 16)
-    r16 = s * 16 + a16
-    m_r = r16 < n_rows
     rq = tl.load(norms + base * 2 * BT + r16)
     rk = tl.load(norms + base * 2 * BT + BT + r16)
     xb = tl.load(beta + (row0 + r16) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
@@ -275,14 +270,8 @@ def _prep_bwd_diag_kernel(
     p_out = pair_grads + base * 3 * BT * K + r16[:, None] * K
     for cb in range(0, K, BC):
         o_c = cb + tl.arange(0, BC)
-        m_c = o_c < K
-        m = m_r[:, None] & m_c[None, :]
-        p = ((row0 + r16)[:, None] * H + i_h) * K + o_c[None, :]
-        cq = tl.load(q + p, mask=m, other=0.0).to(tl.float32) * rq[:, None]
-        ck = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * rk[:, None]
-        bias = load_bias(dt_bias, i_hv, K, o_c, m_c, BC, HAS_BIAS)
-        _, cg = _load_gate(g, row0, r16, i_hv, o_c, m, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
-        cG = tl.cumsum(tl.where((a16 == 0)[:, None], 0.0, cg), axis=0)
+        cq, ck, cG = pair_block(q, k, g, row0, r16, m_r, i_h, i_hv, H, HV, K, o_c, rq, rk, a, dt_bias, lower_bound,
+                                BC, GATE, HAS_A, HAS_BIAS)
         P = tl.exp(tl.minimum(cG[:, None, :] - cG[None, :, :], 0.0))  # [i, j, d]
         Pk = P * ck[None, :, :]
         dq_c = tl.sum(mq[:, :, None] * Pk, axis=1)
@@ -292,7 +281,7 @@ def _prep_bwd_diag_kernel(
         E = W * Pk
         d_l = tl.sum(E, axis=1) - tl.sum(E, axis=0)
         dg_c = tl.where((a16 == 0)[:, None], 0.0, tl.cumsum(d_l, axis=0, reverse=True))
-        m_o = (a16 < 16)[:, None] & m_c[None, :]
+        m_o = (a16 < 16)[:, None] & (o_c < K)[None, :]
         tl.store(p_out + o_c[None, :], dq_c, mask=m_o)
         tl.store(p_out + BT * K + o_c[None, :], dk_c, mask=m_o)
         tl.store(p_out + 2 * BT * K + o_c[None, :], dg_c, mask=m_o)
@@ -314,24 +303,16 @@ def _chunk_prep_bwd_kernel(
     """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, adding the
     in-sub-chunk pairs of ``_prep_bwd_diag_kernel``; then the L2-norm backward."""
     # ABLATE (profiling only, wrong results): bit 1 drops the pairs between sub-chunks, 16 drops pass 3.
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_h = i_hv // (HV // H)
-    row0, n_rows = chunk_rows(chunk_info, i_c)
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
     m_rn = (r + 1) < n_rows
-    base = i_c.to(tl.int64) * HV + i_hv
     p_aqk = daqk + base * BT * BT
     p_akk = dakk + base * BT * BT
     row_qk = (row0 + r) * H + i_h  # token rows of q / k
     row_hv = (row0 + r) * HV + i_hv  # token rows of v / g and of the per-value-head outputs
 
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    xb = tl.load(beta + row_hv, mask=m_r, other=0.0).to(tl.float32)
-    bb = tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    a, xb, bb = _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
     rq = tl.load(norms + base * 2 * BT + r)
     rk = tl.load(norms + base * 2 * BT + BT + r)
     db = tl.load(db_part + base * BT + r) + tl.load(db_pair + base * BT + r)

@@ -57,6 +57,47 @@ def chunk_rows(chunk_info, c):
 
 
 @triton.jit
+def chunk_program(chunk_info, H, HV):
+    """Program ids of the chunk-parallel kernels, grid (chunks, HV): the chunk, the value head, its q/k
+    head (GVA), the chunk's first token and valid rows, and the (chunk, head) index of chunk-major buffers."""
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    return i_c, i_hv, i_hv // (HV // H), row0, n_rows, i_c.to(tl.int64) * HV + i_hv
+
+
+@triton.jit
+def sub_chunk_program(chunk_info, H, HV, NS: tl.constexpr):
+    """As ``chunk_program`` for grid (chunks * NS, HV), one 16-row sub-chunk per program; also returns the
+    sub-chunk index s and its rows' positions in the chunk (r16) with their validity mask."""
+    i_p = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_c = i_p // NS
+    s = i_p % NS
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    r16 = s * 16 + tl.arange(0, 16)
+    return i_c, s, i_hv, i_hv // (HV // H), row0, r16, r16 < n_rows, i_c.to(tl.int64) * HV + i_hv
+
+
+@triton.jit
+def pair_block(q, k, g, row0, r16, m_r, i_h, i_hv, H, HV, K, o_c, rq, rk, a, dt_bias, lower_bound,
+               BC: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Channels o_c of the 16 rows r16 for the pair-by-pair sub-chunk kernels: normalised q, k, and
+    G' = the cumulative log decay from row 0 (row 0's own gate left out: it cancels in every pair, and a
+    short sum keeps exp(G'_i - G'_j) exact for any gate). All fp32 [16, BC]."""
+    m_c = o_c < K
+    m = m_r[:, None] & m_c[None, :]
+    p = ((row0 + r16)[:, None] * H + i_h) * K + o_c[None, :]
+    cq = tl.load(q + p, mask=m, other=0.0).to(tl.float32) * rq[:, None]
+    ck = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * rk[:, None]
+    bias = load_bias(dt_bias, i_hv, K, o_c, m_c, BC, HAS_BIAS)
+    cg = tl.load(g + ((row0 + r16)[:, None] * HV + i_hv) * K + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+    cg = tl.where(m, apply_gate(cg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
+    first = (tl.arange(0, 16) == 0)[:, None]
+    return cq, ck, tl.cumsum(tl.where(first, 0.0, cg), axis=0)
+
+
+@triton.jit
 def sequence_program(seq_chunks, HV):
     """Program ids of the sequential kernels, grid (V slices, N * HV): the V slice, the (sequence, head)
     index, the value head, and the sequence's chunk range [c0, c1)."""
