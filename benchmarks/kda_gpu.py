@@ -188,6 +188,29 @@ def kernel_info(kern):
         return "n/a"
 
 
+def kernel_times(fn, reps=5, device_kernels=True):
+    """Time per kernel name in us per call of ``fn`` (summed over its launches, mean over ``reps`` calls),
+    from torch.profiler: where a forward or forward + backward spends its device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if device_kernels:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CUDA] if device_kernels else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        for _ in range(reps):
+            fn()
+        if device_kernels:
+            torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) if device_kernels \
+            else getattr(e, "cpu_time_total", 0)
+        if t > 0:
+            out[e.key] = out.get(e.key, 0.0) + t / reps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def gate_share(g, A_log, dt_bias, lower_bound, span=120.0):
     """Share of 16-row sub-chunks whose log-decay span exceeds ``span`` in some channel: those take the
     pairwise (exact) path of chunk_intra's diagonal blocks."""
@@ -226,6 +249,18 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
         res[f"{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
     if "bwd" in parts:
         res.update(_bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, "variants" in parts))
+    if "kernels" in parts:  # every kernel of chunk_kda's forward, then of forward + backward, by name
+        res["fwd_kernels_us"] = kernel_times(lambda: chunk_kda(*ts, **kw))
+        ts2, kw2, leaves = inputs(1, T, gate, grad=True, dist=dist)
+        do = torch.randn_like(v)
+
+        def fb():
+            o2, s2 = chunk_kda(*ts2, **kw2)
+            torch.autograd.backward([o2, s2], [do, torch.ones_like(s2)])
+            for x in leaves:
+                x.grad = None
+
+        res["fwd_bwd_kernels_us"] = kernel_times(fb)
     return res
 
 
@@ -288,7 +323,8 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", help="B=1 sequence lengths (default 8K 32K 128K)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep variants")
     ap.add_argument("--breakdown-t", type=int, default=32768, help="sequence length of the per-launch breakdown")
-    ap.add_argument("--breakdown-parts", nargs="+", default=["bwd"], help="bwd: add the backward's pieces; variants: and prep_bwd launch variants")
+    ap.add_argument("--breakdown-parts", nargs="+", default=["bwd"], help="bwd: the backward's pieces; variants: prep_bwd launch variants; kernels: "
+                         "per-kernel device times (torch.profiler) of the forward and forward + backward")
     ap.add_argument("--breakdown-dists", nargs="+", default=["stress", "init"])
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--gates", nargs="+", default=["softplus", "lower_bound", "softplus-init"],
@@ -305,7 +341,12 @@ def main():
             res = breakdown(args.breakdown_t, "softplus", dist, args.breakdown_parts)
             print(f"breakdown T={args.breakdown_t // 1024}K softplus, {dist} gates (ms per launch):")
             for key, val in res.items():
-                print(f"  {key}: {round(val, 3) if isinstance(val, float) else val}", flush=True)
+                if isinstance(val, dict):
+                    print(f"  {key}:")
+                    for name, us in val.items():
+                        print(f"    {us:10.1f} us  {name}")
+                else:
+                    print(f"  {key}: {round(val, 3) if isinstance(val, float) else val}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"breakdown failed: {e!r}")
     Ts = args.lengths or ([8192] if args.quick else [8192, 32768, 131072])
