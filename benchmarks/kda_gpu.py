@@ -247,6 +247,8 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
     res["prep_ms"] = bench(prep)  # all three launches
     for name in ("diag", "prep", "wy"):
         res[f"{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
+    if "variants" in parts:
+        res.update(_fwd_variants(prep, ref))
     if "bwd" in parts:
         res.update(_bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, "variants" in parts))
     if "kernels" in parts:  # every kernel of chunk_kda's forward, then of forward + backward, by name
@@ -261,6 +263,26 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
                 x.grad = None
 
         res["fwd_bwd_kernels_us"] = kernel_times(fb)
+    return res
+
+
+def _fwd_variants(prep, ref):
+    """Opt-in launch variants of the forward prep, timed against the default, with their output agreement."""
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    res = {}
+    for env, val in (("KIMI_LINEAR_KDA_PREP_INVERSE", "split"), ("KIMI_LINEAR_KDA_PREP_WARPS", "8")):
+        os.environ[env] = val
+        try:
+            got = prep()
+            res[f"prep_{val}_ms"] = bench(prep)
+            res[f"prep_{val}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
+            for name in ("prep", "inverse"):
+                res[f"prep_{val}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
+        except Exception as e:  # noqa: BLE001
+            res[f"prep_{val}"] = f"failed: {e!r}"
+        os.environ.pop(env)
+    chunk_fwd.LAUNCHED.pop("inverse", None)
     return res
 
 

@@ -128,14 +128,18 @@ def _prep_reference(inp, BT):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("BT,extreme", [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 1.0)])
-def test_prep_kernel_definitions(BT, extreme):
+@pytest.mark.parametrize("BT,extreme,inverse", [(bt, e, "fused") for bt in (16, 64, 128) for e in (0.0, 0.02)]
+                         + [(32, 1.0, "fused"), (16, 0.0, "split"), (64, 0.02, "split")])
+def test_prep_kernel_definitions(BT, extreme, inverse, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
-    not powers of two; moderate gates, +1000 raw gates in some sub-chunks, or in every one (BT=32)."""
+    not powers of two; moderate gates, +1000 raw gates in some sub-chunks, or in every one (BT=32);
+    "split": the inverse in its own launch (KIMI_LINEAR_KDA_PREP_INVERSE=split)."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
     from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
 
+    if inverse == "split":
+        monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_INVERSE", "split")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)

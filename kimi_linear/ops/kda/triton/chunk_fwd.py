@@ -156,15 +156,61 @@ def _chunk_diag_kernel(
 
 
 @triton.jit
+def _invert(D_kk, A_kk, r, BT: tl.constexpr, NS: tl.constexpr, LEVELS: tl.constexpr):
+    """T = (I + Akk)^-1 from Akk's 16 x 16 diagonal blocks D_kk [NS, 16, 16] and its entries between
+    sub-chunks A_kk [BT, BT] (zero elsewhere)."""
+    a16 = tl.arange(0, 16)
+    # (I + A_kk)^-1 = R Tdiag: the 16 x 16 diagonal blocks by forward substitution (exact fp32), then
+    # R = (I + M)^-1 with M = Tdiag L (strictly block-lower, nilpotent): (I - M)(I + M^2)(I + M^4)...
+    eye3 = (a16[:, None] == a16[None, :])[None, :, :]
+    T3 = tl.where(eye3, 1.0, 0.0) + tl.zeros([NS, 16, 16], dtype=tl.float32)
+    for i in range(1, 16):
+        sel = (a16 == i)[None, :, None]
+        a_row = tl.sum(tl.where(sel, D_kk, 0.0), axis=1)
+        upd = tl.sum(a_row[:, :, None] * T3, axis=1)
+        T3 = tl.where(sel, T3 - upd[:, None, :], T3)
+    # Block-diagonal Tdiag as a [BT, BT] tile.
+    same = (tl.arange(0, NS)[:, None, None, None] == tl.arange(0, NS)[None, None, :, None])
+    Tfull = tl.reshape(tl.where(same, tl.broadcast_to(T3[:, :, None, :], (NS, 16, NS, 16)), 0.0), (BT, BT))
+    if NS > 1:
+        M = tl.reshape(tl.dot(T3, tl.reshape(A_kk, (NS, 16, BT)), input_precision="tf32x3"), (BT, BT))
+        R = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - M
+        P = M
+        for lv in tl.static_range(LEVELS - 5):
+            P = tl.dot(P, P, input_precision="tf32x3")
+            R = R + tl.dot(R, P, input_precision="tf32x3")
+        Tfull = tl.dot(R, Tfull, input_precision="tf32x3")
+    return Tfull
+
+
+@triton.jit
+def _chunk_inverse_kernel(chunk_info, t, HV, BT: tl.constexpr, LEVELS: tl.constexpr):
+    """Grid (chunks, HV): T = (I + Akk)^-1 in place of the Akk written by ``_chunk_prep_kernel`` with
+    INVERT=False (KIMI_LINEAR_KDA_PREP_INVERSE=split: the inverse in its own launch)."""
+    NS: tl.constexpr = BT // 16
+    _, _, _, _, _, base = chunk_program(chunk_info, HV, HV)
+    r = tl.arange(0, BT)
+    a16 = tl.arange(0, 16)
+    p_t = t + base * BT * BT
+    gap = (r // 16)[:, None] - (r // 16)[None, :]
+    A_kk = tl.load(p_t + r[:, None] * BT + r[None, :], mask=gap != 0, other=0.0)
+    s3 = tl.arange(0, NS)[:, None, None] * 16
+    D_kk = tl.load(p_t + (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :]))
+    Tfull = _invert(D_kk, A_kk, r, BT, NS, LEVELS)
+    tl.debug_barrier()  # every thread has read Akk before T overwrites it
+    tl.store(p_t + r[:, None] * BT + r[None, :], Tfull)
+
+
+@triton.jit
 def _chunk_prep_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info, d_in, aqk_out, t_out,
     scale, lower_bound,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, INVERT: tl.constexpr = True,
 ):
-    # Writes Aqk and T; the diagonal 16 x 16 blocks come from _chunk_diag_kernel (d_in), and
+    # Writes Aqk and T (Akk with INVERT=False); the diagonal 16 x 16 blocks come from _chunk_diag_kernel, and
     # _chunk_wy_kernel then writes w, u, qg, kg, gC from T.
     NS: tl.constexpr = BT // 16
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
@@ -227,27 +273,12 @@ def _chunk_prep_kernel(
     p_d = p_a + (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :])
     tl.store(p_d, D_qk.to(aqk_out.dtype.element_ty))
 
-    # (I + A_kk)^-1 = R Tdiag: the 16 x 16 diagonal blocks by forward substitution (exact fp32), then
-    # R = (I + M)^-1 with M = Tdiag L (strictly block-lower, nilpotent): (I - M)(I + M^2)(I + M^4)...
-    eye3 = (a16[:, None] == a16[None, :])[None, :, :]
-    T3 = tl.where(eye3, 1.0, 0.0) + tl.zeros([NS, 16, 16], dtype=tl.float32)
-    for i in range(1, 16):
-        sel = (a16 == i)[None, :, None]
-        a_row = tl.sum(tl.where(sel, D_kk, 0.0), axis=1)
-        upd = tl.sum(a_row[:, :, None] * T3, axis=1)
-        T3 = tl.where(sel, T3 - upd[:, None, :], T3)
-    # Block-diagonal Tdiag as a [BT, BT] tile.
-    same = (tl.arange(0, NS)[:, None, None, None] == tl.arange(0, NS)[None, None, :, None])
-    Tfull = tl.reshape(tl.where(same, tl.broadcast_to(T3[:, :, None, :], (NS, 16, NS, 16)), 0.0), (BT, BT))
-    if NS > 1:
-        M = tl.reshape(tl.dot(T3, tl.reshape(A_kk, (NS, 16, BT)), input_precision="tf32x3"), (BT, BT))
-        R = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - M
-        P = M
-        for lv in tl.static_range(LEVELS - 5):
-            P = tl.dot(P, P, input_precision="tf32x3")
-            R = R + tl.dot(R, P, input_precision="tf32x3")
-        Tfull = tl.dot(R, Tfull, input_precision="tf32x3")
-    tl.store(t_out + base * BT * BT + r[:, None] * BT + r[None, :], Tfull)
+    p_t = t_out + base * BT * BT
+    if INVERT:
+        tl.store(p_t + r[:, None] * BT + r[None, :], _invert(D_kk, A_kk, r, BT, NS, LEVELS))
+    else:  # Akk itself (strictly lower); _chunk_inverse_kernel inverts it in place
+        tl.store(p_t + r[:, None] * BT + r[None, :], A_kk, mask=gap != 0)
+        tl.store(p_t + (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :]), D_kk)
 
 
 @triton.jit
@@ -437,9 +468,14 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     )
     # Aqk and T, then w, u, qg, kg, gC from T in a second launch (fewer live registers each: 9.7 ms vs
     # 12.6 ms for one fused launch at T=32K, H=32 on an H200, session 2).
+    # KIMI_LINEAR_KDA_PREP_INVERSE=split: the inverse in its own launch (opt-in; not yet timed on a GPU).
+    split_inverse = os.environ.get("KIMI_LINEAR_KDA_PREP_INVERSE") == "split"
     LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
         q, k, g, beta, a_log, bias, chunk_info, d_pairs, aqk, t, float(scale), lb, H, HV, K,
-        BT=BT, LEVELS=BT.bit_length() - 1, **inputs)
+        BT=BT, LEVELS=BT.bit_length() - 1, INVERT=not split_inverse, **inputs)
+    if split_inverse:
+        LAUNCHED["inverse"] = _chunk_inverse_kernel[(NC, HV)](
+            chunk_info, t, HV, BT=BT, LEVELS=BT.bit_length() - 1, num_warps=warps, num_stages=1)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, **inputs, **wy)
