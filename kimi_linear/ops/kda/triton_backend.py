@@ -9,6 +9,8 @@ see ``triton/chunk_bwd.py``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .triton.chunk_bwd import chunk_kda_bwd
@@ -36,29 +38,41 @@ class _Cfg:
         self.__dict__.update(kw)
 
 
-def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states):
+def keep_for_backward() -> bool:
+    """Whether the forward keeps Aqk (fp32) and T for the backward, which then skips recomputing them:
+    512 B per token and value head held from forward to backward. KIMI_LINEAR_KDA_BWD_RECOMPUTE=full
+    recomputes instead (the numbers are the same either way)."""
+    return os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE", "partial") != "full"
+
+
+def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False):
     shapes, BT = cfg.shapes, cfg.BT
     info, seq = chunk_layout(shapes, cfg.cu_seqlens, BT, q.device)
-    w, u, qg, kg, aqk, gc = chunk_prep(
+    outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
-        neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q), pad=True,
+        neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q), pad=True, store_t=keep,
+        aqk_dtype=torch.float32 if keep else None,
     )
+    w, u, qg, kg, aqk, gc = outs[:6]
     o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
     o, ht, states = chunk_recur(
         w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=o, store_final=True,
         store_states=store_states, BT=BT,
     )
-    return o, ht, states, info, seq
+    kept = (aqk, outs[6]) if keep else None
+    return o, ht, states, info, seq, kept
 
 
 class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, h0, cfg):
-        o, ht, states, info, seq = _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, cfg.store_states)
+        keep = any(ctx.needs_input_grad[:8]) and keep_for_backward()
+        o, ht, states, info, seq, kept = _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, cfg.store_states, keep)
         ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, h0)
         ctx.cfg = cfg
         ctx.layout = (info, seq)
+        ctx.kept = kept  # (Aqk fp32, T) or None; intermediates, so held as attributes
         if states is None:
             return o, ht
         ctx.mark_non_differentiable(states)
@@ -67,7 +81,7 @@ class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht, *unused):
         q, k, v, g, beta, A_log, dt_bias, h0 = ctx.saved_tensors
-        grads = chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, ctx.cfg, *ctx.layout)
+        grads = chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, ctx.cfg, *ctx.layout, kept=ctx.kept)
         dq, dk, dv, dg, dbeta, dA, dbias, dh0 = grads
         return dq, dk, dv, dg, dbeta, dA, dbias, dh0, None
 

@@ -266,7 +266,8 @@ def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg,
     return dq, dk, dv, dg, dbeta, dA, dbias
 
 
-def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq):
+def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq, kept=None):
+    """``kept``: (Aqk fp32, T) kept by the forward, or None to recompute them (the same numbers)."""
     shapes, BT = cfg.shapes, cfg.BT
     B, T, HV, V = shapes.B, shapes.T, shapes.HV, shapes.V
     dev = q.device
@@ -275,8 +276,11 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq)
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
         neg_eigval=cfg.neg_eigval, BT=BT, dtype=torch.float32, store_t=use_kernel,
+        t_given=None if kept is None else kept[1],
     )
     w, u, qg, kg, aqk, gc = outs[:6]
+    if kept is not None:
+        aqk = kept[0]
     tinv = outs[6] if use_kernel else None
     scratch = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
     _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=scratch,
@@ -288,8 +292,9 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq)
     )
     del w, u, qg, kg, aqk, gc, states
     if use_kernel:
+        # A kept T must survive a second backward (retain_graph), so it is not reused as scratch.
         grads = chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, info, tinv, dw, du, dqg, dkg, daqk, dgc, cfg=cfg,
-                               overwrite_t=True)
+                               overwrite_t=kept is None)
     else:
         grads = _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg, daqk, dgc, cfg)
     return (*grads, (dh0 if h0 is not None else None))

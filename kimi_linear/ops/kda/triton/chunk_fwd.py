@@ -426,12 +426,15 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
-               l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False):
+               l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
+               t_given=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
     ``pad`` widens the K and V axes of the intermediates to powers of two (zeros past K and V), so the
-    recurrence loads them without masks.
+    recurrence loads them without masks. ``aqk_dtype`` overrides Aqk's storage type (the forward keeps an
+    fp32 Aqk for the backward). With ``t_given`` (T of an earlier call on the same inputs) only the w/u
+    launch runs, from that T, and Aqk is returned as None.
     """
     import os
 
@@ -443,9 +446,12 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     qg = torch.empty_like(w)
     kg = torch.empty(NC, HV, SK, BT, device=dev, dtype=dtype)  # transposed
     u = torch.empty(NC, HV, BT, SV, device=dev, dtype=dtype)
-    aqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=dtype)
     gc = torch.empty(NC, HV, SK, device=dev, dtype=torch.float32)
-    t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)  # T: the default prep always writes it
+    if t_given is None:
+        aqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=aqk_dtype or dtype)
+        t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)  # the prep always writes T
+    else:
+        aqk, t = None, t_given
     outs = (w, u, qg, kg, aqk, gc) + ((t,) if store_t else ())
     if NC == 0:
         return outs
@@ -460,22 +466,24 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm,
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
     wy = dict(SV=SV, BV=BV, WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
-    # The diagonal 16 x 16 blocks, pair by pair (exact for any gate; 8 KB per chunk and head at BT = 64).
-    d_pairs = torch.empty(NC, HV, BT // 16, 2, 16, 16, device=dev, dtype=torch.float32)
-    LAUNCHED["diag"] = _chunk_diag_kernel[(NC * (BT // 16), HV)](
-        q, k, g, a_log, bias, chunk_info, d_pairs, lb, H, HV, K, BT=BT, BC=8, BN=min(64, next_pow2(K)),
-        GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm, num_warps=4, num_stages=1,
-    )
-    # Aqk and T, then w, u, qg, kg, gC from T in a second launch (fewer live registers each: 9.7 ms vs
-    # 12.6 ms for one fused launch at T=32K, H=32 on an H200, session 2).
-    # KIMI_LINEAR_KDA_PREP_INVERSE=split: the inverse in its own launch (opt-in; not yet timed on a GPU).
-    split_inverse = os.environ.get("KIMI_LINEAR_KDA_PREP_INVERSE") == "split"
-    LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
-        q, k, g, beta, a_log, bias, chunk_info, d_pairs, aqk, t, float(scale), lb, H, HV, K,
-        BT=BT, LEVELS=BT.bit_length() - 1, INVERT=not split_inverse, **inputs)
-    if split_inverse:
-        LAUNCHED["inverse"] = _chunk_inverse_kernel[(NC, HV)](
-            chunk_info, t, HV, BT=BT, LEVELS=BT.bit_length() - 1, num_warps=warps, num_stages=1)
+    if t_given is None:
+        # The diagonal 16 x 16 blocks, pair by pair (exact for any gate; 8 KB per chunk and head at BT=64).
+        d_pairs = torch.empty(NC, HV, BT // 16, 2, 16, 16, device=dev, dtype=torch.float32)
+        LAUNCHED["diag"] = _chunk_diag_kernel[(NC * (BT // 16), HV)](
+            q, k, g, a_log, bias, chunk_info, d_pairs, lb, H, HV, K, BT=BT, BC=8, BN=min(64, next_pow2(K)),
+            GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm, num_warps=4,
+            num_stages=1,
+        )
+        # Aqk and T, then w, u, qg, kg, gC from T in a second launch (fewer live registers each: 9.7 ms vs
+        # 12.6 ms for one fused launch at T=32K, H=32 on an H200, session 2).
+        # KIMI_LINEAR_KDA_PREP_INVERSE=split: the inverse in its own launch (opt-in; not yet timed on a GPU).
+        split_inverse = os.environ.get("KIMI_LINEAR_KDA_PREP_INVERSE") == "split"
+        LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
+            q, k, g, beta, a_log, bias, chunk_info, d_pairs, aqk, t, float(scale), lb, H, HV, K,
+            BT=BT, LEVELS=BT.bit_length() - 1, INVERT=not split_inverse, **inputs)
+        if split_inverse:
+            LAUNCHED["inverse"] = _chunk_inverse_kernel[(NC, HV)](
+                chunk_info, t, HV, BT=BT, LEVELS=BT.bit_length() - 1, num_warps=warps, num_stages=1)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, **inputs, **wy)
