@@ -35,15 +35,14 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, apply_gate, chunk_program, chunk_rows, dummy, load_bias, next_pow2, pair_block,
+    INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_qkg, next_pow2, pair_block,
     sequence_program, sub_chunk_program,
 )
 
 
 @triton.jit
-def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr, BK: tl.constexpr,
-                L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
-    """Per-row L2-norm factors of q and k (1 without the in-kernel norm) and the activated beta."""
+def _row_norms(q, k, row0, r, m_r, i_h, H, K, BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
+    """Per-row L2-norm factors of q and k over all K channels (1 without the in-kernel norm)."""
     rq = tl.full([BT], 1.0, dtype=tl.float32)
     rk = tl.full([BT], 1.0, dtype=tl.float32)
     if L2NORM:
@@ -59,22 +58,25 @@ def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr,
             sk += tl.sum(bk * bk, axis=1)
         rq = 1.0 / tl.sqrt(sq + 1e-6)
         rk = 1.0 / tl.sqrt(sk + 1e-6)
+    return rq, rk
+
+
+@triton.jit
+def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr, BK: tl.constexpr,
+                L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """Per-row L2-norm factors of q and k and the activated beta."""
+    rq, rk = _row_norms(q, k, row0, r, m_r, i_h, H, K, BT, BK, L2NORM)
     b_beta = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
     b_beta = tl.where(m_r, apply_beta(b_beta, BETA_SIGMOID, NEG_EIGVAL), 0.0)
     return rq, rk, b_beta
 
 
 @triton.jit
-def _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-              H, HV, K,
-              GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, r):
-    p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
-    bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
-    bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
-    bg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-    bg = apply_gate(bg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS)
-    bg = tl.where(m_rk, bg, 0.0)
-    return bq, bk, bg
+def _diag_offsets(NS: tl.constexpr, BT: tl.constexpr):
+    """[NS, 16, 16] offsets of the 16 x 16 diagonal blocks inside a row-major [BT, BT] matrix."""
+    a16 = tl.arange(0, 16)
+    s3 = tl.arange(0, NS)[:, None, None] * 16
+    return (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :])
 
 
 @triton.jit
@@ -124,21 +126,7 @@ def _chunk_diag_kernel(
     NS: tl.constexpr = BT // 16
     i_c, s, i_hv, i_h, row0, r16, m_r, base = sub_chunk_program(chunk_info, H, HV, NS)
     a16 = tl.arange(0, 16)
-    p_row = ((row0 + r16) * H + i_h) * K
-    rq = tl.full([16], 1.0, dtype=tl.float32)
-    rk = tl.full([16], 1.0, dtype=tl.float32)
-    if L2NORM:
-        sq = tl.zeros([16], dtype=tl.float32)
-        sk = tl.zeros([16], dtype=tl.float32)
-        for cb in range(0, K, BN):
-            o_n = cb + tl.arange(0, BN)
-            m = m_r[:, None] & (o_n < K)[None, :]
-            x = tl.load(q + p_row[:, None] + o_n[None, :], mask=m, other=0.0).to(tl.float32)
-            y = tl.load(k + p_row[:, None] + o_n[None, :], mask=m, other=0.0).to(tl.float32)
-            sq += tl.sum(x * x, axis=1)
-            sk += tl.sum(y * y, axis=1)
-        rq = 1.0 / tl.sqrt(sq + 1e-6)
-        rk = 1.0 / tl.sqrt(sk + 1e-6)
+    rq, rk = _row_norms(q, k, row0, r16, m_r, i_h, H, K, 16, BN, L2NORM)
     a = 0.0
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)
@@ -184,18 +172,15 @@ def _invert(D_kk, A_kk, r, BT: tl.constexpr, NS: tl.constexpr, LEVELS: tl.conste
 
 
 @triton.jit
-def _chunk_inverse_kernel(chunk_info, t, HV, BT: tl.constexpr, LEVELS: tl.constexpr):
+def _chunk_inverse_kernel(t, HV, BT: tl.constexpr, LEVELS: tl.constexpr):
     """Grid (chunks, HV): T = (I + Akk)^-1 in place of the Akk written by ``_chunk_prep_kernel`` with
     INVERT=False (KIMI_LINEAR_KDA_PREP_INVERSE=split: the inverse in its own launch)."""
     NS: tl.constexpr = BT // 16
-    _, _, _, _, _, base = chunk_program(chunk_info, HV, HV)
     r = tl.arange(0, BT)
-    a16 = tl.arange(0, 16)
-    p_t = t + base * BT * BT
+    p_t = t + (tl.program_id(0).to(tl.int64) * HV + tl.program_id(1)) * BT * BT
     gap = (r // 16)[:, None] - (r // 16)[None, :]
     A_kk = tl.load(p_t + r[:, None] * BT + r[None, :], mask=gap != 0, other=0.0)
-    s3 = tl.arange(0, NS)[:, None, None] * 16
-    D_kk = tl.load(p_t + (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :]))
+    D_kk = tl.load(p_t + _diag_offsets(NS, BT))
     Tfull = _invert(D_kk, A_kk, r, BT, NS, LEVELS)
     tl.debug_barrier()  # every thread has read Akk before T overwrites it
     tl.store(p_t + r[:, None] * BT + r[None, :], Tfull)
@@ -234,7 +219,7 @@ def _chunk_prep_kernel(
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq, bk, bg = _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         g_loc, r_loc, tot = _sub_chunk_sums(bg, r, BT, BK, NS)
         e_g = tl.exp(g_loc)  # <= 1: decay from the sub-chunk start to the row
@@ -269,16 +254,14 @@ def _chunk_prep_kernel(
 
     p_a = aqk_out + base * BT * BT
     tl.store(p_a + r[:, None] * BT + r[None, :], A_qk.to(aqk_out.dtype.element_ty), mask=gap != 0)
-    s3 = tl.arange(0, NS)[:, None, None] * 16
-    p_d = p_a + (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :])
-    tl.store(p_d, D_qk.to(aqk_out.dtype.element_ty))
+    tl.store(p_a + _diag_offsets(NS, BT), D_qk.to(aqk_out.dtype.element_ty))
 
     p_t = t_out + base * BT * BT
     if INVERT:
         tl.store(p_t + r[:, None] * BT + r[None, :], _invert(D_kk, A_kk, r, BT, NS, LEVELS))
     else:  # Akk itself (strictly lower); _chunk_inverse_kernel inverts it in place
         tl.store(p_t + r[:, None] * BT + r[None, :], A_kk, mask=gap != 0)
-        tl.store(p_t + (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :]), D_kk)
+        tl.store(p_t + _diag_offsets(NS, BT), D_kk)
 
 
 @triton.jit
@@ -307,7 +290,7 @@ def _chunk_wy_kernel(
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq, bk, bg = _load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         e_start = tl.exp(tl.cumsum(bg, axis=0))
         e_end = tl.exp(tl.minimum(tl.cumsum(bg, axis=0, reverse=True) - bg, 0.0))
@@ -380,7 +363,6 @@ def _chunk_recur_kernel(
 
 # The last compiled kernel of each launcher (the benchmarks read registers and spills from it).
 LAUNCHED: dict = {}
-
 
 
 def chunk_layout(shapes, cu_seqlens, BT: int, device):
@@ -483,7 +465,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
             BT=BT, LEVELS=BT.bit_length() - 1, INVERT=not split_inverse, **inputs)
         if split_inverse:
             LAUNCHED["inverse"] = _chunk_inverse_kernel[(NC, HV)](
-                chunk_info, t, HV, BT=BT, LEVELS=BT.bit_length() - 1, num_warps=warps, num_stages=1)
+                t, HV, BT=BT, LEVELS=BT.bit_length() - 1, num_warps=warps, num_stages=1)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, **inputs, **wy)

@@ -45,7 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import apply_beta, apply_gate, chunk_program, dummy, load_bias, next_pow2, pair_block, sub_chunk_program
+from .utils import (
+    apply_beta, chunk_program, dummy, load_bias, load_gate, next_pow2, pair_block, sub_chunk_program,
+)
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
 LAUNCHED: dict = {}
@@ -140,14 +142,6 @@ def _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT: tl.cons
 
 
 @triton.jit
-def _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
-               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    xg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-    bg = tl.where(m_rk, apply_gate(xg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
-    return xg, bg
-
-
-@triton.jit
 def _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A: tl.constexpr, BETA_SIGMOID: tl.constexpr,
                    NEG_EIGVAL: tl.constexpr):
     """A_log of the value head (0 without), and the raw and activated beta of the chunk's rows."""
@@ -192,7 +186,7 @@ def _prep_bwd_wy_kernel(
         m_rk = m_r[:, None] & m_k[None, :]
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         xk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-        _, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+        _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
         eG = tl.exp(tl.cumsum(bg, axis=0))
         b_dw = tl.load(dw + base * BT * K + r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)
         dT = tl.dot(b_dw, tl.trans(xk * eG), dT, input_precision="tf32x3")
@@ -256,16 +250,12 @@ def _prep_bwd_diag_kernel(
     a16 = tl.arange(0, 16)
     rq = tl.load(norms + base * 2 * BT + r16)
     rk = tl.load(norms + base * 2 * BT + BT + r16)
-    xb = tl.load(beta + (row0 + r16) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
-    bb = tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    a, _, bb = _head_and_beta(A_log, beta, (row0 + r16) * HV + i_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
     off = r16[:, None] * BT + r16[None, :]
     strict = (a16[:, None] > a16[None, :]) & m_r[:, None]
     mq = tl.load(daqk + base * BT * BT + off, mask=strict, other=0.0) * scale
     mk = tl.load(dakk + base * BT * BT + off, mask=strict, other=0.0)
     mkb = mk * bb[:, None]
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
     db = tl.zeros([16], dtype=tl.float32)
     p_out = pair_grads + base * 3 * BT * K + r16[:, None] * K
     for cb in range(0, K, BC):
@@ -329,8 +319,8 @@ def _chunk_prep_bwd_kernel(
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq = tl.load(q + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
         bk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
-        _, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
-        _, bgn = _load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
+        _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+        _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
                             HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
 
         # Terms without pairwise decays. Exponent gradients of G_i reach g_m for m <= i; kg's decay to
@@ -365,7 +355,7 @@ def _chunk_prep_bwd_kernel(
         # Through the gate activation (raw gate reloaded rather than kept live).
         d_g = tl.where(m_rk, d_g, 0.0)
         if GATE != 0:
-            xs, bg = _load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+            xs, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
             if HAS_BIAS:
                 xs = xs + bias[None, :]
             if GATE == 1:

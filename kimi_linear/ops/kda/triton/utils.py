@@ -80,19 +80,36 @@ def sub_chunk_program(chunk_info, H, HV, NS: tl.constexpr):
 
 
 @triton.jit
+def load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
+              GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Raw gate of rows r (chunk-relative) and channels o_k, and its activated log decay (0 where masked)."""
+    xg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+    bg = tl.where(m_rk, apply_gate(xg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
+    return xg, bg
+
+
+@triton.jit
+def load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+             H, HV, K,
+             GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, r):
+    """q, k of rows r scaled by their L2-norm factors rq, rk, and the activated log decay (all fp32)."""
+    p_qk = ((row0 + r)[:, None] * H + i_h) * K + o_k[None, :]
+    bq = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
+    bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
+    _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    return bq, bk, bg
+
+
+@triton.jit
 def pair_block(q, k, g, row0, r16, m_r, i_h, i_hv, H, HV, K, o_c, rq, rk, a, dt_bias, lower_bound,
                BC: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Channels o_c of the 16 rows r16 for the pair-by-pair sub-chunk kernels: normalised q, k, and
     G' = the cumulative log decay from row 0 (row 0's own gate left out: it cancels in every pair, and a
     short sum keeps exp(G'_i - G'_j) exact for any gate). All fp32 [16, BC]."""
     m_c = o_c < K
-    m = m_r[:, None] & m_c[None, :]
-    p = ((row0 + r16)[:, None] * H + i_h) * K + o_c[None, :]
-    cq = tl.load(q + p, mask=m, other=0.0).to(tl.float32) * rq[:, None]
-    ck = tl.load(k + p, mask=m, other=0.0).to(tl.float32) * rk[:, None]
     bias = load_bias(dt_bias, i_hv, K, o_c, m_c, BC, HAS_BIAS)
-    cg = tl.load(g + ((row0 + r16)[:, None] * HV + i_hv) * K + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-    cg = tl.where(m, apply_gate(cg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
+    cq, ck, cg = load_qkg(q, k, g, row0, i_h, i_hv, o_c, m_r[:, None] & m_c[None, :], rq, rk, a, bias, lower_bound,
+                          H, HV, K, GATE, HAS_A, HAS_BIAS, r16)
     first = (tl.arange(0, 16) == 0)[:, None]
     return cq, ck, tl.cumsum(tl.where(first, 0.0, cg), axis=0)
 
