@@ -212,8 +212,9 @@ def kernel_times(fn, reps=5, device_kernels=True):
 
 
 def gate_share(g, A_log, dt_bias, lower_bound, span=120.0):
-    """Share of 16-row sub-chunks whose log-decay span exceeds ``span`` in some channel: those take the
-    pairwise (exact) path of chunk_intra's diagonal blocks."""
+    """Share of 16-row sub-chunks whose log-decay span exceeds ``span`` nats in some channel: those a
+    midpoint factoring (fla's safe path, our session-2 kernels) cannot take; the tree kernels are exact
+    for them too, at the same cost."""
     from kimi_linear.ops.kda.gate import kda_gate
 
     B, T, Hh, Dd = g.shape
@@ -244,8 +245,8 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
                               store_final=True, store_states=False, BT=64)
     res["recur_ms"] = bench(rec)
     res["recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
-    res["prep_ms"] = bench(prep)  # all three launches
-    for name in ("diag", "prep", "wy"):
+    res["prep_ms"] = bench(prep)  # both launches
+    for name in ("tree", "wy"):
         res[f"{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
     if "variants" in parts:
         res.update(_fwd_variants(prep, ref))
@@ -274,18 +275,19 @@ def _fwd_variants(prep, ref):
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     res = {}
-    for env, val in (("KIMI_LINEAR_KDA_PREP_INVERSE", "split"), ("KIMI_LINEAR_KDA_PREP_WARPS", "8")):
+    for env, val in (("KIMI_LINEAR_KDA_PREP_BK", "16"), ("KIMI_LINEAR_KDA_PREP_BK", "64"),
+                     ("KIMI_LINEAR_KDA_PREP_WARPS", "8")):
+        tag = f"prep_{env.rsplit('_', 1)[-1].lower()}{val}"
         os.environ[env] = val
         try:
             got = prep()
-            res[f"prep_{val}_ms"] = bench(prep)
-            res[f"prep_{val}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-            for name in ("prep", "inverse"):
-                res[f"prep_{val}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
+            res[f"{tag}_ms"] = bench(prep)
+            res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
+            for name in ("tree", "wy"):
+                res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
         except Exception as e:  # noqa: BLE001
-            res[f"prep_{val}"] = f"failed: {e!r}"
+            res[tag] = f"failed: {e!r}"
         os.environ.pop(env)
-    chunk_fwd.LAUNCHED.pop("inverse", None)
     return res
 
 
@@ -322,10 +324,10 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     res["bwd_prep_bwd_ms"] = bench(pb)
     from kimi_linear.ops.kda.triton import prep_bwd
 
-    for name in ("wy", "diag", "pairs"):
+    for name in ("wy", "pairs"):
         res[f"bwd_prep_bwd_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
-    # 1 the pairs between sub-chunks, 16 the L2-norm pass).
+    # 1 every pair, 16 the L2-norm pass).
     variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "8")] + [("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", str(b))
                                                            for b in (1, 16)] if variants else []
     for env, val in variants:

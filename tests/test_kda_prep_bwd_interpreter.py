@@ -85,13 +85,13 @@ def test_gates(gate):
 
 @pytest.mark.parametrize("gate,extreme", [("pregated", 0.03), ("lower_bound", 0.0)])
 def test_chunk64(gate, extreme):
-    """BT=64 (the default chunk): two tree levels between sub-chunks, partial last chunk."""
+    """BT=64 (the default chunk): six tree levels, partial last chunk."""
     _run(T=73, H=1, BT=64, gate=gate, extreme=extreme, seed=1)
 
 
 @pytest.mark.parametrize("BT", [32, 128])
 def test_chunk_sizes(BT):
-    """BT=32 and 128 (one and three tree levels between sub-chunks), K=40 (several K and channel blocks)."""
+    """BT=32 and 128 (five and seven tree levels), K=40 (several K blocks)."""
     _run(T=BT + 9, H=2, K=40, V=20, BT=BT, gate="lower_bound", extreme=0.02, seed=2)
 
 

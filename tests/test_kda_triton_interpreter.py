@@ -69,18 +69,19 @@ def test_varlen_forward_backward():
     assert max(errs) < TOL, errs
 
 
-def test_varlen_and_interior_states():
-    """Packed sequences (lengths 1, 15, 34) and the state at every chunk boundary."""
-    cu = [0, 1, 16, 50]
-    inp = make_inputs(B=1, T=50, H=2, K=16, V=16, gate="lower_bound", seed=3, cu_seqlens=cu,
+@pytest.mark.parametrize("C,cu", [(16, [0, 1, 16, 50]), (128, [0, 130, 300, 301])])
+def test_varlen_and_interior_states(C, cu):
+    """Packed sequences and the state at every chunk boundary (C=128 runs as 64-row kernel chunks and
+    keeps every other state)."""
+    inp = make_inputs(B=1, T=cu[-1], H=2, K=16, V=16, gate="lower_bound", seed=3, cu_seqlens=cu,
                       dtype=torch.float64).cast(torch.float32)
     ref_o, ref_s, ref_all = reference(inp, return_all_states=True)
-    o, s, states = inp.call(chunk_kda, chunk_size=16, return_intermediate_states=True)
+    o, s, states = inp.call(chunk_kda, chunk_size=C, return_intermediate_states=True)
     assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL
     want = []
     for n, (a, b) in enumerate(zip(cu, cu[1:])):
         want.append(inp.initial_state[n : n + 1].double())
-        want += [ref_all[n][:, c - 1] for c in range(16, b - a, 16)]
+        want += [ref_all[n][:, c - 1] for c in range(C, b - a, C)]
     assert states.shape == (1, len(want), 2, 16, 16)
     assert rel_rms(states, torch.cat(want, 0).unsqueeze(0)) < TOL
 
@@ -146,18 +147,14 @@ def _prep_reference(inp, BT):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("BT,extreme,inverse", [(bt, e, "fused") for bt in (16, 64, 128) for e in (0.0, 0.02)]
-                         + [(32, 1.0, "fused"), (16, 0.0, "split"), (64, 0.02, "split")])
-def test_prep_kernel_definitions(BT, extreme, inverse, monkeypatch):
+@pytest.mark.parametrize("BT,extreme", [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 1.0)])
+def test_prep_kernel_definitions(BT, extreme):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
-    not powers of two; moderate gates, +1000 raw gates in some sub-chunks, or in every one (BT=32);
-    "split": the inverse in its own launch (KIMI_LINEAR_KDA_PREP_INVERSE=split)."""
+    not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32)."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
     from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
 
-    if inverse == "split":
-        monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_INVERSE", "split")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)

@@ -228,7 +228,7 @@ def test_decode_cuda_graph():
     assert torch.equal(pool, expect_pool) and torch.equal(out, expect_out)
 
 
-@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("chunk_size", [16, 64, 128])
 def test_interior_states(chunk_size):
     inp = cuda(make_inputs(B=1, T=300, H=2, K=64, V=32, gate="softplus", dtype=torch.float64, seed=4,
                            cu_seqlens=[0, 15, 100, 300])).cast(BF16)

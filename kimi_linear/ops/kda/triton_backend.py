@@ -86,6 +86,24 @@ class ChunkKDAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, dbeta, dA, dbias, dh0, None
 
 
+def _every_chunk(states, BT, chunk_size, B, cu_seqlens):
+    """Kernel-chunk (BT rows) start states [NC, HV, K, V] -> the caller's chunk starts: [B, NT, ...] for
+    fixed length, [1, sum_n ceil(len_n / chunk_size), ...] for varlen (every chunk_size / BT-th state)."""
+    step = chunk_size // BT
+    if cu_seqlens is None:
+        states = states.reshape(B, states.shape[0] // B, *states.shape[1:])
+        return states[:, ::step] if step > 1 else states
+    if step > 1:
+        cu = cu_seqlens.tolist()  # the chunk layout was built from the host copy too
+        keep, start = [], 0
+        for a, b in zip(cu, cu[1:]):
+            n = -(-(b - a) // BT)
+            keep.extend(range(start, start + n, step))
+            start += n
+        states = states[torch.tensor(keep, device=states.device, dtype=torch.long)]
+    return states.unsqueeze(0)
+
+
 def _state_out(s, state_v_first):
     return s.transpose(-1, -2).contiguous() if state_v_first else s
 
@@ -95,8 +113,10 @@ def chunk_kda(
     return_intermediate_states, state_v_first, use_qk_l2norm_in_kernel, use_gate_in_kernel,
     use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias, lower_bound,
 ):
-    # Interior states are reported at the caller's chunk boundaries, so then the kernel chunk follows it.
-    BT = chunk_size if return_intermediate_states else DEFAULT_BT
+    # Interior states are reported at the caller's chunk boundaries, so then the kernel chunk follows it,
+    # up to 64 rows: 128-row chunks run as 64-row kernel chunks and report every other state (the tree
+    # kernel at 128 rows needs 260 KB of shared memory, more than an H100 or H200 has).
+    BT = min(chunk_size, DEFAULT_BT) if return_intermediate_states else DEFAULT_BT
     cfg = _Cfg(
         shapes=shapes, BT=BT, scale=float(scale), gate=gate_code(use_gate_in_kernel, lower_bound),
         lower_bound=lower_bound, l2norm=bool(use_qk_l2norm_in_kernel), beta_sigmoid=bool(use_beta_sigmoid_in_kernel),
@@ -113,9 +133,7 @@ def chunk_kda(
     o, ht = outs[0], outs[1]
     ht = _state_out(ht, state_v_first) if output_final_state else None
     if return_intermediate_states:
-        states = outs[2]
-        NC = states.shape[0]
-        states = states.reshape(shapes.B, NC // shapes.B, *states.shape[1:]) if cu_seqlens is None else states.unsqueeze(0)
+        states = _every_chunk(outs[2], BT, chunk_size, shapes.B, cu_seqlens)
         return o, ht, _state_out(states, state_v_first)
     return o, ht
 

@@ -1,4 +1,4 @@
-"""Chunked KDA forward: chunk-local prep (three launches) and a sequential recurrence.
+"""Chunked KDA forward: chunk-local prep (two launches) and a sequential recurrence.
 
 1. Prep, chunk-parallel, grid (chunks, HV). From the raw inputs of one chunk (L2 norm, gate, beta
    sigmoid applied in-register), with G the within-chunk inclusive cumulative log decay:
@@ -9,17 +9,17 @@
 
    stored chunk-major ([chunk, head, row, .]; kg transposed, [chunk, head, K, row]).
 
-   Numerics for any gate value: pairwise decays are never formed from two long cumulative sums. Rows
-   are grouped in 16-row sub-chunks with local sums from segmented scans (same-sign terms only). Between
-   sub-chunks J < I, exp(G_i - G_j) = exp(local sum up to i) * exp(totals strictly between) *
-   exp(local sum after j), all <= 1. Inside a sub-chunk the pairs are formed one by one by
-   ``_chunk_diag_kernel``, exp(G'_i - G'_j) with G' a short local sum, on [16, 16, 8] channel blocks.
-   Underflow to 0 is exact.
+   Numerics for any gate value: pairwise decays are never formed from two long cumulative sums. A
+   binary tree over the chunk's rows gives every pair i > j one level B at which i lies in an odd B-row
+   block and j in the even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start
+   of i's block to i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B
+   same-sign gates. Underflow to 0 is exact.
 
-   Three launches: ``_chunk_diag_kernel`` (the diagonal 16 x 16 blocks), ``_chunk_prep_kernel`` (Aqk and
-   T), ``_chunk_wy_kernel`` (w, u, qg, kg, gC). Until session 3 the diagonal blocks were factored around a
-   sub-chunk row inside the prep kernel with a binary-tree fallback for steep gates; the fallback alone
-   cost registers everywhere (docs/benchmarks.md).
+   Two launches: ``_chunk_tree_kernel`` (Aqk and T, the inverse by the same tree) and
+   ``_chunk_wy_kernel`` (w, u, qg, kg, gC). Until session 3 this took three launches: pairs inside
+   16-row sub-chunks one by one on CUDA cores, the pairs between sub-chunks per sub-chunk distance and
+   the inverse by forward substitution (2.2 ms against the tree kernel's 1.2 ms at T=8K, H=32 on an
+   H200; docs/benchmarks.md, session 4).
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
 
@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_qkg, next_pow2, pair_block,
-    sequence_program, sub_chunk_program,
+    INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg, next_pow2,
+    sequence_program, tree_factor, tree_pairs,
 )
 
 
@@ -72,148 +72,40 @@ def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr,
 
 
 @triton.jit
-def _diag_offsets(NS: tl.constexpr, BT: tl.constexpr):
-    """[NS, 16, 16] offsets of the 16 x 16 diagonal blocks inside a row-major [BT, BT] matrix."""
-    a16 = tl.arange(0, 16)
-    s3 = tl.arange(0, NS)[:, None, None] * 16
-    return (s3 + a16[None, :, None]) * BT + (s3 + a16[None, None, :])
-
-
-@triton.jit
-def _seg_add(a_v, a_start, b_v, b_start):
-    """Combine of a segmented sum: a segment restarts where the flag is set."""
-    return tl.where(b_start != 0, b_v, a_v + b_v), a_start | b_start
-
-
-@triton.jit
-def _sub_chunk_sums(bg, r, BT: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr):
-    """Per 16-row sub-chunk sums of the log decays, with no cancellation (every sum adds same-sign terms).
-
-    Returns Gloc (inclusive cumsum inside the sub-chunk), Rloc (exclusive reverse cumsum inside it) and the
-    sub-chunk totals tot [NS, BK].
-    """
-    first = tl.broadcast_to(((r % 16) == 0).to(tl.int32)[:, None], (BT, BK))
-    last = tl.broadcast_to(((r % 16) == 15).to(tl.int32)[:, None], (BT, BK))
-    g_loc, _ = tl.associative_scan((bg, first), 0, _seg_add)
-    r_in, _ = tl.associative_scan((bg, last), 0, _seg_add, reverse=True)
-    r_loc = tl.minimum(r_in - bg, 0.0)
-    tot = tl.sum(tl.reshape(bg, (NS, 16, BK)), axis=1)
-    return g_loc, r_loc, tot
-
-
-@triton.jit
-def _between(tot, lo, hi, NS: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
-    """Row-broadcast [BT, BK] of sum_{I + lo <= m <= I + hi} tot[m] for each row's sub-chunk I (exact sums)."""
-    s = tl.arange(0, NS)
-    d = s[None, :] - s[:, None]
-    sel = ((d >= lo) & (d <= hi))[:, :, None]
-    w = tl.sum(tl.where(sel, tl.broadcast_to(tot[None, :, :], (NS, NS, BK)), 0.0), axis=1)
-    return tl.reshape(tl.broadcast_to(w[:, None, :], (NS, 16, BK)), (BT, BK))
-
-
-@triton.jit
-def _chunk_diag_kernel(
-    q, k, g, A_log, dt_bias, chunk_info, d_out, lower_bound,
-    H, HV, K,
-    BT: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, L2NORM: tl.constexpr,
-):
-    """The 16 x 16 diagonal blocks of Aqk and Akk (before scale, beta and masks), grid (chunks * BT/16, HV):
-    sum_d q_id k_jd exp(G'_id - G'_jd) for all i, j of one sub-chunk, formed pair by pair on [16, 16, BC]
-    channel blocks. G' is the sub-chunk's local cumulative sum without row 0's gate (it cancels in every
-    pair), so the exponent is a short sum and exact for any gate; i < j entries are clamped (the caller
-    masks them). Writes [chunks, HV, BT/16, 2, 16, 16] fp32."""
-    NS: tl.constexpr = BT // 16
-    i_c, s, i_hv, i_h, row0, r16, m_r, base = sub_chunk_program(chunk_info, H, HV, NS)
-    a16 = tl.arange(0, 16)
-    rq, rk = _row_norms(q, k, row0, r16, m_r, i_h, H, K, 16, BN, L2NORM)
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    d_qk = tl.zeros([16, 16], dtype=tl.float32)
-    d_kk = tl.zeros([16, 16], dtype=tl.float32)
-    for cb in range(0, K, BC):
-        cq, ck, cG = pair_block(q, k, g, row0, r16, m_r, i_h, i_hv, H, HV, K, cb + tl.arange(0, BC), rq, rk, a,
-                                dt_bias, lower_bound, BC, GATE, HAS_A, HAS_BIAS)
-        ke = ck[None, :, :] * tl.exp(tl.minimum(cG[:, None, :] - cG[None, :, :], 0.0))
-        d_qk += tl.sum(cq[:, None, :] * ke, axis=2)
-        d_kk += tl.sum(ck[:, None, :] * ke, axis=2)
-    p_d = d_out + (base * NS + s) * 512 + a16[:, None] * 16 + a16[None, :]
-    tl.store(p_d, d_qk)
-    tl.store(p_d + 256, d_kk)
-
-
-@triton.jit
-def _invert(D_kk, A_kk, r, BT: tl.constexpr, NS: tl.constexpr, LEVELS: tl.constexpr):
-    """T = (I + Akk)^-1 from Akk's 16 x 16 diagonal blocks D_kk [NS, 16, 16] and its entries between
-    sub-chunks A_kk [BT, BT] (zero elsewhere)."""
-    a16 = tl.arange(0, 16)
-    # (I + A_kk)^-1 = R Tdiag: the 16 x 16 diagonal blocks by forward substitution (exact fp32), then
-    # R = (I + M)^-1 with M = Tdiag L (strictly block-lower, nilpotent): (I - M)(I + M^2)(I + M^4)...
-    eye3 = (a16[:, None] == a16[None, :])[None, :, :]
-    T3 = tl.where(eye3, 1.0, 0.0) + tl.zeros([NS, 16, 16], dtype=tl.float32)
-    for i in range(1, 16):
-        sel = (a16 == i)[None, :, None]
-        a_row = tl.sum(tl.where(sel, D_kk, 0.0), axis=1)
-        upd = tl.sum(a_row[:, :, None] * T3, axis=1)
-        T3 = tl.where(sel, T3 - upd[:, None, :], T3)
-    # Block-diagonal Tdiag as a [BT, BT] tile.
-    same = (tl.arange(0, NS)[:, None, None, None] == tl.arange(0, NS)[None, None, :, None])
-    Tfull = tl.reshape(tl.where(same, tl.broadcast_to(T3[:, :, None, :], (NS, 16, NS, 16)), 0.0), (BT, BT))
-    if NS > 1:
-        M = tl.reshape(tl.dot(T3, tl.reshape(A_kk, (NS, 16, BT)), input_precision="tf32x3"), (BT, BT))
-        R = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - M
-        P = M
-        for lv in tl.static_range(LEVELS - 5):
-            P = tl.dot(P, P, input_precision="tf32x3")
-            R = R + tl.dot(R, P, input_precision="tf32x3")
-        Tfull = tl.dot(R, Tfull, input_precision="tf32x3")
-    return Tfull
-
-
-@triton.jit
-def _chunk_inverse_kernel(t, HV, BT: tl.constexpr, LEVELS: tl.constexpr):
-    """Grid (chunks, HV): T = (I + Akk)^-1 in place of the Akk written by ``_chunk_prep_kernel`` with
-    INVERT=False (KIMI_LINEAR_KDA_PREP_INVERSE=split: the inverse in its own launch)."""
-    NS: tl.constexpr = BT // 16
-    r = tl.arange(0, BT)
-    p_t = t + (tl.program_id(0).to(tl.int64) * HV + tl.program_id(1)) * BT * BT
-    gap = (r // 16)[:, None] - (r // 16)[None, :]
-    A_kk = tl.load(p_t + r[:, None] * BT + r[None, :], mask=gap != 0, other=0.0)
-    D_kk = tl.load(p_t + _diag_offsets(NS, BT))
-    Tfull = _invert(D_kk, A_kk, r, BT, NS, LEVELS)
-    tl.debug_barrier()  # every thread has read Akk before T overwrites it
-    tl.store(p_t + r[:, None] * BT + r[None, :], Tfull)
-
-
-@triton.jit
-def _chunk_prep_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, d_in, aqk_out, t_out,
+def _chunk_tree_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
     scale, lower_bound,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, INVERT: tl.constexpr = True,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
-    # Writes Aqk and T (Akk with INVERT=False); the diagonal 16 x 16 blocks come from _chunk_diag_kernel, and
-    # _chunk_wy_kernel then writes w, u, qg, kg, gC from T.
-    NS: tl.constexpr = BT // 16
+    """Aqk and T = (I + Akk)^-1 of one chunk, grid (chunks, HV); every pairwise decay exact for any gate,
+    every product on tensor cores.
+
+    Pairs by a binary tree over the chunk's rows: at level B (1, 2, ..., BT/2) the pairs are i in an odd
+    B-block and j in the even B-block just before it, and exp(G_i - G_j) = f_i * f_j with f the level's
+    per-row factors (``tree_factor``: sums of at most B same-sign gates of one block, never two long
+    cumulative sums, so nothing overflows or cancels; underflow to 0 is exact). One masked
+    [BT, BK] x [BK, BT] product per level and matrix, plus Aqk's diagonal q_i.k_i.
+
+    T by the same tree: with T_B the inverse of I + (Akk on the pairs inside B-blocks),
+    T_2B = T_B - T_B L_B T_B where L_B is Akk on the pairs of level B (T_B L_B squares to zero), from
+    T_1 = I. Every step inverts a real sub-block, so nothing grows as in a Neumann series.
+    """
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    a16 = tl.arange(0, 16)
-    sub = r // 16
-
+    m_rn = (r + 1) < n_rows
     a = 0.0
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)
-
     rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-
-    A_qk = tl.zeros([BT, BT], dtype=tl.float32)  # entries between different sub-chunks
+    A_qk = tl.zeros([BT, BT], dtype=tl.float32)
     A_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    gap = sub[:, None] - sub[None, :]
+    d_qk = tl.zeros([BT], dtype=tl.float32)
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
@@ -221,47 +113,25 @@ def _chunk_prep_kernel(
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        g_loc, r_loc, tot = _sub_chunk_sums(bg, r, BT, BK, NS)
-        e_g = tl.exp(g_loc)  # <= 1: decay from the sub-chunk start to the row
-        e_r = tl.exp(r_loc)  # <= 1: decay from the row to the sub-chunk end
-        # Outputs that need no inverse: decays from the chunk start (qg) and to the chunk end (kg).
-        # Between sub-chunks J < I: exp(G_i - G_j) = e_g[i] * exp(totals strictly between) * e_r[j].
-        row_q = bq * e_g
-        row_k = bk * e_g
-        col_k = bk * e_r
-        for dist in tl.static_range(1, NS):
-            if dist == 1:
-                fq = row_q
-                fk = row_k
-            else:
-                f = tl.exp(_between(tot, 1 - dist, -1, NS, BK, BT))
-                fq = row_q * f
-                fk = row_k * f
-            keep = gap == dist
-            A_qk += tl.where(keep, tl.dot(fq, tl.trans(col_k)), 0.0)
-            A_kk += tl.where(keep, tl.dot(fk, tl.trans(col_k)), 0.0)
-
-    s3 = tl.arange(0, NS)[:, None, None]
-    p_in = d_in + (base * NS + s3) * 512 + a16[None, :, None] * 16 + a16[None, None, :]
-    D_qk = tl.load(p_in)
-    D_kk = tl.load(p_in + 256)
-    lower3 = (a16[:, None] >= a16[None, :])[None, :, :]
-    strict3 = (a16[:, None] > a16[None, :])[None, :, :]
-    D_qk = tl.where(lower3, D_qk, 0.0) * scale
-    D_kk = tl.where(strict3, D_kk, 0.0) * tl.reshape(b_beta, (NS, 16))[:, :, None]
-    A_qk = A_qk * scale
+        _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
+                           HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
+        d_qk += tl.sum(bq * bk, axis=1)
+        for lv in tl.static_range(LEVELS):
+            f = tree_factor(bg, bgn, r, BT, BK, 1 << lv)
+            fk = bk * f
+            keep = tree_pairs(r, 1 << lv)
+            A_qk += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
+            A_kk += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+    eye = r[:, None] == r[None, :]
+    off = base * BT * BT + r[:, None] * BT + r[None, :]
+    A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
+    tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
     A_kk = A_kk * b_beta[:, None]
-
-    p_a = aqk_out + base * BT * BT
-    tl.store(p_a + r[:, None] * BT + r[None, :], A_qk.to(aqk_out.dtype.element_ty), mask=gap != 0)
-    tl.store(p_a + _diag_offsets(NS, BT), D_qk.to(aqk_out.dtype.element_ty))
-
-    p_t = t_out + base * BT * BT
-    if INVERT:
-        tl.store(p_t + r[:, None] * BT + r[None, :], _invert(D_kk, A_kk, r, BT, NS, LEVELS))
-    else:  # Akk itself (strictly lower); _chunk_inverse_kernel inverts it in place
-        tl.store(p_t + r[:, None] * BT + r[None, :], A_kk, mask=gap != 0)
-        tl.store(p_t + _diag_offsets(NS, BT), D_kk)
+    Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
+    for lv in tl.static_range(1, LEVELS):
+        L = tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0)
+        Tm = Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=INV_PREC), input_precision=INV_PREC)
+    tl.store(t_out + off, Tm)
 
 
 @triton.jit
@@ -437,38 +307,29 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     outs = (w, u, qg, kg, aqk, gc) + ((t,) if store_t else ())
     if NC == 0:
         return outs
-    # K/V blocks and warps of the prep kernel; env overrides for tuning (see docs/benchmarks.md).
-    BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BK", 16)), next_pow2(K)))
-    BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BV", 64)), next_pow2(V)))
-    warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_WARPS", 4 if BT <= 64 else 8))
+    # K blocks and warps; env overrides for tuning. Measured on an H200 at T=8K, H=32, K=V=128, bf16
+    # (docs/benchmarks.md, session 4): tree kernel BK=32 1.19 ms vs 2.0 at BK=64; w/u kernel BK=32 434 us
+    # vs 500 at BK=16 and 1190 at BK=128; 8 warps slower for both (and gave wrong T in a tree variant).
+    env = os.environ.get
+    warps = int(env("KIMI_LINEAR_KDA_PREP_WARPS", 4 if BT <= 64 else 8))
+    BK = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BK", 32)), next_pow2(K)))
+    BV = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BV", 64)), next_pow2(V)))
+    prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     d = dummy(dev)
     a_log = A_log if A_log is not None else d
     bias = dt_bias if dt_bias is not None else d
     lb = float(lower_bound) if lower_bound is not None else 0.0
     inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm,
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
-    wy = dict(SV=SV, BV=BV, WY_PREC="tf32x3" if q.dtype == torch.float32 else "tf32")
     if t_given is None:
-        # The diagonal 16 x 16 blocks, pair by pair (exact for any gate; 8 KB per chunk and head at BT=64).
-        d_pairs = torch.empty(NC, HV, BT // 16, 2, 16, 16, device=dev, dtype=torch.float32)
-        LAUNCHED["diag"] = _chunk_diag_kernel[(NC * (BT // 16), HV)](
-            q, k, g, a_log, bias, chunk_info, d_pairs, lb, H, HV, K, BT=BT, BC=8, BN=min(64, next_pow2(K)),
-            GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm, num_warps=4,
-            num_stages=1,
-        )
-        # Aqk and T, then w, u, qg, kg, gC from T in a second launch (fewer live registers each: 9.7 ms vs
-        # 12.6 ms for one fused launch at T=32K, H=32 on an H200, session 2).
-        # KIMI_LINEAR_KDA_PREP_INVERSE=split: the inverse in its own launch (opt-in; not yet timed on a GPU).
-        split_inverse = os.environ.get("KIMI_LINEAR_KDA_PREP_INVERSE") == "split"
-        LAUNCHED["prep"] = _chunk_prep_kernel[(NC, HV)](
-            q, k, g, beta, a_log, bias, chunk_info, d_pairs, aqk, t, float(scale), lb, H, HV, K,
-            BT=BT, LEVELS=BT.bit_length() - 1, INVERT=not split_inverse, **inputs)
-        if split_inverse:
-            LAUNCHED["inverse"] = _chunk_inverse_kernel[(NC, HV)](
-                t, HV, BT=BT, LEVELS=BT.bit_length() - 1, num_warps=warps, num_stages=1)
+        # The inverse's tree steps in tf32 for 16-bit inputs: T moved by 9e-6 relative against tf32x3,
+        # which cost 0.8 ms more at T=8K (H200).
+        LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
+            q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
+            BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec, **inputs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
-        BT=BT, **inputs, **wy)
+        BT=BT, SV=SV, BV=BV, WY_PREC=prec, **inputs)
     return outs
 
 

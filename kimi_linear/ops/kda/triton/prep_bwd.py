@@ -1,4 +1,4 @@
-"""Backward of the chunk-local KDA prep (``_chunk_prep_kernel``), three launches per (chunk, value head).
+"""Backward of the chunk-local KDA prep (``chunk_fwd.chunk_prep``), two launches per (chunk, value head).
 
 Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk, gC (from the reverse
 recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
@@ -12,29 +12,27 @@ Launches:
 
 1. ``_prep_bwd_wy_kernel`` (grid chunks x HV): L2 norms, dT, e^G X (parked in the dk buffer), the V side
    (dv, v.Y) and dAkk (to a scratch, T's own storage with ``overwrite_t``).
-2. ``_prep_bwd_diag_kernel`` (grid chunks * BT/16 x HV): the pairs inside each 16-row sub-chunk, formed
-   one by one (exact for any gate) on [16, 16, 8] channel blocks, to a scratch.
-3. ``_chunk_prep_bwd_kernel`` (grid chunks x HV): per K block, the terms without pairwise decays, the
-   pairs between sub-chunks and the scratch of launch 2, the gate activation; then the L2-norm backward,
-   which needs q.dq over the whole row.
+2. ``_chunk_prep_bwd_kernel`` (grid chunks x HV): per K block, the terms without pairwise decays, every
+   pair by the forward's binary tree, the gate activation; then the L2-norm backward, which needs q.dq
+   over the whole row.
 
 Pairwise decays exp(G_i - G_j) are never formed from two long cumulative sums (fp32 digits are lost
-after -1000 gates, and exp(G_i) * exp(-G_j) overflows). Between the 16-row sub-chunks a binary tree: at
-level HB (BT/2 ... 16) the pair (i in an odd HB-block, j in the even block before it) is
-exp(fwd_i) * exp(rev_j), fwd = inclusive and rev = exclusive reverse cumsum inside the HB-block: <= 0 sums
-of one block's gates (segmented scans; rev from the gates shifted by one row, not "sum minus self"). One
-masked [BT, BT] @ [BT, BK] product per side and matrix. Underflow to 0 is exact.
+after -1000 gates, and exp(G_i) * exp(-G_j) overflows). At tree level HB (BT/2 ... 1) the pair (i in
+an odd HB-block, j in the even block before it) is exp(fwd_i) * exp(rev_j), fwd = inclusive and rev =
+exclusive reverse cumsum inside the HB-block: <= 0 sums of one block's gates (rev from the gates shifted
+by one row, not "sum minus self"). One masked [BT, BT] @ [BT, BK] product per side and matrix. Underflow
+to 0 is exact.
 
-The gate gradient of each factor goes only to the gates inside its block (segmented sums), never as a
-"+x at row i, -x at row j" pair through one cumulative sum over the chunk: that cancels, and the fp32
-(or tf32) residue multiplied by a -1000 gate ruined dA_log. Products through T use tf32x3; the pairwise
-ones ``PAIR_PREC`` (tf32x3 for fp32 inputs, tf32 for 16-bit ones, as the forward). dq/dk go through fp32
-per-value-head buffers (summed over the GVA group on the host), dA_log / dt_bias through per-(chunk,
-head) partial sums.
+The gate gradient of each factor goes only to the gates inside its block (sums inside the block), never
+as a "+x at row i, -x at row j" pair through one cumulative sum over the chunk: that cancels, and the
+fp32 (or tf32) residue multiplied by a -1000 gate ruined dA_log. Products through T use tf32x3; the
+pairwise ones ``PAIR_PREC`` (tf32x3 for fp32 inputs, tf32 for 16-bit ones, as the forward). dq/dk go
+through fp32 per-value-head buffers (summed over the GVA group on the host), dA_log / dt_bias through
+per-(chunk, head) partial sums.
 
-History: until session 3 this was one kernel whose in-sub-chunk pairs used a midpoint factoring with a
-3-level tree fallback: 31 of its 53 ms at T=32K, H=32 (H200, stress gates that take the fallback in 76% of
-the sub-chunks), 13 ms of it for merely compiling the fallback in (docs/benchmarks.md, session 3).
+History: session 3 formed the pairs inside 16-row sub-chunks one by one in a launch of their own (5.4 of
+the backward's ~18 ms at T=8K, H=32 on an H200); the tree down to single rows replaced it in session 4
+(docs/benchmarks.md). Before that, a midpoint factoring with a tree fallback.
 """
 
 from __future__ import annotations
@@ -46,49 +44,11 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, chunk_program, dummy, load_bias, load_gate, next_pow2, pair_block, sub_chunk_program,
+    apply_beta, block_cumsum, block_sums, chunk_program, dummy, load_bias, load_gate, next_pow2, tree_pairs,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
 LAUNCHED: dict = {}
-
-
-@triton.jit
-def _seg_last(a, sa, b, sb):
-    """Segmented sum for forward scans: keeps the sum of the segment with the larger id (order-free)."""
-    return tl.where(sa == sb, a + b, tl.where(sa > sb, a, b)), tl.maximum(sa, sb)
-
-
-@triton.jit
-def _seg_first(a, sa, b, sb):
-    """Segmented sum for reverse scans: keeps the segment with the smaller id."""
-    return tl.where(sa == sb, a + b, tl.where(sa < sb, a, b)), tl.minimum(sa, sb)
-
-
-@triton.jit
-def _block_sums(bg, bgn, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.constexpr):
-    """fwd: inclusive cumsum of g inside each HB-row block; rev: sum of g after the row inside its block
-    (from bgn = g of the next row)."""
-    if HB == 1:
-        fwd = bg
-        rev = tl.zeros([BT, BK], dtype=tl.float32)
-    else:
-        seg = tl.broadcast_to((r // HB)[:, None], (BT, BK))
-        fwd, _ = tl.associative_scan((bg, seg), 0, _seg_last)
-        gz = tl.where(((r % HB) == HB - 1)[:, None], 0.0, bgn)
-        rev, _ = tl.associative_scan((gz, seg), 0, _seg_first, reverse=True)
-    return fwd, rev
-
-
-@triton.jit
-def _seg_scan(x, r, BT: tl.constexpr, BK: tl.constexpr, HB: tl.constexpr, REVERSE: tl.constexpr):
-    """Inclusive cumulative sum of x inside each HB-row block (reverse: from the block end)."""
-    seg = tl.broadcast_to((r // HB)[:, None], (BT, BK))
-    if REVERSE:
-        out, _ = tl.associative_scan((x, seg), 0, _seg_first, reverse=True)
-    else:
-        out, _ = tl.associative_scan((x, seg), 0, _seg_last)
-    return out
 
 
 @triton.jit
@@ -127,17 +87,15 @@ def _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT: tl.cons
                 HB: tl.constexpr, PREC: tl.constexpr):
     """Pairs (i in an odd HB-block, j in the even block before it). The exponent gradients go to the
     gates of the two blocks only (segmented sums), so nothing cancels across blocks."""
-    fwd, rev = _block_sums(bg, bgn, r, BT, BK, HB)
-    bi = r // HB
-    odd = (bi % 2) == 1
+    fwd, rev = block_sums(bg, bgn, r, BT, BK, HB)
+    odd = ((r // HB) % 2) == 1
     e = tl.exp(tl.minimum(tl.where(odd[:, None], fwd, rev), 0.0))
-    keep = (bi[:, None] == bi[None, :] + 1) & ((bi[None, :] % 2) == 0)
-    mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, keep, BT)
+    mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, tree_pairs(r, HB), BT)
     d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, e, mq, mk, PREC)
     # fwd_i = sum of g over [block start, i]; rev_j = sum over (j, block end].
     d_g = d_row
     if HB > 1:
-        d_g = _seg_scan(d_row, r, BT, BK, HB, True) + (_seg_scan(d_col, r, BT, BK, HB, False) - d_col)
+        d_g = block_cumsum(d_row, BT, BK, HB, True) + (block_cumsum(d_col, BT, BK, HB, False) - d_col)
     return d_q, d_k, d_g, d_b
 
 
@@ -225,63 +183,9 @@ def _prep_bwd_wy_kernel(
 
 
 @triton.jit
-def _prep_bwd_diag_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, pair_grads, db_pair,
-    scale, lower_bound,
-    H, HV, K,
-    BT: tl.constexpr, BC: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-):
-    """Pairs j < i inside one 16-row sub-chunk, grid (chunks * BT / 16, HV), formed one by one on
-    [16, 16, BC] channel blocks: P_ijd = exp(G'_id - G'_jd) with G' the sub-chunk's local cumulative sum
-    (row 0's gate, in no pair, left out), exact for any gate. With Mq = scale dAqk and Mk = dAkk:
-
-        dq_i = sum_j Mq_ij P_ij k_j,   dk_j += sum_i (Mq_ij q_i + b_i Mk_ij k_i) P_ij,
-        dk_i += b_i sum_j Mk_ij P_ij k_j,   db_i = sum_j Mk_ij sum_d k_id k_jd P_ijd,
-        E_ijd = (Mq_ij q_id + b_i Mk_ij k_id) k_jd P_ijd = d/d log P_ijd,
-        dg_t = sum over pairs with j < t <= i of E = reverse cumsum over the sub-chunk of (rowsum - colsum)
-
-    Every term is bounded by its pair's |M q k| (no large factors), so the sums inside a 16-row sub-chunk
-    cannot cancel badly. Writes dq, dk and the activated-gate gradient to ``pair_grads`` [chunks, HV, 3,
-    BT, K] and db to ``db_pair``."""
-    NS: tl.constexpr = BT // 16
-    i_c, s, i_hv, i_h, row0, r16, m_r, base = sub_chunk_program(chunk_info, H, HV, NS)
-    a16 = tl.arange(0, 16)
-    rq = tl.load(norms + base * 2 * BT + r16)
-    rk = tl.load(norms + base * 2 * BT + BT + r16)
-    a, _, bb = _head_and_beta(A_log, beta, (row0 + r16) * HV + i_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
-    off = r16[:, None] * BT + r16[None, :]
-    strict = (a16[:, None] > a16[None, :]) & m_r[:, None]
-    mq = tl.load(daqk + base * BT * BT + off, mask=strict, other=0.0) * scale
-    mk = tl.load(dakk + base * BT * BT + off, mask=strict, other=0.0)
-    mkb = mk * bb[:, None]
-    db = tl.zeros([16], dtype=tl.float32)
-    p_out = pair_grads + base * 3 * BT * K + r16[:, None] * K
-    for cb in range(0, K, BC):
-        o_c = cb + tl.arange(0, BC)
-        cq, ck, cG = pair_block(q, k, g, row0, r16, m_r, i_h, i_hv, H, HV, K, o_c, rq, rk, a, dt_bias, lower_bound,
-                                BC, GATE, HAS_A, HAS_BIAS)
-        P = tl.exp(tl.minimum(cG[:, None, :] - cG[None, :, :], 0.0))  # [i, j, d]
-        Pk = P * ck[None, :, :]
-        dq_c = tl.sum(mq[:, :, None] * Pk, axis=1)
-        db += tl.sum(tl.sum(mk[:, :, None] * Pk * ck[:, None, :], axis=2), axis=1)
-        W = mq[:, :, None] * cq[:, None, :] + mkb[:, :, None] * ck[:, None, :]  # row-side weights
-        dk_c = tl.sum(mkb[:, :, None] * Pk, axis=1) + tl.sum(W * P, axis=0)
-        E = W * Pk
-        d_l = tl.sum(E, axis=1) - tl.sum(E, axis=0)
-        dg_c = tl.where((a16 == 0)[:, None], 0.0, tl.cumsum(d_l, axis=0, reverse=True))
-        m_o = (a16 < 16)[:, None] & (o_c < K)[None, :]
-        tl.store(p_out + o_c[None, :], dq_c, mask=m_o)
-        tl.store(p_out + BT * K + o_c[None, :], dk_c, mask=m_o)
-        tl.store(p_out + 2 * BT * K + o_c[None, :], dg_c, mask=m_o)
-    tl.store(db_pair + base * BT + r16, db)
-
-
-@triton.jit
 def _chunk_prep_bwd_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info,
-    dqg, dkg, daqk, dgc, norms, db_part, pair_grads, db_pair,
+    dqg, dkg, daqk, dgc, norms, db_part,
     dq, dk, dg, dbeta, dA_part, dbias_part, dakk,
     scale, lower_bound,
     H, HV, K,
@@ -290,8 +194,8 @@ def _chunk_prep_bwd_kernel(
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
-    """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, adding the
-    in-sub-chunk pairs of ``_prep_bwd_diag_kernel``; then the L2-norm backward."""
+    """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, the pairs by tree
+    levels; then the L2-norm backward."""
     # ABLATE (profiling only, wrong results): bit 1 drops the pairs between sub-chunks, 16 drops pass 3.
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
@@ -305,7 +209,7 @@ def _chunk_prep_bwd_kernel(
     a, xb, bb = _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
     rq = tl.load(norms + base * 2 * BT + r)
     rk = tl.load(norms + base * 2 * BT + BT + r)
-    db = tl.load(db_part + base * BT + r) + tl.load(db_pair + base * BT + r)
+    db = tl.load(db_part + base * BT + r)
     dq_diag = tl.load(p_aqk + r * BT + r, mask=m_r, other=0.0) * scale  # Aqk's diagonal, no decay
 
     # ---- pass 2: per K block ------------------------------------------------------------------------
@@ -338,19 +242,14 @@ def _chunk_prep_bwd_kernel(
         b_dgc = tl.load(dgc + base * K + o_k, mask=m_k, other=0.0)
         d_g = tl.cumsum(d_G, axis=0, reverse=True) + (tl.cumsum(kgd, axis=0) - kgd) + b_dgc[None, :]
 
-        # Between 16-row sub-chunks: tree levels BT/2 ... 16.
-        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 5):
+        # Every pair i > j, by tree levels BT/2 ... 1.
+        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 1):
             d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
                                              BT >> (lv + 1), PAIR_PREC)
             acc_q += d_q
             acc_k += d_k
             d_g += d_l
             db += d_b
-        # Inside the sub-chunks: the pairs formed one by one by _prep_bwd_diag_kernel.
-        p_pg = pair_grads + base * 3 * BT * K + r[:, None] * K + o_k[None, :]
-        acc_q += tl.load(p_pg, mask=m_rk, other=0.0)
-        acc_k += tl.load(p_pg + BT * K, mask=m_rk, other=0.0)
-        d_g += tl.load(p_pg + 2 * BT * K, mask=m_rk, other=0.0)
 
         # Through the gate activation (raw gate reloaded rather than kept live).
         d_g = tl.where(m_rk, d_g, 0.0)
@@ -432,9 +331,9 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if dt_bias is not None else None
     dakk = T if overwrite_t else torch.empty_like(T)  # dAkk of every chunk (written by pass 1)
     if NC > 0:
-        # Pass 2 (the per-K-block kernel): 4 warps; BT=64 ran 53 ms vs 61 ms with 8 at T=32K, H=32 on an
-        # H200 (session 3, single-kernel version) despite more spills.
-        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 4), 128: (16, 8)}[BT]
+        # Pass 2 (the per-K-block kernel): 8 warps at BT=64, 8.9 ms vs 11.1 with 4 at T=8K, H=32 on an
+        # H200 (session 4, six tree levels; 4 warps won in session 3's version with two levels).
+        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 8), 128: (16, 8)}[BT]
         BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BK", bk)), next_pow2(K)))
         BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BV", 32)), next_pow2(V)))
         warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_WARPS", warps))
@@ -447,18 +346,12 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
                      BETA_SIGMOID=cfg.beta_sigmoid, NEG_EIGVAL=cfg.neg_eigval)
         norms = torch.empty(NC, HV, 2, BT, device=dev, dtype=f32)  # L2-norm factors of q and k
         db_part = torch.empty(NC, HV, BT, device=dev, dtype=f32)
-        pair_grads = torch.empty(NC, HV, 3, BT, K, device=dev, dtype=f32)
-        db_pair = torch.empty(NC, HV, BT, device=dev, dtype=f32)
         LAUNCHED["wy"] = _prep_bwd_wy_kernel[(NC, HV)](
             q, k, v, g, beta, a_log, bias, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part,
             lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags, num_warps=4, num_stages=1,
         )
-        LAUNCHED["diag"] = _prep_bwd_diag_kernel[(NC * (BT // 16), HV)](
-            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, pair_grads, db_pair,
-            float(cfg.scale), lb, H, HV, K, BT=BT, BC=8, **flags, num_warps=4, num_stages=1,
-        )
         LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
-            q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, pair_grads, db_pair,
+            q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part,
             dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d, dbias_part if dbias_part is not None else d,
             dakk, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK, L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec,
             ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0)), num_warps=warps, num_stages=1,

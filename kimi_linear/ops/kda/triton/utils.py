@@ -67,19 +67,6 @@ def chunk_program(chunk_info, H, HV):
 
 
 @triton.jit
-def sub_chunk_program(chunk_info, H, HV, NS: tl.constexpr):
-    """As ``chunk_program`` for grid (chunks * NS, HV), one 16-row sub-chunk per program; also returns the
-    sub-chunk index s and its rows' positions in the chunk (r16) with their validity mask."""
-    i_p = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_c = i_p // NS
-    s = i_p % NS
-    row0, n_rows = chunk_rows(chunk_info, i_c)
-    r16 = s * 16 + tl.arange(0, 16)
-    return i_c, s, i_hv, i_hv // (HV // H), row0, r16, r16 < n_rows, i_c.to(tl.int64) * HV + i_hv
-
-
-@triton.jit
 def load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Raw gate of rows r (chunk-relative) and channels o_k, and its activated log decay (0 where masked)."""
@@ -101,17 +88,41 @@ def load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
 
 
 @triton.jit
-def pair_block(q, k, g, row0, r16, m_r, i_h, i_hv, H, HV, K, o_c, rq, rk, a, dt_bias, lower_bound,
-               BC: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Channels o_c of the 16 rows r16 for the pair-by-pair sub-chunk kernels: normalised q, k, and
-    G' = the cumulative log decay from row 0 (row 0's own gate left out: it cancels in every pair, and a
-    short sum keeps exp(G'_i - G'_j) exact for any gate). All fp32 [16, BC]."""
-    m_c = o_c < K
-    bias = load_bias(dt_bias, i_hv, K, o_c, m_c, BC, HAS_BIAS)
-    cq, ck, cg = load_qkg(q, k, g, row0, i_h, i_hv, o_c, m_r[:, None] & m_c[None, :], rq, rk, a, bias, lower_bound,
-                          H, HV, K, GATE, HAS_A, HAS_BIAS, r16)
-    first = (tl.arange(0, 16) == 0)[:, None]
-    return cq, ck, tl.cumsum(tl.where(first, 0.0, cg), axis=0)
+def block_sums(bg, bgn, r, BT: tl.constexpr, BK: tl.constexpr, B: tl.constexpr):
+    """Log-decay sums inside each B-row block of a chunk tile (rows r, gates bg, next row's gates bgn):
+    fwd = inclusive cumulative sum from the block start, rev = the sum after the row to the block end
+    (from the next rows' gates, not "total minus self", which cancels after a -1000 gate). Every sum adds
+    same-sign terms of one block only, so exp(fwd_i) * exp(rev_j) is exact for any gate."""
+    if B == 1:
+        fwd = bg
+        rev = tl.zeros([BT, BK], dtype=tl.float32)
+    else:
+        fwd = tl.reshape(tl.cumsum(tl.reshape(bg, (BT // B, B, BK)), axis=1), (BT, BK))
+        gz = tl.where(((r % B) == B - 1)[:, None], 0.0, bgn)
+        rev = tl.reshape(tl.cumsum(tl.reshape(gz, (BT // B, B, BK)), axis=1, reverse=True), (BT, BK))
+    return fwd, rev
+
+
+@triton.jit
+def block_cumsum(x, BT: tl.constexpr, BK: tl.constexpr, B: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive cumulative sum of x [BT, BK] inside each B-row block (REVERSE: from the block end)."""
+    return tl.reshape(tl.cumsum(tl.reshape(x, (BT // B, B, BK)), axis=1, reverse=REVERSE), (BT, BK))
+
+
+@triton.jit
+def tree_pairs(r, B: tl.constexpr):
+    """Pairs (i, j) of tree level B: i in an odd B-row block, j in the even block just before it. Over
+    B = 1, 2, ..., BT/2 every pair i > j of a chunk belongs to exactly one level."""
+    return (((r[:, None] // B) % 2) == 1) & ((r[None, :] // B) == (r[:, None] // B) - 1)
+
+
+@triton.jit
+def tree_factor(bg, bgn, r, BT: tl.constexpr, BK: tl.constexpr, B: tl.constexpr):
+    """Per-row decay factors of tree level B, all <= 1: exp(fwd) on rows of odd B-blocks (the row side of
+    the level's pairs), exp(rev) on rows of even ones (the column side), so that for a pair (i, j) of the
+    level exp(G_i - G_j) = f_i * f_j."""
+    fwd, rev = block_sums(bg, bgn, r, BT, BK, B)
+    return tl.exp(tl.minimum(tl.where((((r // B) % 2) == 1)[:, None], fwd, rev), 0.0))
 
 
 @triton.jit
