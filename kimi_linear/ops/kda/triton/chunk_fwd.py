@@ -88,7 +88,8 @@ def _chunk_tree_kernel(
     B-block and j in the even B-block just before it, and exp(G_i - G_j) = f_i * f_j with f the level's
     per-row factors (``tree_factor``: sums of at most B same-sign gates of one block, never two long
     cumulative sums, so nothing overflows or cancels; underflow to 0 is exact). One masked
-    [BT, BK] x [BK, BT] product per level and matrix, plus Aqk's diagonal q_i.k_i.
+    [BT, BK] x [BK, BT] product per level and matrix, plus Aqk's diagonal q_i.k_i; level 1 (adjacent
+    rows) elementwise from the previous row's k.
 
     T by the same tree: with T_B the inverse of I + (Akk on the pairs inside B-blocks),
     T_2B = T_B - T_B L_B T_B where L_B is Akk on the pairs of level B (T_B L_B squares to zero), from
@@ -106,6 +107,12 @@ def _chunk_tree_kernel(
     A_qk = tl.zeros([BT, BT], dtype=tl.float32)
     A_kk = tl.zeros([BT, BT], dtype=tl.float32)
     d_qk = tl.zeros([BT], dtype=tl.float32)
+    # Level 1 (pairs (i, i - 1), i odd) elementwise, from k of the previous row loaded directly: row sums
+    # of q_i k_(i-1) e^(g_i) (k_(i-1) not yet normalised: its norm is summed alongside).
+    odd1 = ((r % 2) == 1) & m_r
+    v_qk = tl.zeros([BT], dtype=tl.float32)
+    v_kk = tl.zeros([BT], dtype=tl.float32)
+    s_kp = tl.zeros([BT], dtype=tl.float32)
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
@@ -116,18 +123,31 @@ def _chunk_tree_kernel(
         _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
                            HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
         d_qk += tl.sum(bq * bk, axis=1)
-        for lv in tl.static_range(LEVELS):
+        kp = tl.load(k + ((row0 + r - 1)[:, None] * H + i_h) * K + o_k[None, :],
+                     mask=odd1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        t1 = kp * tl.exp(tl.minimum(bg, 0.0))
+        v_qk += tl.sum(bq * t1, axis=1)
+        v_kk += tl.sum(bk * t1, axis=1)
+        s_kp += tl.sum(kp * kp, axis=1)
+        for lv in tl.static_range(1, LEVELS):
             f = tree_factor(bg, bgn, r, BT, BK, 1 << lv)
             fk = bk * f
             keep = tree_pairs(r, 1 << lv)
             A_qk += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
             A_kk += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+    if L2NORM:
+        r_kp = 1.0 / tl.sqrt(s_kp + 1e-6)
+        v_qk = v_qk * r_kp
+        v_kk = v_kk * r_kp
+    pairs1 = tree_pairs(r, 1)
+    A_qk = tl.where(pairs1, v_qk[:, None], A_qk)
+    A_kk = tl.where(pairs1, v_kk[:, None], A_kk)
     eye = r[:, None] == r[None, :]
     off = base * BT * BT + r[:, None] * BT + r[None, :]
     A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
     tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
     A_kk = A_kk * b_beta[:, None]
-    Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
+    Tm = tl.where(eye, 1.0, 0.0) - tl.where(pairs1, A_kk, 0.0)
     for lv in tl.static_range(1, LEVELS):
         L = tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0)
         Tm = Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=INV_PREC), input_precision=INV_PREC)

@@ -211,6 +211,19 @@ def _chunk_prep_bwd_kernel(
     rk = tl.load(norms + base * 2 * BT + BT + r)
     db = tl.load(db_part + base * BT + r)
     dq_diag = tl.load(p_aqk + r * BT + r, mask=m_r, other=0.0) * scale  # Aqk's diagonal, no decay
+    # Level 1 pairs (i, i - 1): the scalars Mq, dAkk on odd rows i, and for even rows j those of the pair
+    # (j + 1, j) with the norms and beta of row j + 1 folded in.
+    odd1 = ((r % 2) == 1) & m_r
+    even1 = ((r % 2) == 0) & m_rn
+    mq1 = tl.load(p_aqk + r * BT + r - 1, mask=odd1, other=0.0) * scale
+    mk1 = tl.load(p_akk + r * BT + r - 1, mask=odd1, other=0.0)
+    rk_prev = tl.load(norms + base * 2 * BT + BT + r - 1, mask=odd1, other=0.0)
+    bb_n = tl.where(even1, apply_beta(tl.load(beta + row_hv + HV, mask=even1, other=0.0).to(tl.float32),
+                                      BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    mq1n = tl.load(p_aqk + (r + 1) * BT + r, mask=even1, other=0.0) * scale \
+        * tl.load(norms + base * 2 * BT + r + 1, mask=even1, other=0.0)
+    mk1n = tl.load(p_akk + (r + 1) * BT + r, mask=even1, other=0.0) * bb_n \
+        * tl.load(norms + base * 2 * BT + BT + r + 1, mask=even1, other=0.0)
 
     # ---- pass 2: per K block ------------------------------------------------------------------------
     dA = tl.zeros([BK], dtype=tl.float32)
@@ -242,8 +255,22 @@ def _chunk_prep_bwd_kernel(
         b_dgc = tl.load(dgc + base * K + o_k, mask=m_k, other=0.0)
         d_g = tl.cumsum(d_G, axis=0, reverse=True) + (tl.cumsum(kgd, axis=0) - kgd) + b_dgc[None, :]
 
-        # Every pair i > j, by tree levels BT/2 ... 1.
-        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 1):
+        # Level 1 (pairs (i, i - 1), i odd) elementwise, from the neighbouring rows loaded directly: on odd
+        # rows the row side (factor e^(g_i)), on even rows j the column side of the pair (j + 1, j).
+        kp = tl.load(k + (row_qk - H)[:, None] * K + o_k[None, :], mask=odd1[:, None] & m_k[None, :],
+                     other=0.0).to(tl.float32) * rk_prev[:, None]
+        t1 = kp * tl.exp(tl.minimum(bg, 0.0))
+        w1 = mq1[:, None] * bq + (bb * mk1)[:, None] * bk
+        acc_q += mq1[:, None] * t1
+        acc_k += (bb * mk1)[:, None] * t1
+        d_g += w1 * t1
+        db += mk1 * tl.sum(bk * t1, axis=1)
+        m_en = even1[:, None] & m_k[None, :]
+        qn = tl.load(q + (row_qk + H)[:, None] * K + o_k[None, :], mask=m_en, other=0.0).to(tl.float32)
+        kn = tl.load(k + (row_qk + H)[:, None] * K + o_k[None, :], mask=m_en, other=0.0).to(tl.float32)
+        acc_k += (mq1n[:, None] * qn + mk1n[:, None] * kn) * tl.exp(tl.minimum(bgn, 0.0))
+        # The other pairs, by tree levels BT/2 ... 2.
+        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 2):
             d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
                                              BT >> (lv + 1), PAIR_PREC)
             acc_q += d_q
