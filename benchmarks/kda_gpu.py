@@ -292,19 +292,21 @@ def _fwd_variants(prep, ref):
 
 
 def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants=True):
-    """Backward pieces (fp32 recompute as chunk_kda_bwd does it)."""
+    """Backward pieces (the recompute as chunk_kda_bwd does it; KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1 times
+    the 16-bit variant)."""
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_prep, chunk_recur
 
     res = {}
-    f32 = dict(common, dtype=torch.float32)
-    pre = lambda: chunk_prep(q, k, v, g, beta, info, BT=64, store_t=True, **f32)  # noqa: E731
+    dtype = chunk_bwd.recompute_dtype(q)
+    rec = dict(common, dtype=dtype, pad=dtype != torch.float32, aqk_dtype=torch.float32)
+    pre = lambda: chunk_prep(q, k, v, g, beta, info, BT=64, store_t=True, **rec)  # noqa: E731
     outs = pre()
     res["bwd_recompute_prep_ms"] = bench(pre)  # KIMI_LINEAR_KDA_BWD_RECOMPUTE=full
     res["bwd_wy_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("wy"))
     kept_t = outs[6].clone()
     res["bwd_wy_from_kept_t_ms"] = bench(  # the default: T and Aqk kept by the forward, only w/u rebuilt
-        lambda: chunk_prep(q, k, v, g, beta, info, BT=64, t_given=kept_t, **f32))
+        lambda: chunk_prep(q, k, v, g, beta, info, BT=64, t_given=kept_t, **rec))
     scratch = torch.empty(1, T, H, D, device=q.device, dtype=torch.float32)
     states_fn = lambda: chunk_recur(*outs[:6], info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
                                     out=scratch, store_final=False, store_states=True, BT=64)

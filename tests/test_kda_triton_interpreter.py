@@ -193,3 +193,30 @@ def test_backward_keeps_forward_intermediates(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(first, second)), mode
         results[mode] = first
     assert all(torch.equal(a, b) for a, b in zip(results["partial"], results["full"]))
+
+
+def test_sweep_reads_padded_layout():
+    """The reverse sweep and the gradient kernel give the same results from the padded intermediates
+    (K, V widened to powers of two: the layout of 16-bit recomputes) as from the unpadded ones."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton.chunk_bwd import chunk_recur_bwd
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur
+    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
+
+    T, H, K, V, BT = 90, 2, 20, 24, 32
+    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=5, extreme_gate_frac=0.02,
+                      dtype=torch.float64).cast(torch.float32)
+    shapes = KDAShapes(1, T, H, H, K, V, 1)
+    info, seq = chunk_layout(shapes, None, BT, "cpu")
+    do = torch.randn(1, T, H, V, generator=torch.Generator().manual_seed(0))
+    results = []
+    for pad in (False, True):
+        outs = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, scale=K ** -0.5, shapes=shapes,
+                          gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias, lower_bound=None, l2norm=True,
+                          beta_sigmoid=True, neg_eigval=False, BT=BT, dtype=torch.float32, pad=pad)
+        assert (outs[0].shape[-1], outs[1].shape[-1]) == ((32, 32) if pad else (K, V))
+        _, _, states = chunk_recur(*outs, info, seq, shapes=shapes, initial_state=inp.initial_state,
+                                   out=torch.empty(1, T, H, V), store_final=False, store_states=True, BT=BT)
+        results.append(chunk_recur_bwd(*outs, info, seq, states, None, do, shapes=shapes, BT=BT))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)

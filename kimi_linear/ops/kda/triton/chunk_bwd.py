@@ -1,7 +1,8 @@
 """Chunked KDA backward.
 
-1. Recompute the chunk-local quantities (w, u, qg, kg, Aqk, gC) with the prep kernel (fp32 storage) and
-   the state entering every chunk with the recurrence kernel (``STORE_STATES``).
+1. Recompute the chunk-local quantities (w, u, qg, kg, gC; Aqk and T unless the forward kept them) with
+   the prep kernels and the state entering every chunk with the recurrence kernel (``STORE_STATES``), in
+   float32 (the forward's 16-bit padded layout with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1``).
 2. ``_chunk_recur_bwd_kernel``: reverse sweep over each sequence's chunks, grid (V / BV, N * HV), with the
    state gradient dS ([K, BV], fp32) in registers. For a chunk with entering state h:
 
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..gate import kda_gate
-from .chunk_fwd import chunk_prep, chunk_recur
+from .chunk_fwd import chunk_prep, chunk_recur, storage_dtype
 from .prep_bwd import chunk_prep_bwd
 from .utils import INTERPRET, chunk_program, chunk_rows, dummy, next_pow2, sequence_program
 
@@ -38,7 +39,7 @@ from .utils import INTERPRET, chunk_program, chunk_rows, dummy, next_pow2, seque
 def _chunk_recur_bwd_kernel(
     w, u, kg, aqk, gc, qg, chunk_info, seq_chunks, states, dht, do,
     du, v_new_out, ds_out, dh0,
-    HV, K, V,
+    HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
 ):
     """Reverse sweep, grid (V / BV, N * HV): only the dependent chain. Per chunk it stores dv (= du),
@@ -63,14 +64,15 @@ def _chunk_recur_bwd_kernel(
         p_kv = (base * K + o_k[:, None]) * V + o_v[None, :]
         h = tl.load(states + p_kv, mask=m_kv, other=0.0)
         tl.store(ds_out + p_kv, dS, mask=m_kv)
-        p_k = base * BT * K + r[:, None] * K + o_k[None, :]
+        # w, qg, kg, u, gC in the (possibly padded, SK / SV wide) layout of the prep kernels.
+        p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
         b_w = tl.load(w + p_k, mask=m_rk, other=0.0).to(tl.float32)
         b_qg = tl.load(qg + p_k, mask=m_rk, other=0.0).to(tl.float32)
-        b_kg = tl.load(kg + base * BT * K + o_k[None, :] * BT + r[:, None], mask=m_rk, other=0.0).to(tl.float32)
+        b_kg = tl.load(kg + base * BT * SK + o_k[None, :] * BT + r[:, None], mask=m_rk, other=0.0).to(tl.float32)
         p_u = base * BT * V + r[:, None] * V + o_v[None, :]
-        b_u = tl.load(u + p_u, mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
         b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :]).to(tl.float32)
-        b_gc = tl.load(gc + base * K + o_k, mask=m_k, other=0.0)
+        b_gc = tl.load(gc + base * SK + o_k, mask=m_k, other=0.0)
         row0, n_rows = chunk_rows(chunk_info, c)
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
                        mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
@@ -85,7 +87,7 @@ def _chunk_recur_bwd_kernel(
 def _chunk_bwd_grads_kernel(
     gc, chunk_info, states, ds, do, dv, v_new,
     dqg, dkg, dw, daqk, dgc,
-    HV, K, V,
+    HV, K, V, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Chunk-parallel, grid (chunks, HV, K / BK), for a chunk with entering state h and state gradient dS:
@@ -125,7 +127,7 @@ def _chunk_bwd_grads_kernel(
     tl.store(dqg + p_k, acc_q, mask=m_rk)
     tl.store(dkg + p_k, acc_k, mask=m_rk)
     tl.store(dw + p_k, acc_w, mask=m_rk)
-    tl.store(dgc + base * K + o_k, acc_g * tl.exp(tl.load(gc + base * K + o_k, mask=m_k, other=0.0)), mask=m_k)
+    tl.store(dgc + base * K + o_k, acc_g * tl.exp(tl.load(gc + base * SK + o_k, mask=m_k, other=0.0)), mask=m_k)
     if i_k == 0:
         tl.store(daqk + base * BT * BT + r[:, None] * BT + r[None, :], acc_a)
 
@@ -147,7 +149,7 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
     _chunk_recur_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, kg, aqk, gc, qg, info, seq, states, dht if dht is not None else dummy(dev), do,
         du, v_new, ds, dh0,
-        HV, K, V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
+        HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
         num_warps=4 if BK <= 128 else 8, num_stages=1,
     )
     dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=f32)
@@ -159,7 +161,7 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
     GV = max(16, min(32, next_pow2(V)))
     if NC > 0:
         _chunk_bwd_grads_kernel[(NC, HV, triton.cdiv(K, GK))](
-            gc, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, BT=BT, BK=GK, BV=GV,
+            gc, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=gc.shape[-1], BT=BT, BK=GK, BV=GV,
             num_warps=4, num_stages=2 if not INTERPRET else 1,
         )
     return du, dqg, dkg, dw, daqk, dgc, dh0
@@ -266,17 +268,29 @@ def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg,
     return dq, dk, dv, dg, dbeta, dA, dbias
 
 
+def recompute_dtype(q):
+    """Storage type of the backward's rebuilt intermediates: float32, or the forward's own 16-bit type
+    with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1`` (opt-in: 1.3 ms faster at T=8K, H=32 on an H200, but
+    dA_log with -1000 gates reached 1.9e-2 against float64, over the 1e-2 bound; docs/benchmarks.md)."""
+    if os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT") == "1":
+        return storage_dtype(q)
+    return torch.float32
+
+
 def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq, kept=None):
     """``kept``: (Aqk fp32, T) kept by the forward, or None to recompute them (the same numbers)."""
     shapes, BT = cfg.shapes, cfg.BT
     B, T, HV, V = shapes.B, shapes.T, shapes.HV, shapes.V
     dev = q.device
     use_kernel = BT in (16, 32, 64, 128) and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD") != "autograd"
+    # w, u, qg, kg and the chunk states are rebuilt in float32 (16-bit intermediates need the padded layout,
+    # as in the forward: the unpadded one was wrong on triton 3.6 for K=60).
+    dtype = recompute_dtype(q)
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
-        neg_eigval=cfg.neg_eigval, BT=BT, dtype=torch.float32, store_t=use_kernel,
-        t_given=None if kept is None else kept[1],
+        neg_eigval=cfg.neg_eigval, BT=BT, dtype=dtype, pad=dtype != torch.float32, store_t=use_kernel,
+        t_given=None if kept is None else kept[1], aqk_dtype=torch.float32,
     )
     w, u, qg, kg, aqk, gc = outs[:6]
     if kept is not None:
