@@ -43,9 +43,9 @@ def rel(a, b):
 
 def inputs(B, T, gate, cu=None, grad=False, seed=0, dist="stress"):
     """Random inputs. ``dist`` picks the gate parameters: "stress" (raw gate and dt_bias ~ N(0, 1) and
-    N(0, 0.25), A in U(1, 16): mean log decay about -6.7 per token, most 16-token sub-chunks beyond the
-    factored range) or "init" (the Mamba-style initialisation of trained checkpoints: softplus(dt_bias)
-    log-uniform in [1e-3, 1e-1], A in U(1, 16))."""
+    N(0, 0.25), A in U(1, 16): mean log decay about -6.7 per token, most 16-token sub-chunks beyond what
+    a midpoint factoring can take) or "init" (the Mamba-style initialisation of trained checkpoints:
+    softplus(dt_bias) log-uniform in [1e-3, 1e-1], A in U(1, 16))."""
     torch.manual_seed(seed)
     dev = "cuda"
     N = B if cu is None else len(cu) - 1
@@ -355,7 +355,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", help="B=1 sequence lengths (default 8K 32K 128K)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep variants")
     ap.add_argument("--breakdown-t", type=int, default=32768, help="sequence length of the per-launch breakdown")
-    ap.add_argument("--breakdown-parts", nargs="+", default=["bwd"], help="bwd: the backward's pieces; variants: prep_bwd launch variants; kernels: "
+    ap.add_argument("--breakdown-parts", nargs="+", default=["bwd"], help="bwd: the backward's pieces; variants: prep and prep_bwd launch variants; kernels: "
                          "per-kernel device times (torch.profiler) of the forward and forward + backward")
     ap.add_argument("--breakdown-dists", nargs="+", default=["stress", "init"])
     ap.add_argument("--no-decode", action="store_true")

@@ -54,7 +54,7 @@ def test_chunk_forward_backward(gate):
     o_err, s_err, errs = _fp32_vs_float64(inp64, seed=0, chunk_size=32)
     assert o_err < TOL and s_err < TOL
     # dA_log with +1000 raw softplus gates (log decays of -exp(A) * 1000) carries fp32 rounding of those
-    # large decays: 5.5e-5 (it was ~1e-3 before the pairs inside sub-chunks were formed one by one).
+    # large decays: ~5e-5 (it was ~1e-3 while the pairs inside sub-chunks were factored around a midpoint).
     assert max(errs) < 2e-4, errs
 
 

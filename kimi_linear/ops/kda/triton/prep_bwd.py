@@ -196,7 +196,7 @@ def _chunk_prep_bwd_kernel(
 ):
     """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, the pairs by tree
     levels; then the L2-norm backward."""
-    # ABLATE (profiling only, wrong results): bit 1 drops the pairs between sub-chunks, 16 drops pass 3.
+    # ABLATE (profiling only, wrong results): bit 1 drops the dot-based tree levels (2 ... BT/2), 16 drops pass 3.
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
