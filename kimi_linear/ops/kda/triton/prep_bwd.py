@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, block_cumsum, block_sums, chunk_program, dummy, load_bias, load_gate, next_pow2, tree_pairs,
+    apply_beta, block_cumsum, chunk_program, dummy, load_bias, load_gate, load_qkg, next_pow2, tree_factor,
+    tree_pairs,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -87,9 +88,7 @@ def _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT: tl.cons
                 HB: tl.constexpr, PREC: tl.constexpr):
     """Pairs (i in an odd HB-block, j in the even block before it). The exponent gradients go to the
     gates of the two blocks only (segmented sums), so nothing cancels across blocks."""
-    fwd, rev = block_sums(bg, bgn, r, BT, BK, HB)
-    odd = ((r // HB) % 2) == 1
-    e = tl.exp(tl.minimum(tl.where(odd[:, None], fwd, rev), 0.0))
+    e = tree_factor(bg, bgn, r, BT, BK, HB)
     mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, tree_pairs(r, HB), BT)
     d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, e, mq, mk, PREC)
     # fwd_i = sum of g over [block start, i]; rev_j = sum over (j, block end].
@@ -234,9 +233,8 @@ def _chunk_prep_bwd_kernel(
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq = tl.load(q + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rq[:, None]
-        bk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
-        _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
                             HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
 
