@@ -246,7 +246,7 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
     res["recur_ms"] = bench(rec)
     res["recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
     res["prep_ms"] = bench(prep)  # both launches
-    for name in ("tree", "wy"):
+    for name in ("diag", "tree", "wy"):
         res[f"{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
     if "variants" in parts:
         res.update(_fwd_variants(prep, ref))
@@ -276,14 +276,14 @@ def _fwd_variants(prep, ref):
 
     res = {}
     for env, val in (("KIMI_LINEAR_KDA_PREP_BK", "16"), ("KIMI_LINEAR_KDA_PREP_BK", "64"),
-                     ("KIMI_LINEAR_KDA_PREP_WARPS", "8")):
+                     ("KIMI_LINEAR_KDA_PREP_WARPS", "8"), ("KIMI_LINEAR_KDA_DIAG_BK", "32")):
         tag = f"prep_{env.rsplit('_', 1)[-1].lower()}{val}"
         os.environ[env] = val
         try:
             got = prep()
             res[f"{tag}_ms"] = bench(prep)
             res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-            for name in ("tree", "wy"):
+            for name in ("diag", "tree", "wy"):
                 res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
@@ -326,12 +326,12 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     res["bwd_prep_bwd_ms"] = bench(pb)
     from kimi_linear.ops.kda.triton import prep_bwd
 
-    for name in ("wy", "pairs"):
+    for name in ("wy", "diag", "pairs"):
         res[f"bwd_prep_bwd_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 every pair, 16 the L2-norm pass).
-    variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "8")] + [("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", str(b))
-                                                           for b in (1, 16)] if variants else []
+    variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "8"), ("KIMI_LINEAR_KDA_BWD_DIAG_BK", "16")] + [
+        ("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", str(b)) for b in (1, 16)] if variants else []
     for env, val in variants:
         os.environ[env] = val
         try:

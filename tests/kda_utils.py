@@ -57,14 +57,15 @@ class KDAInputs:
 
 def make_inputs(
     B=2, T=64, H=2, K=32, V=32, HV=None, *, gate="softplus", l2norm_in_kernel=True, dtype=torch.float32,
-    with_state=True, seed=0, scale=None, beta_logits=True, extreme_gate_frac=0.0, cu_seqlens=None,
-    requires_grad=False,
+    with_state=True, seed=0, scale=None, beta_logits=True, extreme_gate_frac=0.0, extreme_value=None,
+    cu_seqlens=None, requires_grad=False,
 ) -> KDAInputs:
     """Random inputs for every gate form.
 
     gate: "softplus" (the 48B checkpoint's, raw g with A_log/dt_bias), "lower_bound" (lower_bound=-5),
     or "pregated" (g is already a log decay <= 0). extreme_gate_frac sets that fraction of the log
-    decays to -1000 (pregated) or the raw gate to +1000 (in-kernel gates, which saturates to -exp(A)*1000).
+    decays to -1000 (pregated) or the raw gate to +1000 (in-kernel gates, which saturates to -exp(A)*1000);
+    ``extreme_value`` replaces that value.
     """
     HV = HV or H
     gen = torch.Generator().manual_seed(seed)
@@ -88,7 +89,7 @@ def make_inputs(
     A_log = dt_bias = None
     if gate == "pregated":
         g = -torch.nn.functional.softplus(randn(B, T, HV, K)) * 0.5
-        extreme_value = -1000.0
+        default_extreme = -1000.0
     else:
         g = randn(B, T, HV, K)
         A_log = torch.log(torch.empty(HV, dtype=torch.float64).uniform_(0.5, 4.0, generator=gen))
@@ -98,7 +99,8 @@ def make_inputs(
             kwargs["lower_bound"] = -5.0
         elif gate != "softplus":
             raise ValueError(gate)
-        extreme_value = 1000.0
+        default_extreme = 1000.0
+    extreme_value = default_extreme if extreme_value is None else float(extreme_value)
     if extreme_gate_frac:
         mask = torch.rand(B, T, HV, K, generator=gen) < extreme_gate_frac
         g = torch.where(mask, torch.full_like(g, extreme_value), g)

@@ -1,7 +1,7 @@
-"""Chunked KDA forward: chunk-local prep (two launches) and a sequential recurrence.
+"""Chunked KDA forward: chunk-local prep (three launches) and a sequential recurrence.
 
-1. Prep, chunk-parallel, grid (chunks, HV). From the raw inputs of one chunk (L2 norm, gate, beta
-   sigmoid applied in-register), with G the within-chunk inclusive cumulative log decay:
+1. Prep, chunk-parallel. From the raw inputs of one chunk (L2 norm, gate, beta sigmoid applied
+   in-register), with G the within-chunk inclusive cumulative log decay:
 
        Aqk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)     (j <= i)
        Akk[i, j] = beta_i * sum_d k_id k_jd exp(G_id - G_jd)    (j < i),   T = (I + Akk)^-1
@@ -9,17 +9,21 @@
 
    stored chunk-major ([chunk, head, row, .]; kg transposed, [chunk, head, K, row]).
 
-   Numerics for any gate value: pairwise decays are never formed from two long cumulative sums. A
-   binary tree over the chunk's rows gives every pair i > j one level B at which i lies in an odd B-row
-   block and j in the even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start
-   of i's block to i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B
-   same-sign gates. Underflow to 0 is exact.
+   Numerics for any gate value: pairwise decays are never formed from two long cumulative sums.
+   * Pairs inside a 16-row sub-chunk (``_chunk_diag_kernel``, grid (chunks * BT/16, HV), one warp):
+     column by column, exp(G_i - G_j) as a running product of the per-row decays exp(g) <= 1, on CUDA
+     cores; it also inverts the sub-chunk's diagonal block of I + Akk.
+   * Pairs between sub-chunks (``_chunk_tree_kernel``, grid (chunks, HV)): a binary tree over the rows
+     gives every such pair one level B (16, 32, ...) at which i lies in an odd B-row block and j in the
+     even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
+     i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B same-sign gates,
+     so one masked tensor-core product per level. T follows by the same tree from the diagonal blocks.
+   Underflow to 0 is exact.
 
-   Two launches: ``_chunk_tree_kernel`` (Aqk and T, the inverse by the same tree) and
-   ``_chunk_wy_kernel`` (w, u, qg, kg, gC). Until session 3 this took three launches: pairs inside
-   16-row sub-chunks one by one on CUDA cores, the pairs between sub-chunks per sub-chunk distance and
-   the inverse by forward substitution (2.2 ms against the tree kernel's 1.2 ms at T=8K, H=32 on an
-   H200; docs/benchmarks.md, session 4).
+   Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC). History (T=8K, H=32, H200, docs/benchmarks.md):
+   session 3 had three launches with the in-sub-chunk pairs one by one (2.2 ms); session 4 one tree
+   kernel with levels 1 ... 32 (1.25 ms, the levels inside sub-chunks 0.46 ms of it); session 5 moved
+   those to the one-warp diagonal kernel (forward 1.78 vs 1.89 ms in all).
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
 
@@ -35,8 +39,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg, next_pow2,
-    sequence_program, tree_factor, tree_pairs,
+    INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg,
+    next_pow2, sequence_program, tree_factor, tree_pairs,
 )
 
 
@@ -72,6 +76,76 @@ def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr,
 
 
 @triton.jit
+def _chunk_diag_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
+    scale, lower_bound,
+    H, HV, K, SK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, INV_PREC: tl.constexpr,
+):
+    """The pairs inside one 16-row sub-chunk, grid (chunks * BT / 16, HV): the diagonal 16 x 16 blocks of
+    Aqk and of T (the inverse of I + Akk restricted to the block), written in place in ``aqk_out`` and
+    ``t_out`` for the tree kernel.
+
+    Columns j from the last to the first: E_i = exp(g_(j+1) + ... + g_i) grows by one decay factor
+    exp(g) <= 1 per step, a product of factors <= 1, so exact for any gate (no reference row, no
+    cancellation, underflow to 0 is exact). [16, BK] tiles on CUDA cores, one warp: the rows j are
+    picked out of the tiles by masked sums inside the warp (no shared-memory round trips).
+    """
+    NS: tl.constexpr = BT // 16
+    i_x = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_c = i_x // NS
+    s = i_x % NS
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    i_h = i_hv // (HV // H)
+    base = i_c.to(tl.int64) * HV + i_hv
+    r = tl.arange(0, 16)
+    n_sub = n_rows - s * 16  # valid rows of this sub-chunk (may be <= 0 in a partial last chunk)
+    m_r = r < n_sub
+    rows0 = row0 + s * 16
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    A_qk = tl.zeros([16, 16], dtype=tl.float32)
+    A_kk = tl.zeros([16, 16], dtype=tl.float32)
+    d_qk = tl.zeros([16], dtype=tl.float32)
+    for kb in range(0, SK, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+        bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+        d_qk += tl.sum(bq * bk, axis=1)
+        dec = tl.exp(bg)  # per-row decays, <= 1
+        # E_i = prod of the decays of rows j+1 .. i (products of factors <= 1: exact, underflow to 0).
+        E = tl.full([16, BK], 1.0, dtype=tl.float32)
+        for t in tl.static_range(15):
+            j = 14 - t
+            below = (r > j)[:, None]
+            E = E * tl.where(below, tl.sum(tl.where((r == j + 1)[:, None], dec, 0.0), axis=0)[None, :], 1.0)
+            kj = tl.sum(tl.where((r == j)[:, None], bk, 0.0), axis=0)  # row j of k, to every row
+            ke = tl.where(below, E, 0.0) * kj[None, :]
+            A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
+            A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
+    eye = r[:, None] == r[None, :]
+    off = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
+    A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
+    tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
+    A_kk = A_kk * b_beta[:, None]
+    # T of the block by the tree: T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
+    Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
+    for lv in tl.static_range(1, 4):
+        L = tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0)
+        Tm = Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=INV_PREC), input_precision=INV_PREC)
+    tl.store(t_out + off, Tm)
+
+
+@triton.jit
 def _chunk_tree_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
     scale, lower_bound,
@@ -79,21 +153,22 @@ def _chunk_tree_kernel(
     BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
-    """Aqk and T = (I + Akk)^-1 of one chunk, grid (chunks, HV); every pairwise decay exact for any gate,
-    every product on tensor cores.
+    """The pairs between the 16-row sub-chunks of one chunk, grid (chunks, HV), after
+    ``_chunk_diag_kernel`` wrote the diagonal blocks of Aqk and T: completes Aqk and T = (I + Akk)^-1.
+    Every pairwise decay exact for any gate, every product on tensor cores.
 
-    Pairs by a binary tree over the chunk's rows: at level B (1, 2, ..., BT/2) the pairs are i in an odd
-    B-block and j in the even B-block just before it, and exp(G_i - G_j) = f_i * f_j with f the level's
-    per-row factors (``tree_factor``: sums of at most B same-sign gates of one block, never two long
-    cumulative sums, so nothing overflows or cancels; underflow to 0 is exact). One masked
-    [BT, BK] x [BK, BT] product per level and matrix, plus Aqk's diagonal q_i.k_i; level 1 (adjacent
-    rows) elementwise from the previous row's k.
+    Pairs by a binary tree over the chunk's rows: at level B (16, 32, ..., BT/2) the pairs are i in an
+    odd B-block and j in the even B-block just before it, and exp(G_i - G_j) = f_i * f_j with f the
+    level's per-row factors (``tree_factor``: sums of at most B same-sign gates of one block, never two
+    long cumulative sums, so nothing overflows or cancels; underflow to 0 is exact). One masked
+    [BT, BK] x [BK, BT] product per level and matrix.
 
     T by the same tree: with T_B the inverse of I + (Akk on the pairs inside B-blocks),
     T_2B = T_B - T_B L_B T_B where L_B is Akk on the pairs of level B (T_B L_B squares to zero), from
-    T_1 = I. Every step inverts a real sub-block, so nothing grows as in a Neumann series.
+    the diagonal kernel's T_16. Every step inverts a real sub-block, so nothing grows as in a Neumann
+    series.
     """
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
@@ -106,13 +181,6 @@ def _chunk_tree_kernel(
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     A_qk = tl.zeros([BT, BT], dtype=tl.float32)
     A_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    d_qk = tl.zeros([BT], dtype=tl.float32)
-    # Level 1 (pairs (i, i - 1), i odd) elementwise, from k of the previous row loaded directly: row sums
-    # of q_i k_(i-1) e^(g_i) (k_(i-1) not yet normalised: its norm is summed alongside).
-    odd1 = ((r % 2) == 1) & m_r
-    v_qk = tl.zeros([BT], dtype=tl.float32)
-    v_kk = tl.zeros([BT], dtype=tl.float32)
-    s_kp = tl.zeros([BT], dtype=tl.float32)
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
@@ -122,36 +190,22 @@ def _chunk_tree_kernel(
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
                            HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
-        d_qk += tl.sum(bq * bk, axis=1)
-        kp = tl.load(k + ((row0 + r - 1)[:, None] * H + i_h) * K + o_k[None, :],
-                     mask=odd1[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        t1 = kp * tl.exp(tl.minimum(bg, 0.0))
-        v_qk += tl.sum(bq * t1, axis=1)
-        v_kk += tl.sum(bk * t1, axis=1)
-        s_kp += tl.sum(kp * kp, axis=1)
-        for lv in tl.static_range(1, LEVELS):
+        # ABLATE (profiling only, wrong results): bit 1 drops the dot levels, bit 2 the inverse's steps.
+        for lv in tl.static_range(4, 4 if (ABLATE & 1) else LEVELS):
             f = tree_factor(bg, bgn, r, BT, BK, 1 << lv)
             fk = bk * f
             keep = tree_pairs(r, 1 << lv)
             A_qk += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
             A_kk += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
-    if L2NORM:
-        r_kp = 1.0 / tl.sqrt(s_kp + 1e-6)
-        v_qk = v_qk * r_kp
-        v_kk = v_kk * r_kp
-    pairs1 = tree_pairs(r, 1)
-    A_qk = tl.where(pairs1, v_qk[:, None], A_qk)
-    A_kk = tl.where(pairs1, v_kk[:, None], A_kk)
-    eye = r[:, None] == r[None, :]
     off = base * BT * BT + r[:, None] * BT + r[None, :]
-    A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
-    tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
+    diag = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
+    tl.store(aqk_out + off, (A_qk * scale).to(aqk_out.dtype.element_ty), mask=~diag)
     A_kk = A_kk * b_beta[:, None]
-    Tm = tl.where(eye, 1.0, 0.0) - tl.where(pairs1, A_kk, 0.0)
-    for lv in tl.static_range(1, LEVELS):
+    Tm = tl.load(t_out + off, mask=diag, other=0.0)
+    for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
         L = tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0)
         Tm = Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=INV_PREC), input_precision=INV_PREC)
-    tl.store(t_out + off, Tm)
+    tl.store(t_out + off, Tm, mask=~diag)
 
 
 @triton.jit
@@ -335,6 +389,10 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     BK = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BK", 32)), next_pow2(K)))
     BV = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BV", 64)), next_pow2(V)))
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
+    # Diagonal kernel: one warp, K blocks of 64 (session 5, H200, T=8K, whole forward: 1.78 ms vs 1.92
+    # at BK 32, 2.1 at BK 16; 2.6 / 3.1 ms with 2 / 4 warps at BK 32).
+    DIAG_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_BK", 64)), next_pow2(K)))
+    diag_warps = int(env("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
     d = dummy(dev)
     a_log = A_log if A_log is not None else d
     bias = dt_bias if dt_bias is not None else d
@@ -342,11 +400,17 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm,
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
     if t_given is None:
-        # The inverse's tree steps in tf32 for 16-bit inputs: T moved by 9e-6 relative against tf32x3,
-        # which cost 0.8 ms more at T=8K (H200).
-        LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
+        # Pairs inside 16-row sub-chunks (CUDA cores), then the pairs between them (tensor cores). The
+        # inverse's tree steps in tf32 for 16-bit inputs: T moved by 9e-6 relative against tf32x3, which
+        # cost 0.8 ms more at T=8K (H200).
+        LAUNCHED["diag"] = _chunk_diag_kernel[(NC * (BT // 16), HV)](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
-            BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec, **inputs)
+            BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
+        if BT > 16:
+            LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
+                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
+                BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
+                ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)), **inputs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, **inputs)

@@ -1,4 +1,4 @@
-"""Backward of the chunk-local KDA prep (``chunk_fwd.chunk_prep``), two launches per (chunk, value head).
+"""Backward of the chunk-local KDA prep (``chunk_fwd.chunk_prep``), three launches.
 
 Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk, gC (from the reverse
 recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
@@ -12,27 +12,32 @@ Launches:
 
 1. ``_prep_bwd_wy_kernel`` (grid chunks x HV): L2 norms, dT, e^G X (parked in the dk buffer), the V side
    (dv, v.Y) and dAkk (to a scratch, T's own storage with ``overwrite_t``).
-2. ``_chunk_prep_bwd_kernel`` (grid chunks x HV): per K block, the terms without pairwise decays, every
-   pair by the forward's binary tree, the gate activation; then the L2-norm backward, which needs q.dq
-   over the whole row.
+2. ``_prep_bwd_diag_kernel`` (grid chunks * BT/16 x HV, one warp): the pairs inside each 16-row
+   sub-chunk, column by column with the decays as running products of exp(g) <= 1 (as the forward's
+   diagonal kernel), on CUDA cores; their parts of dq, dk and the gate gradient go to fp32 scratch
+   buffers, their part of dbeta into the pass-1 partial sums.
+3. ``_chunk_prep_bwd_kernel`` (grid chunks x HV): per K block, the terms without pairwise decays, the
+   diagonal kernel's parts, the pairs between sub-chunks by the forward's binary tree (levels 16 ...
+   BT/2), the gate activation; then the L2-norm backward, which needs q.dq over the whole row.
 
 Pairwise decays exp(G_i - G_j) are never formed from two long cumulative sums (fp32 digits are lost
-after -1000 gates, and exp(G_i) * exp(-G_j) overflows). At tree level HB (BT/2 ... 1) the pair (i in
-an odd HB-block, j in the even block before it) is exp(fwd_i) * exp(rev_j), fwd = inclusive and rev =
-exclusive reverse cumsum inside the HB-block: <= 0 sums of one block's gates (rev from the gates shifted
-by one row, not "sum minus self"). One masked [BT, BT] @ [BT, BK] product per side and matrix. Underflow
-to 0 is exact.
+after -1000 gates, and exp(G_i) * exp(-G_j) overflows). At tree level HB the pair (i in an odd HB-block,
+j in the even block before it) is exp(fwd_i) * exp(rev_j), fwd = inclusive and rev = exclusive reverse
+cumsum inside the HB-block: <= 0 sums of one block's gates (rev from the gates shifted by one row, not
+"sum minus self"). One masked [BT, BT] @ [BT, BK] product per side and matrix. Underflow to 0 is exact.
 
-The gate gradient of each factor goes only to the gates inside its block (sums inside the block), never
-as a "+x at row i, -x at row j" pair through one cumulative sum over the chunk: that cancels, and the
-fp32 (or tf32) residue multiplied by a -1000 gate ruined dA_log. Products through T use tf32x3; the
+The tree levels' gate gradients go only to the gates inside their blocks (segmented sums), never as a
+"+x at row i, -x at row j" pair through one cumulative sum over the chunk: that cancels, and the tf32
+residue multiplied by a -1000 gate ruined dA_log. The diagonal kernel does use that +x / -x form, but
+inside 16 rows and in fp32 on CUDA cores (residue ~1e-7 of the pairs' terms), and drops it for gates
+below -64, whose true gradient there is below e^-64 of those terms. Products through T use tf32x3; the
 pairwise ones ``PAIR_PREC`` (tf32x3 for fp32 inputs, tf32 for 16-bit ones, as the forward). dq/dk go
 through fp32 per-value-head buffers (summed over the GVA group on the host), dA_log / dt_bias through
 per-(chunk, head) partial sums.
 
-History: session 3 formed the pairs inside 16-row sub-chunks one by one in a launch of their own (5.4 of
-the backward's ~18 ms at T=8K, H=32 on an H200); the tree down to single rows replaced it in session 4
-(docs/benchmarks.md). Before that, a midpoint factoring with a tree fallback.
+History (T=8K, H=32, H200): session 3 formed the in-sub-chunk pairs one by one in a launch of its own
+(5.4 of the backward's ~18 ms); session 4 walked the tree down to single rows (tree levels 2, 4, 8 ~1.3
+ms each); session 5's diagonal kernel took forward + backward from 14.9 to 12.7 ms (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, block_cumsum, chunk_program, dummy, load_bias, load_gate, load_qkg, next_pow2, tree_factor,
-    tree_pairs,
+    apply_beta, block_cumsum, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg,
+    next_pow2, tree_factor, tree_pairs,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -182,9 +187,94 @@ def _prep_bwd_wy_kernel(
 
 
 @triton.jit
+def _prep_bwd_diag_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, db_part,
+    ddq, ddk, ddg,
+    scale, lower_bound,
+    H, HV, K,
+    BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+):
+    """The pairs inside one 16-row sub-chunk, grid (chunks * BT / 16, HV), after pass 1: their parts of
+    dq, dk (normalised q, k) and of the gradient of every activated gate, to ``ddq``, ``ddk``, ``ddg``
+    (pass 2 adds them), and of dbeta, added to ``db_part``.
+
+    As the forward's ``_chunk_diag_kernel``: columns j from the last to the first, E_i = exp(g_(j+1) +
+    ... + g_i) as a running product of decays <= 1 (exact for any gate), one warp. The gate gradient of
+    the pair (i, j) is added at row i and subtracted at row j, then one reverse cumulative sum per K
+    block (fp32 on CUDA cores, so the residue is ~1e-7 of the pairs' terms; see the -64 rule below).
+    """
+    NS: tl.constexpr = BT // 16
+    i_x = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_c = i_x // NS
+    s = i_x % NS
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    i_h = i_hv // (HV // H)
+    base = i_c.to(tl.int64) * HV + i_hv
+    r = tl.arange(0, 16)
+    n_sub = n_rows - s * 16
+    m_r = r < n_sub
+    rows0 = row0 + s * 16
+    row_hv = (rows0 + r) * HV + i_hv
+    a, xb, bb = _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
+    rq = tl.load(norms + base * 2 * BT + s * 16 + r)
+    rk = tl.load(norms + base * 2 * BT + BT + s * 16 + r)
+    # Mq = scale dAqk and dAkk on the block's strictly lower pairs.
+    p_blk = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
+    m_pair = (r[:, None] > r[None, :]) & m_r[:, None]
+    Mq = tl.load(daqk + p_blk, mask=m_pair, other=0.0) * scale
+    Mk = tl.load(dakk + p_blk, mask=m_pair, other=0.0)
+    db = tl.zeros([16], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+        bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+        dec = tl.exp(bg)
+        acc_q = tl.zeros([16, BK], dtype=tl.float32)
+        acc_k = tl.zeros([16, BK], dtype=tl.float32)
+        d_l = tl.zeros([16, BK], dtype=tl.float32)  # gradient of the within-block cumulative gate
+        E = tl.full([16, BK], 1.0, dtype=tl.float32)
+        for t in tl.static_range(15):
+            j = 14 - t
+            below = (r > j)[:, None]
+            E = E * tl.where(below, tl.sum(tl.where((r == j + 1)[:, None], dec, 0.0), axis=0)[None, :], 1.0)
+            e = tl.where(below, E, 0.0)
+            kj = tl.sum(tl.where((r == j)[:, None], bk, 0.0), axis=0)  # row j of k, to every row
+            wq = tl.sum(tl.where(r[None, :] == j, Mq, 0.0), axis=1)  # column j of Mq
+            mk = tl.sum(tl.where(r[None, :] == j, Mk, 0.0), axis=1)  # column j of dAkk
+            zk = mk * bb
+            ke = e * kj[None, :]
+            acc_q += wq[:, None] * ke
+            acc_k += zk[:, None] * ke
+            db += mk * tl.sum(bk * ke, axis=1)
+            x = (wq[:, None] * bq + zk[:, None] * bk) * e
+            colx = tl.sum(x, axis=0)
+            # The column side goes to row j; d/dE of the pair (i, j) is x_i k_j, which reaches the
+            # cumulative gate of row i positively and that of row j negatively.
+            acc_k += tl.where((r == j)[:, None], colx[None, :], 0.0)
+            d_l += x * kj[None, :] - tl.where((r == j)[:, None], (colx * kj)[None, :], 0.0)
+        # Gate m gets the pairs with j < m <= i: the reverse cumulative sum of d_l. Its cancellation residue
+        # (fp32) is dropped for gates below -64, whose true gradient here is below e^-64 of the pairs'.
+        d_g = tl.where(bg < -64.0, 0.0, tl.cumsum(d_l, axis=0, reverse=True))
+        p_hk = row_hv[:, None] * K + o_k[None, :]
+        tl.store(ddq + p_hk, acc_q, mask=m_rk)
+        tl.store(ddk + p_hk, acc_k, mask=m_rk)
+        tl.store(ddg + p_hk, d_g, mask=m_rk)
+    p_db = db_part + base * BT + s * 16 + r
+    db_old = tl.load(p_db)
+    tl.debug_barrier()  # every thread has read db_part before any writes it
+    tl.store(p_db, db_old + db)
+
+
+@triton.jit
 def _chunk_prep_bwd_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info,
-    dqg, dkg, daqk, dgc, norms, db_part,
+    dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
     dq, dk, dg, dbeta, dA_part, dbias_part, dakk,
     scale, lower_bound,
     H, HV, K,
@@ -210,19 +300,6 @@ def _chunk_prep_bwd_kernel(
     rk = tl.load(norms + base * 2 * BT + BT + r)
     db = tl.load(db_part + base * BT + r)
     dq_diag = tl.load(p_aqk + r * BT + r, mask=m_r, other=0.0) * scale  # Aqk's diagonal, no decay
-    # Level 1 pairs (i, i - 1): the scalars Mq, dAkk on odd rows i, and for even rows j those of the pair
-    # (j + 1, j) with the norms and beta of row j + 1 folded in.
-    odd1 = ((r % 2) == 1) & m_r
-    even1 = ((r % 2) == 0) & m_rn
-    mq1 = tl.load(p_aqk + r * BT + r - 1, mask=odd1, other=0.0) * scale
-    mk1 = tl.load(p_akk + r * BT + r - 1, mask=odd1, other=0.0)
-    rk_prev = tl.load(norms + base * 2 * BT + BT + r - 1, mask=odd1, other=0.0)
-    bb_n = tl.where(even1, apply_beta(tl.load(beta + row_hv + HV, mask=even1, other=0.0).to(tl.float32),
-                                      BETA_SIGMOID, NEG_EIGVAL), 0.0)
-    mq1n = tl.load(p_aqk + (r + 1) * BT + r, mask=even1, other=0.0) * scale \
-        * tl.load(norms + base * 2 * BT + r + 1, mask=even1, other=0.0)
-    mk1n = tl.load(p_akk + (r + 1) * BT + r, mask=even1, other=0.0) * bb_n \
-        * tl.load(norms + base * 2 * BT + BT + r + 1, mask=even1, other=0.0)
 
     # ---- pass 2: per K block ------------------------------------------------------------------------
     dA = tl.zeros([BK], dtype=tl.float32)
@@ -253,22 +330,13 @@ def _chunk_prep_bwd_kernel(
         b_dgc = tl.load(dgc + base * K + o_k, mask=m_k, other=0.0)
         d_g = tl.cumsum(d_G, axis=0, reverse=True) + (tl.cumsum(kgd, axis=0) - kgd) + b_dgc[None, :]
 
-        # Level 1 (pairs (i, i - 1), i odd) elementwise, from the neighbouring rows loaded directly: on odd
-        # rows the row side (factor e^(g_i)), on even rows j the column side of the pair (j + 1, j).
-        kp = tl.load(k + (row_qk - H)[:, None] * K + o_k[None, :], mask=odd1[:, None] & m_k[None, :],
-                     other=0.0).to(tl.float32) * rk_prev[:, None]
-        t1 = kp * tl.exp(tl.minimum(bg, 0.0))
-        w1 = mq1[:, None] * bq + (bb * mk1)[:, None] * bk
-        acc_q += mq1[:, None] * t1
-        acc_k += (bb * mk1)[:, None] * t1
-        d_g += w1 * t1
-        db += mk1 * tl.sum(bk * t1, axis=1)
-        m_en = even1[:, None] & m_k[None, :]
-        qn = tl.load(q + (row_qk + H)[:, None] * K + o_k[None, :], mask=m_en, other=0.0).to(tl.float32)
-        kn = tl.load(k + (row_qk + H)[:, None] * K + o_k[None, :], mask=m_en, other=0.0).to(tl.float32)
-        acc_k += (mq1n[:, None] * qn + mk1n[:, None] * kn) * tl.exp(tl.minimum(bgn, 0.0))
-        # The other pairs, by tree levels BT/2 ... 2.
-        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 2):
+        # Pairs inside 16-row sub-chunks: from the diagonal kernel.
+        p_hk = row_hv[:, None] * K + o_k[None, :]
+        acc_q += tl.load(ddq + p_hk, mask=m_rk, other=0.0)
+        acc_k += tl.load(ddk + p_hk, mask=m_rk, other=0.0)
+        d_g += tl.load(ddg + p_hk, mask=m_rk, other=0.0)
+        # The pairs between sub-chunks, by tree levels BT/2 ... 16.
+        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 5):
             d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
                                              BT >> (lv + 1), PAIR_PREC)
             acc_q += d_q
@@ -298,7 +366,6 @@ def _chunk_prep_bwd_kernel(
                     d_g = d_g * tl.exp(a)
         if HAS_BIAS:
             tl.store(dbias_part + base * K + o_k, tl.sum(d_g, axis=0), mask=m_k)
-        p_hk = row_hv[:, None] * K + o_k[None, :]
         tl.store(dg + p_hk, d_g.to(dg.dtype.element_ty), mask=m_rk)
         tl.store(dq + p_hk, acc_q, mask=m_rk)
         tl.store(dk + p_hk, acc_k, mask=m_rk)
@@ -375,8 +442,17 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             q, k, v, g, beta, a_log, bias, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part,
             lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags, num_warps=4, num_stages=1,
         )
+        # The diagonal kernel's dq, dk, dg. One warp, K blocks of 32 (session 5, H200, T=8K, forward +
+        # backward: 12.9 ms vs 13.7 at BK 16 and 16.0 at BK 64; 14.7 / 15.7 ms with 2 / 4 warps).
+        diag = torch.empty(3, B * Tlen * HV * K, device=dev, dtype=f32)
+        LAUNCHED["diag"] = _prep_bwd_diag_kernel[(NC * (BT // 16), HV)](
+            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2],
+            float(cfg.scale), lb, H, HV, K, BT=BT, BK=max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)),
+                                                                  next_pow2(K))),
+            **flags, num_warps=int(os.environ.get("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
+        )
         LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
-            q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part,
+            q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1], diag[2],
             dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d, dbias_part if dbias_part is not None else d,
             dakk, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK, L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec,
             ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0)), num_warps=warps, num_stages=1,
