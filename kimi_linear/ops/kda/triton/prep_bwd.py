@@ -285,7 +285,7 @@ def _chunk_prep_bwd_kernel(
 ):
     """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, the pairs by tree
     levels; then the L2-norm backward."""
-    # ABLATE (profiling only, wrong results): bit 1 drops the dot-based tree levels (2 ... BT/2), 16 drops pass 3.
+    # ABLATE (profiling only, wrong results): bit 1 drops the tree levels (16 ... BT/2), 16 drops pass 3.
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
@@ -424,7 +424,8 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     dakk = T if overwrite_t else torch.empty_like(T)  # dAkk of every chunk (written by pass 1)
     if NC > 0:
         # Pass 2 (the per-K-block kernel): 8 warps at BT=64, 8.9 ms vs 11.1 with 4 at T=8K, H=32 on an
-        # H200 (session 4, six tree levels; 4 warps won in session 3's version with two levels).
+        # H200 (session 4, six tree levels; 4 warps won in session 3's version with two levels; not re-tuned for
+        # session 5's two levels).
         bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 8), 128: (16, 8)}[BT]
         BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BK", bk)), next_pow2(K)))
         BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BV", 32)), next_pow2(V)))
