@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .utils import (
     INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg,
-    next_pow2, sequence_program, tree_factor, tree_pairs,
+    next_pow2, sequence_program, subchunk_column, subchunk_program, tree_factor, tree_pairs,
 )
 
 
@@ -93,18 +93,9 @@ def _chunk_diag_kernel(
     cancellation, underflow to 0 is exact). [16, BK] tiles on CUDA cores, one warp: the rows j are
     picked out of the tiles by masked sums inside the warp (no shared-memory round trips).
     """
-    NS: tl.constexpr = BT // 16
-    i_x = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_c = i_x // NS
-    s = i_x % NS
-    row0, n_rows = chunk_rows(chunk_info, i_c)
-    i_h = i_hv // (HV // H)
-    base = i_c.to(tl.int64) * HV + i_hv
+    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
     r = tl.arange(0, 16)
-    n_sub = n_rows - s * 16  # valid rows of this sub-chunk (may be <= 0 in a partial last chunk)
     m_r = r < n_sub
-    rows0 = row0 + s * 16
     a = 0.0
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)
@@ -126,10 +117,8 @@ def _chunk_diag_kernel(
         E = tl.full([16, BK], 1.0, dtype=tl.float32)
         for t in tl.static_range(15):
             j = 14 - t
-            below = (r > j)[:, None]
-            E = E * tl.where(below, tl.sum(tl.where((r == j + 1)[:, None], dec, 0.0), axis=0)[None, :], 1.0)
-            kj = tl.sum(tl.where((r == j)[:, None], bk, 0.0), axis=0)  # row j of k, to every row
-            ke = tl.where(below, E, 0.0) * kj[None, :]
+            E, e, kj = subchunk_column(E, dec, bk, r, j)
+            ke = e * kj[None, :]
             A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
             A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
     eye = r[:, None] == r[None, :]

@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, block_cumsum, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg,
-    next_pow2, tree_factor, tree_pairs,
+    apply_beta, block_cumsum, chunk_program, dummy, load_bias, load_gate, load_qkg, next_pow2,
+    subchunk_column, subchunk_program, tree_factor, tree_pairs,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -205,18 +205,9 @@ def _prep_bwd_diag_kernel(
     the pair (i, j) is added at row i and subtracted at row j, then one reverse cumulative sum per K
     block (fp32 on CUDA cores, so the residue is ~1e-7 of the pairs' terms; see the -64 rule below).
     """
-    NS: tl.constexpr = BT // 16
-    i_x = tl.program_id(0)
-    i_hv = tl.program_id(1)
-    i_c = i_x // NS
-    s = i_x % NS
-    row0, n_rows = chunk_rows(chunk_info, i_c)
-    i_h = i_hv // (HV // H)
-    base = i_c.to(tl.int64) * HV + i_hv
+    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
     r = tl.arange(0, 16)
-    n_sub = n_rows - s * 16
     m_r = r < n_sub
-    rows0 = row0 + s * 16
     row_hv = (rows0 + r) * HV + i_hv
     a, xb, bb = _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
     rq = tl.load(norms + base * 2 * BT + s * 16 + r)
@@ -241,10 +232,7 @@ def _prep_bwd_diag_kernel(
         E = tl.full([16, BK], 1.0, dtype=tl.float32)
         for t in tl.static_range(15):
             j = 14 - t
-            below = (r > j)[:, None]
-            E = E * tl.where(below, tl.sum(tl.where((r == j + 1)[:, None], dec, 0.0), axis=0)[None, :], 1.0)
-            e = tl.where(below, E, 0.0)
-            kj = tl.sum(tl.where((r == j)[:, None], bk, 0.0), axis=0)  # row j of k, to every row
+            E, e, kj = subchunk_column(E, dec, bk, r, j)
             wq = tl.sum(tl.where(r[None, :] == j, Mq, 0.0), axis=1)  # column j of Mq
             mk = tl.sum(tl.where(r[None, :] == j, Mk, 0.0), axis=1)  # column j of dAkk
             zk = mk * bb

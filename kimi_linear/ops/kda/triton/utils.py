@@ -67,6 +67,30 @@ def chunk_program(chunk_info, H, HV):
 
 
 @triton.jit
+def subchunk_program(chunk_info, H, HV, BT: tl.constexpr):
+    """Program ids of the sub-chunk kernels, grid (chunks * BT / 16, HV): the value head, its q/k head,
+    the sub-chunk s of the chunk, the (chunk, head) index of chunk-major buffers, the sub-chunk's first
+    token and its valid rows (<= 0 past a partial last chunk)."""
+    i_x = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_c = i_x // (BT // 16)
+    s = i_x % (BT // 16)
+    row0, n_rows = chunk_rows(chunk_info, i_c)
+    return i_hv, i_hv // (HV // H), s, i_c.to(tl.int64) * HV + i_hv, row0 + s * 16, n_rows - s * 16
+
+
+@triton.jit
+def subchunk_column(E, dec, bk, r, j: tl.constexpr):
+    """One column step of the sub-chunk kernels (columns j from the last): E_i becomes the product of the
+    decays of rows j+1 .. i (factors <= 1, so exact for any gate); returns it, its copy masked to the rows
+    i > j of the column's pairs, and row j of ``bk`` for every row (masked sums inside the warp)."""
+    below = (r > j)[:, None]
+    E = E * tl.where(below, tl.sum(tl.where((r == j + 1)[:, None], dec, 0.0), axis=0)[None, :], 1.0)
+    kj = tl.sum(tl.where((r == j)[:, None], bk, 0.0), axis=0)
+    return E, tl.where(below, E, 0.0), kj
+
+
+@triton.jit
 def load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Raw gate of rows r (chunk-relative) and channels o_k, and its activated log decay (0 where masked)."""

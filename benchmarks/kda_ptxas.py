@@ -1,0 +1,146 @@
+"""Registers, spills and shared memory of our KDA Triton kernels for Hopper, without a GPU.
+
+Every chunk-local kernel we profiled on the H200 is latency-bound at 255 registers with spills and one
+or two blocks per SM (docs/benchmarks.md, session 5's ncu profile), so register pressure is the first
+thing to check after a kernel change. This script compiles each kernel of the chunked forward and
+backward ahead of time for sm_90a with the installed Triton (its bundled ptxas; no driver, no GPU) at
+the benchmark configuration (K = V = 128, 64-row chunks, bf16 inputs, softplus gate, L2 norm and beta
+sigmoid in-kernel, the launchers' default blocks and warps) and prints what ``ptxas -v`` reports.
+
+    python benchmarks/kda_ptxas.py [--only diag tree] [--set KIMI_LINEAR_KDA_DIAG_BK=32 ...]
+
+The Triton version here may differ from the GPU machine's (the CPU pins triton 3.7.1, the H200 image
+has 3.6.0): use it to compare variants, and confirm on the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+K = V = 128
+BT = 64
+INTS = {"H", "HV", "K", "V"}
+FLOATS = {"scale", "lower_bound"}
+BF16_PTRS = {"q", "k", "v", "g", "beta", "o", "do"}
+# The forward's chunk intermediates are stored in the input's 16-bit type (Aqk too, except when the
+# backward keeps it).
+BF16_FWD = {"w", "u", "qg", "kg", "aqk", "aqk_out", "w_out", "u_out", "qg_out", "kg_out"}
+INT_PTRS = {"chunk_info", "seq_chunks", "cu_seqlens", "indices"}
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def kernels():
+    """(name, jit function, constexprs, num_warps) per launch, mirroring the launchers' defaults."""
+    from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd
+
+    gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
+    prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
+    prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
+    yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
+           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
+           _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
+    yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
+           dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
+                ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
+    yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
+           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), WY_PREC="tf32", **gate),
+           prep_warps)
+    yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
+           dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=True,
+                STORE_STATES=False, DOT_DTYPE=tl.bfloat16), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
+    yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
+           dict(SK=K, SV=V, BT=BT, BK=K, BV=32, HAS_DHT=True), 4)
+    yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)
+    bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
+    yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
+           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate), 4)
+    yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32),
+                **{k: v for k, v in gate.items() if k != "L2NORM"}),
+           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
+    yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
+           dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate),
+           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 8))
+
+
+def signature(fn, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in INTS:
+            sig[name] = "i32"
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif name in INT_PTRS:
+            sig[name] = "*i32"
+        else:
+            sig[name] = "*bf16" if name in BF16_PTRS or (name in BF16_FWD and "DOT_DTYPE" in consts or
+                                                         name in BF16_FWD and "WY_PREC" in consts) else "*fp32"
+    return sig
+
+
+def ptxas_report(fn, consts, warps, arch: str = "sm_90a") -> str:
+    """Compile for Hopper and return ptxas -v's resource lines for the kernel."""
+    consts = dict(consts)
+    sig = signature(fn, consts)
+    # As the launcher specialises them on the card: pointers and the head / width arguments divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name].startswith("*") or name in INTS}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    ptxas = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    smem = compiled.metadata.shared
+    return (f"{regs.group(1) if regs else '?':>4} regs, spill stores/loads {spill.group(1) if spill else '?'}"
+            f"/{spill.group(2) if spill else '?'} B, stack {stack.group(1) if stack else '?'} B, "
+            f"shared {smem} B")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", help="kernels whose name contains one of these words")
+    ap.add_argument("--set", nargs="+", default=[], metavar="ENV=VALUE",
+                    help="launcher environment overrides (block sizes, warps, ablation bits)")
+    args = ap.parse_args()
+    for item in args.set:
+        key, _, val = item.partition("=")
+        os.environ[key] = val
+    print(f"triton {triton.__version__}, target sm_90a; K = V = {K}, BT = {BT}, bf16, softplus gate")
+    for name, fn, consts, warps in kernels():
+        if args.only and not any(w in name for w in args.only):
+            continue
+        try:
+            report = ptxas_report(fn, consts, warps)
+        except Exception as e:  # noqa: BLE001  (report and go on)
+            report = f"failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}"
+        print(f"{name:26s} {warps} warp(s): {report}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
