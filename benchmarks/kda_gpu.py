@@ -275,10 +275,11 @@ def _fwd_variants(prep, ref):
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     res = {}
-    for env, val in (("KIMI_LINEAR_KDA_PREP_BK", "16"), ("KIMI_LINEAR_KDA_PREP_BK", "64"),
-                     ("KIMI_LINEAR_KDA_PREP_WARPS", "8"), ("KIMI_LINEAR_KDA_DIAG_BK", "32")):
-        tag = f"prep_{env.rsplit('_', 1)[-1].lower()}{val}"
-        os.environ[env] = val
+    pre = "KIMI_LINEAR_KDA_"
+    for variant in ({"PREP_BK": "16"}, {"PREP_BK": "64"}, {"PREP_WARPS": "8"}, {"DIAG_BK": "32"},
+                    {"TREE_HALVES": "1"}, {"TREE_HALVES": "1", "PREP_BK": "16"}):
+        tag = "prep_" + "_".join(f"{key.rsplit('_', 1)[-1].lower()}{val}" for key, val in variant.items())
+        os.environ.update({pre + key: val for key, val in variant.items()})
         try:
             got = prep()
             res[f"{tag}_ms"] = bench(prep)
@@ -287,7 +288,8 @@ def _fwd_variants(prep, ref):
                 res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
-        os.environ.pop(env)
+        for key in variant:
+            os.environ.pop(pre + key)
     return res
 
 
@@ -329,8 +331,9 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     for name in ("wy", "diag", "pairs"):
         res[f"bwd_prep_bwd_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
-    # 1 every pair, 16 the L2-norm pass).
-    variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "8"), ("KIMI_LINEAR_KDA_BWD_DIAG_BK", "16")] + [
+    # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
+    variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "4"), ("KIMI_LINEAR_KDA_PREP_BWD_BK", "32"),
+                ("KIMI_LINEAR_KDA_BWD_DIAG_BK", "16")] + [
         ("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", str(b)) for b in (1, 16)] if variants else []
     for env, val in variants:
         os.environ[env] = val

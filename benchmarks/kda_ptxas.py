@@ -57,6 +57,8 @@ def kernels():
     yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
            dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
                 ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
+    yield ("fwd tree halves (opt-in)", chunk_fwd._chunk_tree_halves_kernel,
+           dict(SK=K, BK=prep_bk, PREC="tf32", INV_PREC="tf32", **gate), prep_warps)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), WY_PREC="tf32", **gate),
            prep_warps)
@@ -139,7 +141,7 @@ def main():
             report = ptxas_report(fn, consts, warps)
         except Exception as e:  # noqa: BLE001  (report and go on)
             report = f"failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}"
-        print(f"{name:26s} {warps} warp(s): {report}", flush=True)
+        print(f"{name:27s} {warps} warp(s): {report}", flush=True)
 
 
 if __name__ == "__main__":

@@ -147,10 +147,13 @@ def _prep_reference(inp, BT):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("BT,extreme", [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 1.0)])
-def test_prep_kernel_definitions(BT, extreme):
+@pytest.mark.parametrize("BT,extreme,halves", [(bt, e, False) for bt in (16, 64, 128) for e in (0.0, 0.02)]
+                         + [(32, 1.0, False), (64, 0.02, True), (64, 1.0, True)])
+def test_prep_kernel_definitions(BT, extreme, halves, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
-    not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32)."""
+    not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``halves``:
+    the opt-in [32, 32]-tile tree kernel for 64-row chunks."""
+    monkeypatch.setenv("KIMI_LINEAR_KDA_TREE_HALVES", "1" if halves else "0")
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
     from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .utils import (
     INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg,
-    next_pow2, sequence_program, subchunk_column, subchunk_program, tree_factor, tree_pairs,
+    block_sums, next_pow2, sequence_program, subchunk_column, subchunk_program, tree_factor, tree_pairs,
 )
 
 
@@ -195,6 +195,94 @@ def _chunk_tree_kernel(
         L = tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0)
         Tm = Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=INV_PREC), input_precision=INV_PREC)
     tl.store(t_out + off, Tm, mask=~diag)
+
+
+@triton.jit
+def _load_half(q, k, g, row0, half, n_rows, i_h, i_hv, o_k, m_k, rq, rk, a, bias, lower_bound, H, HV, K,
+               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """q, k (normalised), the activated gate and the next row's gate of one 32-row half of a chunk."""
+    r = tl.arange(0, 32)
+    m_r = (half + r) < n_rows
+    m_rk = m_r[:, None] & m_k[None, :]
+    bq, bk, bg = load_qkg(q, k, g, row0 + half, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+    _, bgn = load_gate(g, row0 + half + 1, r, i_hv, o_k, ((half + r + 1) < n_rows)[:, None] & m_k[None, :],
+                       a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    return bq, bk, bg, bgn
+
+
+@triton.jit
+def _chunk_tree_halves_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
+    scale, lower_bound,
+    H, HV, K, SK: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+):
+    """``_chunk_tree_kernel`` for 64-row chunks on [32, 32] tiles (opt-in, KIMI_LINEAR_KDA_TREE_HALVES=1):
+    the same pairs and factors, but level 16 as one masked product inside each 32-row half and level 32
+    as the unmasked product of the upper half's rows with the lower half's columns, instead of masked
+    [64, 64] products (4x / 2x fewer multiply-adds, [32, 32] accumulators). T: each half's T_32 from the
+    diagonal kernel's T_16 blocks, then T_64 = [[T_lo, 0], [-T_hi L T_lo, T_hi]]."""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    r = tl.arange(0, 32)
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    rq_lo, rk_lo, b_lo = _row_scales(q, k, beta, row0, r, r < n_rows, i_h, i_hv, H, HV, K, 32, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    rq_hi, rk_hi, b_hi = _row_scales(q, k, beta, row0 + 32, r, (32 + r) < n_rows, i_h, i_hv, H, HV, K, 32, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    keep = tree_pairs(r, 16)  # level 16 inside a half: rows 16..31 x columns 0..15
+    qk_lo = tl.zeros([32, 32], dtype=tl.float32)
+    kk_lo = tl.zeros([32, 32], dtype=tl.float32)
+    qk_hi = tl.zeros([32, 32], dtype=tl.float32)
+    kk_hi = tl.zeros([32, 32], dtype=tl.float32)
+    qk_x = tl.zeros([32, 32], dtype=tl.float32)
+    kk_x = tl.zeros([32, 32], dtype=tl.float32)
+    for kb in range(0, SK, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+        bq, bk, bg, bgn = _load_half(q, k, g, row0, 0, n_rows, i_h, i_hv, o_k, m_k, rq_lo, rk_lo, a, bias,
+                                     lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
+        f = tree_factor(bg, bgn, r, 32, BK, 16)
+        fk = bk * f
+        qk_lo += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
+        kk_lo += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+        # Level 32, column side: the gates after j to the end of the lower half.
+        _, rev = block_sums(bg, bgn, r, 32, BK, 32)
+        col = bk * tl.exp(tl.minimum(rev, 0.0))
+        bq, bk, bg, bgn = _load_half(q, k, g, row0, 32, n_rows, i_h, i_hv, o_k, m_k, rq_hi, rk_hi, a, bias,
+                                     lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
+        f = tree_factor(bg, bgn, r, 32, BK, 16)
+        fk = bk * f
+        qk_hi += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
+        kk_hi += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+        # Level 32, row side: the gates from the start of the upper half to i.
+        e_hi = tl.exp(tl.minimum(tl.cumsum(bg, axis=0), 0.0))
+        qk_x = tl.dot(bq * e_hi, tl.trans(col), qk_x, input_precision=PREC)
+        kk_x = tl.dot(bk * e_hi, tl.trans(col), kk_x, input_precision=PREC)
+    p_lo = base * 64 * 64 + r[:, None] * 64 + r[None, :]  # quadrant (lower half, lower half)
+    p_hi = p_lo + 32 * 64 + 32
+    p_x = p_lo + 32 * 64
+    p_up = p_lo + 32
+    dt = aqk_out.dtype.element_ty
+    same = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
+    tl.store(aqk_out + p_lo, (qk_lo * scale).to(dt), mask=~same)
+    tl.store(aqk_out + p_hi, (qk_hi * scale).to(dt), mask=~same)
+    tl.store(aqk_out + p_x, (qk_x * scale).to(dt))
+    tl.store(aqk_out + p_up, tl.zeros([32, 32], dtype=tl.float32).to(dt))
+    t_lo = tl.load(t_out + p_lo, mask=same, other=0.0)
+    t_lo = t_lo - tl.dot(t_lo, tl.dot(kk_lo * b_lo[:, None], t_lo, input_precision=INV_PREC), input_precision=INV_PREC)
+    t_hi = tl.load(t_out + p_hi, mask=same, other=0.0)
+    t_hi = t_hi - tl.dot(t_hi, tl.dot(kk_hi * b_hi[:, None], t_hi, input_precision=INV_PREC), input_precision=INV_PREC)
+    t_x = -tl.dot(t_hi, tl.dot(kk_x * b_hi[:, None], t_lo, input_precision=INV_PREC), input_precision=INV_PREC)
+    tl.store(t_out + p_lo, t_lo, mask=~same)
+    tl.store(t_out + p_hi, t_hi, mask=~same)
+    tl.store(t_out + p_x, t_x)
+    tl.store(t_out + p_up, tl.zeros([32, 32], dtype=tl.float32))
 
 
 @triton.jit
@@ -395,7 +483,11 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         LAUNCHED["diag"] = _chunk_diag_kernel[(NC * (BT // 16), HV)](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
-        if BT > 16:
+        if BT == 64 and env("KIMI_LINEAR_KDA_TREE_HALVES", "0") == "1":
+            LAUNCHED["tree"] = _chunk_tree_halves_kernel[(NC, HV)](
+                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec,
+                INV_PREC=prec, **inputs)
+        elif BT > 16:
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
                 q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
                 BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
