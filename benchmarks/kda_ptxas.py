@@ -3,9 +3,10 @@
 Every chunk-local kernel we profiled on the H200 is latency-bound at 255 registers with spills and one
 or two blocks per SM (docs/benchmarks.md, session 5's ncu profile), so register pressure is the first
 thing to check after a kernel change. This script compiles each kernel of the chunked forward and
-backward ahead of time for sm_90a with the installed Triton (its bundled ptxas; no driver, no GPU) at
-the benchmark configuration (K = V = 128, 64-row chunks, bf16 inputs, softplus gate, L2 norm and beta
-sigmoid in-kernel, the launchers' default blocks and warps) and prints what ``ptxas -v`` reports.
+backward ahead of time for sm_90a with the installed Triton (its bundled ptxas and cuobjdump; no driver, no
+GPU) at the benchmark configuration (K = V = 128, 64-row chunks, bf16 inputs, softplus gate, L2 norm and beta
+sigmoid in-kernel, the launchers' default blocks and warps) and prints what ``ptxas -v`` reports and
+the static SASS instruction count.
 
     python benchmarks/kda_ptxas.py [--only diag tree] [--set KIMI_LINEAR_KDA_DIAG_BK=32 ...]
 
@@ -114,6 +115,11 @@ def ptxas_report(fn, consts, warps, arch: str = "sm_90a") -> str:
             f.write(compiled.asm["ptx"])
         out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True, check=True)
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "--dump-sass",
+                               os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stdout
+    # Static SASS instruction count: the K-block loops are rolled, the column / level loops unrolled, so
+    # it is a rough proxy for the issued instructions of these issue-bound kernels.
+    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.M))
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -121,7 +127,7 @@ def ptxas_report(fn, consts, warps, arch: str = "sm_90a") -> str:
     smem = compiled.metadata.shared
     return (f"{regs.group(1) if regs else '?':>4} regs, spill stores/loads {spill.group(1) if spill else '?'}"
             f"/{spill.group(2) if spill else '?'} B, stack {stack.group(1) if stack else '?'} B, "
-            f"shared {smem} B")
+            f"shared {smem} B, {n_sass} SASS instructions")
 
 
 def main():
