@@ -333,7 +333,7 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
     variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "4"), ("KIMI_LINEAR_KDA_PREP_BWD_BK", "32"),
-                ("KIMI_LINEAR_KDA_BWD_DIAG_BK", "16")] + [
+                ("KIMI_LINEAR_KDA_BWD_DIAG_BK", "16"), ("KIMI_LINEAR_KDA_BWD_DIAG_FOLD", "1")] + [
         ("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", str(b)) for b in (1, 16)] if variants else []
     for env, val in variants:
         os.environ[env] = val

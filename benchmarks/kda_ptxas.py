@@ -74,6 +74,7 @@ def kernels():
            dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate), 4)
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32),
+                FOLD=os.environ.get("KIMI_LINEAR_KDA_BWD_DIAG_FOLD", "0") == "1",
                 **{k: v for k, v in gate.items() if k != "L2NORM"}),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,

@@ -119,3 +119,18 @@ def test_gates_near_cutoff(value):
     """Log decays of -60 and -70 in 10% of the entries, around the -64 below which the sub-chunk kernel
     drops its (cancelling) gate-gradient residue: dg still matches float64."""
     _run(T=40, H=1, BT=16, gate="pregated", extreme=0.1, extreme_value=value, seed=6)
+
+
+@pytest.mark.parametrize("case", ["softplus_extreme", "neg_eigval_varlen", "all_extreme", "chunk64"])
+def test_diag_fold(case, monkeypatch):
+    """The opt-in regrouped sums of the sub-chunk kernel (KIMI_LINEAR_KDA_BWD_DIAG_FOLD=1) against float64."""
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_DIAG_FOLD", "1")
+    if case == "softplus_extreme":
+        _run(T=25, H=1, HV=2, BT=16, gate="softplus", extreme=0.03, seed=1)
+    elif case == "neg_eigval_varlen":
+        _run(B=1, T=32, H=1, HV=2, K=20, V=24, BT=16, gate="softplus", neg_eigval=True,
+             cu_seqlens=[0, 1, 6, 23, 32], seed=4, overwrite_t=True)
+    elif case == "all_extreme":
+        _run(T=20, H=1, BT=16, gate="softplus", extreme=1.0, seed=5)
+    else:
+        _run(T=73, H=1, BT=64, gate="pregated", extreme=0.03, seed=1)
