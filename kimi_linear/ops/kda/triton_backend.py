@@ -3,8 +3,8 @@
 
 Entry points mirror the api call sites: ``chunk_kda(...)`` and ``fused_recurrent_kda(...)`` receive the
 raw inputs plus the resolved ``scale``, the ``KDAShapes`` and the flags. The chunked path is a
-``torch.autograd.Function`` (forward: two Triton launches, chunk-local then sequential; backward:
-see ``triton/chunk_bwd.py``).
+``torch.autograd.Function`` (forward: the chunk-local launches, then one sequential launch; see
+``triton/chunk_fwd.py``; backward: ``triton/chunk_bwd.py``).
 """
 
 from __future__ import annotations

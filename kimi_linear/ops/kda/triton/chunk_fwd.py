@@ -39,8 +39,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, chunk_program, chunk_rows, dummy, load_bias, load_gate, load_qkg,
-    block_sums, next_pow2, sequence_program, subchunk_column, subchunk_program, tree_factor, tree_pairs,
+    INTERPRET, apply_beta, block_sums, chunk_program, chunk_rows, dummy, inverse_step, load_bias,
+    load_next_gate, load_qkg, next_pow2, sequence_program, subchunk_column, subchunk_program, tree_factor,
+    tree_pairs,
 )
 
 
@@ -129,9 +130,17 @@ def _chunk_diag_kernel(
     # T of the block by the tree: T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
     Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
     for lv in tl.static_range(1, 4):
-        L = tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0)
-        Tm = Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=INV_PREC), input_precision=INV_PREC)
+        Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
     tl.store(t_out + off, Tm)
+
+
+@triton.jit
+def _level_products(bq, bk, f, keep, A_qk, A_kk, PREC: tl.constexpr):
+    """Add one tree level's pairs (``keep``) to Aqk and Akk (unscaled): (q f)(k f)^T and (k f)(k f)^T."""
+    fk = bk * f
+    A_qk += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
+    A_kk += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+    return A_qk, A_kk
 
 
 @triton.jit
@@ -162,7 +171,6 @@ def _chunk_tree_kernel(
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    m_rn = (r + 1) < n_rows
     a = 0.0
     if HAS_A:
         a = tl.load(A_log + i_hv).to(tl.float32)
@@ -177,23 +185,19 @@ def _chunk_tree_kernel(
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
-                           HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
+        bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
+                             GATE, HAS_A, HAS_BIAS)
         # ABLATE (profiling only, wrong results): bit 1 drops the dot levels, bit 2 the inverse's steps.
         for lv in tl.static_range(4, 4 if (ABLATE & 1) else LEVELS):
-            f = tree_factor(bg, bgn, r, BT, BK, 1 << lv)
-            fk = bk * f
-            keep = tree_pairs(r, 1 << lv)
-            A_qk += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
-            A_kk += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+            A_qk, A_kk = _level_products(bq, bk, tree_factor(bg, bgn, r, BT, BK, 1 << lv), tree_pairs(r, 1 << lv),
+                                         A_qk, A_kk, PREC)
     off = base * BT * BT + r[:, None] * BT + r[None, :]
     diag = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
     tl.store(aqk_out + off, (A_qk * scale).to(aqk_out.dtype.element_ty), mask=~diag)
     A_kk = A_kk * b_beta[:, None]
     Tm = tl.load(t_out + off, mask=diag, other=0.0)
     for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
-        L = tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0)
-        Tm = Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=INV_PREC), input_precision=INV_PREC)
+        Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
     tl.store(t_out + off, Tm, mask=~diag)
 
 
@@ -206,8 +210,8 @@ def _load_half(q, k, g, row0, half, n_rows, i_h, i_hv, o_k, m_k, rq, rk, a, bias
     m_rk = m_r[:, None] & m_k[None, :]
     bq, bk, bg = load_qkg(q, k, g, row0 + half, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                           H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-    _, bgn = load_gate(g, row0 + half + 1, r, i_hv, o_k, ((half + r + 1) < n_rows)[:, None] & m_k[None, :],
-                       a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    bgn = load_next_gate(g, row0 + half, r, n_rows - half, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
+                         GATE, HAS_A, HAS_BIAS)
     return bq, bk, bg, bgn
 
 
@@ -247,19 +251,13 @@ def _chunk_tree_halves_kernel(
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq, bk, bg, bgn = _load_half(q, k, g, row0, 0, n_rows, i_h, i_hv, o_k, m_k, rq_lo, rk_lo, a, bias,
                                      lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        f = tree_factor(bg, bgn, r, 32, BK, 16)
-        fk = bk * f
-        qk_lo += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
-        kk_lo += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+        qk_lo, kk_lo = _level_products(bq, bk, tree_factor(bg, bgn, r, 32, BK, 16), keep, qk_lo, kk_lo, PREC)
         # Level 32, column side: the gates after j to the end of the lower half.
         _, rev = block_sums(bg, bgn, r, 32, BK, 32)
         col = bk * tl.exp(tl.minimum(rev, 0.0))
         bq, bk, bg, bgn = _load_half(q, k, g, row0, 32, n_rows, i_h, i_hv, o_k, m_k, rq_hi, rk_hi, a, bias,
                                      lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        f = tree_factor(bg, bgn, r, 32, BK, 16)
-        fk = bk * f
-        qk_hi += tl.where(keep, tl.dot(bq * f, tl.trans(fk), input_precision=PREC), 0.0)
-        kk_hi += tl.where(keep, tl.dot(fk, tl.trans(fk), input_precision=PREC), 0.0)
+        qk_hi, kk_hi = _level_products(bq, bk, tree_factor(bg, bgn, r, 32, BK, 16), keep, qk_hi, kk_hi, PREC)
         # Level 32, row side: the gates from the start of the upper half to i.
         e_hi = tl.exp(tl.minimum(tl.cumsum(bg, axis=0), 0.0))
         qk_x = tl.dot(bq * e_hi, tl.trans(col), qk_x, input_precision=PREC)
@@ -275,9 +273,9 @@ def _chunk_tree_halves_kernel(
     tl.store(aqk_out + p_x, (qk_x * scale).to(dt))
     tl.store(aqk_out + p_up, tl.zeros([32, 32], dtype=tl.float32).to(dt))
     t_lo = tl.load(t_out + p_lo, mask=same, other=0.0)
-    t_lo = t_lo - tl.dot(t_lo, tl.dot(kk_lo * b_lo[:, None], t_lo, input_precision=INV_PREC), input_precision=INV_PREC)
+    t_lo = inverse_step(t_lo, kk_lo * b_lo[:, None], INV_PREC)
     t_hi = tl.load(t_out + p_hi, mask=same, other=0.0)
-    t_hi = t_hi - tl.dot(t_hi, tl.dot(kk_hi * b_hi[:, None], t_hi, input_precision=INV_PREC), input_precision=INV_PREC)
+    t_hi = inverse_step(t_hi, kk_hi * b_hi[:, None], INV_PREC)
     t_x = -tl.dot(t_hi, tl.dot(kk_x * b_hi[:, None], t_lo, input_precision=INV_PREC), input_precision=INV_PREC)
     tl.store(t_out + p_lo, t_lo, mask=~same)
     tl.store(t_out + p_hi, t_hi, mask=~same)

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, block_cumsum, chunk_program, dummy, load_bias, load_gate, load_qkg, next_pow2,
+    apply_beta, block_cumsum, chunk_program, dummy, load_bias, load_gate, load_next_gate, load_qkg, next_pow2,
     subchunk_column, subchunk_program, tree_factor, tree_pairs,
 )
 
@@ -58,22 +58,23 @@ LAUNCHED: dict = {}
 
 
 @triton.jit
-def _pairs(bq, bk, bb, er, ec, mq, mk, PREC: tl.constexpr):
-    """Gradients of sum_ij mq_ij q_i.k_j P_ij + mk_ij b_i k_i.k_j P_ij with P_ij = er_i * ec_j (per channel).
+def _pairs(bq, bk, bb, e, mq, mk, PREC: tl.constexpr):
+    """Gradients of sum_ij mq_ij q_i.k_j P_ij + mk_ij b_i k_i.k_j P_ij with P_ij = e_i * e_j (per channel;
+    a tree level's factors serve both sides).
 
     mq, mk are already masked to the pairs of this factoring. Returns dq, dk, the gradients of the row
-    and column exponents (d log er_i, d log ec_j) and the Akk part of db.
+    and column exponents (d log e_i as row, d log e_j as column) and the Akk part of db.
     """
-    row_q = bq * er
-    row_k = bk * er
-    col_k = bk * ec
+    row_q = bq * e
+    row_k = bk * e
+    col_k = row_k
     rq = tl.dot(mq, col_k, input_precision=PREC)
     rk = tl.dot(mk, col_k, input_precision=PREC)
     cc = tl.dot(tl.trans(mq), row_q, input_precision=PREC)
     cc = tl.dot(tl.trans(mk), row_k * bb[:, None], cc, input_precision=PREC)
     t = row_k * rk
-    d_q = er * rq
-    d_k = er * (bb[:, None] * rk) + ec * cc
+    d_q = e * rq
+    d_k = e * (bb[:, None] * rk) + e * cc
     return d_q, d_k, row_q * rq + bb[:, None] * t, col_k * cc, tl.sum(t, axis=1)
 
 
@@ -95,11 +96,9 @@ def _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT: tl.cons
     gates of the two blocks only (segmented sums), so nothing cancels across blocks."""
     e = tree_factor(bg, bgn, r, BT, BK, HB)
     mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, tree_pairs(r, HB), BT)
-    d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, e, mq, mk, PREC)
+    d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, mq, mk, PREC)
     # fwd_i = sum of g over [block start, i]; rev_j = sum over (j, block end].
-    d_g = d_row
-    if HB > 1:
-        d_g = block_cumsum(d_row, BT, BK, HB, True) + (block_cumsum(d_col, BT, BK, HB, False) - d_col)
+    d_g = block_cumsum(d_row, BT, BK, HB, True) + (block_cumsum(d_col, BT, BK, HB, False) - d_col)
     return d_q, d_k, d_g, d_b
 
 
@@ -294,7 +293,6 @@ def _chunk_prep_bwd_kernel(
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    m_rn = (r + 1) < n_rows
     p_aqk = daqk + base * BT * BT
     p_akk = dakk + base * BT * BT
     row_qk = (row0 + r) * H + i_h  # token rows of q / k
@@ -317,8 +315,8 @@ def _chunk_prep_bwd_kernel(
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, m_rn[:, None] & m_k[None, :], a, bias, lower_bound,
-                            HV, K, GATE, HAS_A, HAS_BIAS)  # gate of the next row
+        bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
+                             GATE, HAS_A, HAS_BIAS)
 
         # Terms without pairwise decays. Exponent gradients of G_i reach g_m for m <= i; kg's decay to
         # the chunk end reaches g_m for m > i.

@@ -112,18 +112,30 @@ def load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
 
 
 @triton.jit
+def load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
+                   GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Activated log decay of the row after each row r (0 past the chunk's n_rows valid rows): the column
+    side of the tree factors sums the gates after a row."""
+    _, bgn = load_gate(g, row0 + 1, r, i_hv, o_k, ((r + 1) < n_rows)[:, None] & m_k[None, :], a, bias,
+                       lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    return bgn
+
+
+@triton.jit
+def inverse_step(Tm, L, PREC: tl.constexpr):
+    """One tree step of T = (I + Akk)^-1: T_2B = T_B - T_B L_B T_B, with L_B the pairs of level B."""
+    return Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=PREC), input_precision=PREC)
+
+
+@triton.jit
 def block_sums(bg, bgn, r, BT: tl.constexpr, BK: tl.constexpr, B: tl.constexpr):
     """Log-decay sums inside each B-row block of a chunk tile (rows r, gates bg, next row's gates bgn):
     fwd = inclusive cumulative sum from the block start, rev = the sum after the row to the block end
     (from the next rows' gates, not "total minus self", which cancels after a -1000 gate). Every sum adds
     same-sign terms of one block only, so exp(fwd_i) * exp(rev_j) is exact for any gate."""
-    if B == 1:
-        fwd = bg
-        rev = tl.zeros([BT, BK], dtype=tl.float32)
-    else:
-        fwd = tl.reshape(tl.cumsum(tl.reshape(bg, (BT // B, B, BK)), axis=1), (BT, BK))
-        gz = tl.where(((r % B) == B - 1)[:, None], 0.0, bgn)
-        rev = tl.reshape(tl.cumsum(tl.reshape(gz, (BT // B, B, BK)), axis=1, reverse=True), (BT, BK))
+    fwd = tl.reshape(tl.cumsum(tl.reshape(bg, (BT // B, B, BK)), axis=1), (BT, BK))
+    gz = tl.where(((r % B) == B - 1)[:, None], 0.0, bgn)
+    rev = tl.reshape(tl.cumsum(tl.reshape(gz, (BT // B, B, BK)), axis=1, reverse=True), (BT, BK))
     return fwd, rev
 
 
