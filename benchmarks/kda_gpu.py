@@ -245,8 +245,9 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
                               store_final=True, store_states=False, BT=64)
     res["recur_ms"] = bench(rec)
     res["recur_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get("recur"))
-    res["prep_ms"] = bench(prep)  # both launches
-    for name in ("diag", "tree", "wy"):
+    res["prep_ms"] = bench(prep)  # all launches
+    res["wide_subchunk_share"] = float(chunk_fwd.LAUNCHED["diag_wide"].float().mean())
+    for name in ("diag_fast", "diag", "tree", "wy"):
         res[f"{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
     if "variants" in parts:
         res.update(_fwd_variants(prep, ref))
@@ -276,15 +277,16 @@ def _fwd_variants(prep, ref):
 
     res = {}
     pre = "KIMI_LINEAR_KDA_"
-    for variant in ({"PREP_BK": "16"}, {"PREP_BK": "64"}, {"PREP_WARPS": "8"}, {"DIAG_BK": "32"},
-                    {"TREE_HALVES": "1"}, {"TREE_HALVES": "1", "PREP_BK": "16"}):
-        tag = "prep_" + "_".join(f"{key.rsplit('_', 1)[-1].lower()}{val}" for key, val in variant.items())
+    for variant in ({"PREP_BK": "16"}, {"PREP_BK": "64"}, {"PREP_WARPS": "8"}, {"DIAG_BK": "32"}, {"DIAG_SPAN": "-1"},
+                    {"DIAG_FAST_BK": "32"}, {"DIAG_FAST_WARPS": "2"}, {"DIAG_FAST_WARPS": "4"},
+                    {"DIAG_FAST_WARPS": "4", "DIAG_FAST_BK": "128"}):
+        tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         os.environ.update({pre + key: val for key, val in variant.items()})
         try:
             got = prep()
             res[f"{tag}_ms"] = bench(prep)
             res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-            for name in ("diag", "tree", "wy"):
+            for name in ("diag_fast", "diag", "tree", "wy"):
                 res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
@@ -328,21 +330,25 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     res["bwd_prep_bwd_ms"] = bench(pb)
     from kimi_linear.ops.kda.triton import prep_bwd
 
-    for name in ("wy", "diag", "pairs"):
+    for name in ("wy", "diag_fast", "diag", "pairs"):
         res[f"bwd_prep_bwd_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
-    variants = [("KIMI_LINEAR_KDA_PREP_BWD_WARPS", "4"), ("KIMI_LINEAR_KDA_PREP_BWD_BK", "32"),
-                ("KIMI_LINEAR_KDA_BWD_DIAG_BK", "16"), ("KIMI_LINEAR_KDA_BWD_DIAG_FOLD", "1")] + [
-        ("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", str(b)) for b in (1, 16)] if variants else []
-    for env, val in variants:
-        os.environ[env] = val
+    pre = "KIMI_LINEAR_KDA_"
+    variants = [{"PREP_BWD_WARPS": "8"}, {"PREP_BWD_BK": "32"}, {"PREP_BWD_WARPS": "8", "PREP_BWD_BK": "32"},
+                {"DIAG_SPAN": "-1"}, {"BWD_DIAG_FAST_BK": "16"}, {"BWD_DIAG_FAST_WARPS": "2"},
+                {"BWD_DIAG_FAST_WARPS": "4", "BWD_DIAG_FAST_BK": "64"}, {"BWD_DIAG_BK": "16"}] + [
+        {"PREP_BWD_ABLATE": str(b)} for b in (1, 16)] if variants else []
+    for variant in variants:
+        tag = "bwd_prep_bwd_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
+        os.environ.update({pre + key: val for key, val in variant.items()})
         try:
             pb()
-            res[f"bwd_prep_bwd_{env.rsplit('_', 1)[-1].lower()}{val}_ms"] = bench(pb)
+            res[f"{tag}_ms"] = bench(pb)
         except Exception as e:  # noqa: BLE001
-            res[f"bwd_prep_bwd_{env}{val}"] = f"failed: {e!r}"
-        os.environ.pop(env)
+            res[tag] = f"failed: {e!r}"
+        for key in variant:
+            os.environ.pop(pre + key)
     return res
 
 

@@ -33,12 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K = V = 128
 BT = 64
 INTS = {"H", "HV", "K", "V"}
-FLOATS = {"scale", "lower_bound"}
+FLOATS = {"scale", "lower_bound", "span_max"}
 BF16_PTRS = {"q", "k", "v", "g", "beta", "o", "do"}
 # The forward's chunk intermediates are stored in the input's 16-bit type (Aqk too, except when the
 # backward keeps it).
 BF16_FWD = {"w", "u", "qg", "kg", "aqk", "aqk_out", "w_out", "u_out", "qg_out", "kg_out"}
 INT_PTRS = {"chunk_info", "seq_chunks", "cu_seqlens", "indices"}
+INT8_PTRS = {"wide"}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -52,14 +53,15 @@ def kernels():
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
     prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
+    yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
+           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 64), PREC="tf32", INV_PREC="tf32", **gate),
+           _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1))
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
     yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
            dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
                 ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
-    yield ("fwd tree halves (opt-in)", chunk_fwd._chunk_tree_halves_kernel,
-           dict(SK=K, BK=prep_bk, PREC="tf32", INV_PREC="tf32", **gate), prep_warps)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), WY_PREC="tf32", **gate),
            prep_warps)
@@ -72,14 +74,16 @@ def kernels():
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
            dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate), 4)
+    no_norm = {k: v for k, v in gate.items() if k != "L2NORM"}
+    yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
+           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1))
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
-           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32),
-                FOLD=os.environ.get("KIMI_LINEAR_KDA_BWD_DIAG_FOLD", "0") == "1",
-                **{k: v for k, v in gate.items() if k != "L2NORM"}),
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
            dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate),
-           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 8))
+           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4))
 
 
 def signature(fn, consts):
@@ -93,6 +97,8 @@ def signature(fn, consts):
             sig[name] = "fp32"
         elif name in INT_PTRS:
             sig[name] = "*i32"
+        elif name in INT8_PTRS:
+            sig[name] = "*i8"
         else:
             sig[name] = "*bf16" if name in BF16_PTRS or (name in BF16_FWD and "DOT_DTYPE" in consts or
                                                          name in BF16_FWD and "WY_PREC" in consts) else "*fp32"

@@ -121,16 +121,32 @@ def test_gates_near_cutoff(value):
     _run(T=40, H=1, BT=16, gate="pregated", extreme=0.1, extreme_value=value, seed=6)
 
 
-@pytest.mark.parametrize("case", ["softplus_extreme", "neg_eigval_varlen", "all_extreme", "chunk64"])
-def test_diag_fold(case, monkeypatch):
-    """The opt-in regrouped sums of the sub-chunk kernel (KIMI_LINEAR_KDA_BWD_DIAG_FOLD=1) against float64."""
-    monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_DIAG_FOLD", "1")
-    if case == "softplus_extreme":
-        _run(T=25, H=1, HV=2, BT=16, gate="softplus", extreme=0.03, seed=1)
-    elif case == "neg_eigval_varlen":
-        _run(B=1, T=32, H=1, HV=2, K=20, V=24, BT=16, gate="softplus", neg_eigval=True,
-             cu_seqlens=[0, 1, 6, 23, 32], seed=4, overwrite_t=True)
-    elif case == "all_extreme":
-        _run(T=20, H=1, BT=16, gate="softplus", extreme=1.0, seed=5)
-    else:
-        _run(T=73, H=1, BT=64, gate="pregated", extreme=0.03, seed=1)
+# (case, _run arguments, share of wide sub-chunks expected on the default path: 0, "some" or 1)
+SUBCHUNK_CASES = {
+    "moderate": (dict(T=40, H=1, HV=2, BT=16, gate="softplus", seed=1), 0),
+    "mixed": (dict(T=73, H=1, BT=64, gate="pregated", extreme=0.03, seed=1), "some"),
+    # -7.8 per token: a span of 15 * 7.8 = 117 nats, just inside the tensor-core path's 120 (factors up
+    # to e^58.5); -8.2: 123, just outside.
+    "inside_limit": (dict(T=48, H=1, BT=16, gate="pregated", extreme=1.0, extreme_value=-7.8, seed=2), 0),
+    "outside_limit": (dict(T=48, H=1, BT=16, gate="pregated", extreme=1.0, extreme_value=-8.2, seed=2), 1),
+    "neg_eigval_varlen": (dict(B=1, T=32, H=1, HV=2, K=20, V=24, BT=16, gate="softplus", neg_eigval=True,
+                               cu_seqlens=[0, 1, 6, 23, 32], seed=4, overwrite_t=True), 0),
+}
+
+
+@pytest.mark.parametrize("path", ["default", "exact"])
+@pytest.mark.parametrize("case", list(SUBCHUNK_CASES))
+def test_subchunk_paths(case, path, monkeypatch):
+    """The two sub-chunk kernels against float64: the default split (tensor cores where a sub-chunk's
+    log-decay span is <= 120 nats, the exact column-by-column kernel for the rest) and every sub-chunk
+    down the exact path (KIMI_LINEAR_KDA_DIAG_SPAN=-1). The share of wide sub-chunks is checked, so each
+    case really takes the path it is meant to."""
+    from kimi_linear.ops.kda.triton import prep_bwd
+
+    kw, share = SUBCHUNK_CASES[case]
+    if path == "exact":
+        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
+        share = 1
+    _run(**kw)
+    wide = prep_bwd.LAUNCHED["diag_wide"].float().mean().item()
+    assert (0 < wide < 1) if share == "some" else wide == share, wide

@@ -58,12 +58,9 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-@pytest.mark.parametrize("halves", [False, True])
-def test_varlen_forward_backward(halves, monkeypatch):
+def test_varlen_forward_backward():
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
-    mostly padding), GVA, -1000 gates: forward and every gradient against float64 (``halves``: with the
-    opt-in [32, 32]-tile tree kernel)."""
-    monkeypatch.setenv("KIMI_LINEAR_KDA_TREE_HALVES", "1" if halves else "0")
+    mostly padding), GVA, -1000 gates: forward and every gradient against float64."""
     cu = [0, 5, 70, 150]
     inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="lower_bound", extreme_gate_frac=0.03, seed=9,
                         cu_seqlens=cu, requires_grad=True, dtype=torch.float64)
@@ -150,17 +147,21 @@ def _prep_reference(inp, BT):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("BT,extreme,halves", [(bt, e, False) for bt in (16, 64, 128) for e in (0.0, 0.02)]
-                         + [(32, 1.0, False), (64, 0.02, True), (64, 1.0, True)])
-def test_prep_kernel_definitions(BT, extreme, halves, monkeypatch):
+@pytest.mark.parametrize("path", ["default", "exact"])
+@pytest.mark.parametrize("BT,extreme", [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 1.0)])
+def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
-    not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``halves``:
-    the opt-in [32, 32]-tile tree kernel for 64-row chunks."""
-    monkeypatch.setenv("KIMI_LINEAR_KDA_TREE_HALVES", "1" if halves else "0")
+    not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``path``:
+    the default split of the sub-chunk pairs (tensor cores where the log-decay span is <= 120 nats, the
+    exact column-by-column kernel for the rest), or every sub-chunk down the exact path; the share of
+    wide sub-chunks is checked so each path is really taken."""
     from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
     from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
 
+    if path == "exact":
+        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)
@@ -181,6 +182,13 @@ def test_prep_kernel_definitions(BT, extreme, halves, monkeypatch):
             x = x[:, :, :K]
         assert torch.isfinite(x).all(), name
         assert rel_rms(x, r) < TOL, (name, rel_rms(x, r))
+    wide = chunk_fwd.LAUNCHED["diag_wide"].float().mean().item()
+    if path == "exact":
+        assert wide == 1
+    elif extreme == 0:
+        assert wide == 0
+    elif extreme < 1:
+        assert 0 < wide < 1
 
 
 def test_backward_keeps_forward_intermediates(monkeypatch):

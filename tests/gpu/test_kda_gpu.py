@@ -93,11 +93,14 @@ def test_chunk_grid(T, K, V, gate):
 
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
-@pytest.mark.parametrize("variant", ["extreme", "beta01", "no_l2norm", "scale", "no_state", "chunk32"])
-def test_chunk_variants(variant, gate):
+@pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
+                                     "chunk32"])
+def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
-    if variant == "extreme":
+    if variant.startswith("extreme"):
         kw["extreme_gate_frac"] = 0.05
+    if variant == "extreme_exact":  # every sub-chunk through the exact column-by-column kernels
+        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
     if variant == "no_l2norm":
         kw["l2norm_in_kernel"] = False
     if variant == "scale":
@@ -111,6 +114,20 @@ def test_chunk_variants(variant, gate):
         inp.beta = torch.where(torch.rand(inp.beta.shape) < 0.5, 1e-4, 1 - 1e-4).to(inp.beta.dtype)
     inp = cuda(inp)
     check_fwd_bwd(f"variant {variant} {gate}", inp, chunk_size=32 if variant == "chunk32" else 64)
+
+
+@pytest.mark.parametrize("log_decay", [-7.8, -8.2])
+def test_span_limit(log_decay):
+    """Every log decay -7.8 (a 16-row sub-chunk spans 117 nats: the tensor-core path at the edge of its
+    range, factors up to e^58.5) or -8.2 (123 nats: the exact path), bf16."""
+    inp = cuda(make_inputs(B=1, T=300, H=2, K=128, V=128, gate="pregated", extreme_gate_frac=1.0,
+                           extreme_value=log_decay, dtype=torch.float64, seed=11))
+    check_fwd_bwd(f"span limit {log_decay}", inp)
+    from kimi_linear.ops.kda.triton import chunk_fwd, prep_bwd
+
+    for mod in (chunk_fwd, prep_bwd):  # the forward's and the backward's split of the sub-chunks
+        wide = mod.LAUNCHED["diag_wide"].float().mean().item()
+        assert wide == 0 if log_decay > -8 else wide > 0.9, (mod.__name__, wide)
 
 
 CU = [0, 1, 16, 80, 81, 300, 315, 1000]  # lengths 1, 15, 64, 1, 219, 15, 685

@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_sums, chunk_program, chunk_rows, dummy, inverse_step, load_bias,
-    load_next_gate, load_qkg, next_pow2, sequence_program, subchunk_column, subchunk_program, tree_factor,
-    tree_pairs,
+    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, inverse_step, load_bias,
+    load_next_gate, load_qkg, midpoint_factors, next_pow2, sequence_program, subchunk_column, subchunk_program,
+    tree_factor, tree_pairs,
 )
 
 
@@ -77,23 +77,9 @@ def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr,
 
 
 @triton.jit
-def _chunk_diag_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
-    scale, lower_bound,
-    H, HV, K, SK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, INV_PREC: tl.constexpr,
-):
-    """The pairs inside one 16-row sub-chunk, grid (chunks * BT / 16, HV): the diagonal 16 x 16 blocks of
-    Aqk and of T (the inverse of I + Akk restricted to the block), written in place in ``aqk_out`` and
-    ``t_out`` for the tree kernel.
-
-    Columns j from the last to the first: E_i = exp(g_(j+1) + ... + g_i) grows by one decay factor
-    exp(g) <= 1 per step, a product of factors <= 1, so exact for any gate (no reference row, no
-    cancellation, underflow to 0 is exact). [16, BK] tiles on CUDA cores, one warp: the rows j are
-    picked out of the tiles by masked sums inside the warp (no shared-memory round trips).
-    """
+def _diag_prologue(q, k, beta, A_log, chunk_info, H, HV, K, BK: tl.constexpr, BT: tl.constexpr,
+                   HAS_A: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """Program ids, rows, A_log, L2-norm factors and beta of a 16-row sub-chunk program."""
     i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
     r = tl.arange(0, 16)
     m_r = r < n_sub
@@ -102,9 +88,47 @@ def _chunk_diag_kernel(
         a = tl.load(A_log + i_hv).to(tl.float32)
     rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    return i_hv, i_h, s, base, rows0, r, m_r, a, rq, rk, b_beta
+
+
+@triton.jit
+def _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out, keep,
+                       BT: tl.constexpr, INV_PREC: tl.constexpr):
+    """Write the sub-chunk's diagonal blocks (where ``keep``): Aqk with its diagonal d_qk, and T, the
+    inverse of I + Akk on the block, by the 16 x 16 tree T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
+    A_qk, A_kk hold the strictly lower pairs, unscaled."""
+    eye = r[:, None] == r[None, :]
+    off = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
+    m = tl.where(keep, r[:, None] >= 0, False)  # (a scalar & a tile fails in the interpreter)
+    A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
+    tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty), mask=m)
+    A_kk = A_kk * b_beta[:, None]
+    Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
+    for lv in tl.static_range(1, 4):
+        Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
+    tl.store(t_out + off, Tm, mask=m)
+
+
+@triton.jit
+def _chunk_diag_fast_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
+    scale, lower_bound, span_max,
+    H, HV, K, SK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+):
+    """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), for sub-chunks
+    whose log-decay span is at most ``span_max`` in every channel (``midpoint_factors``): the diagonal
+    16 x 16 blocks of Aqk and T, as ``_chunk_diag_kernel``. Other sub-chunks are marked in ``wide`` and
+    left to that kernel, which is exact for any gate."""
+    i_hv, i_h, s, base, rows0, r, m_r, a, rq, rk, b_beta = _diag_prologue(
+        q, k, beta, A_log, chunk_info, H, HV, K, BK, BT, HAS_A, L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     A_qk = tl.zeros([16, 16], dtype=tl.float32)
     A_kk = tl.zeros([16, 16], dtype=tl.float32)
     d_qk = tl.zeros([16], dtype=tl.float32)
+    span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
@@ -113,25 +137,61 @@ def _chunk_diag_kernel(
         bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         d_qk += tl.sum(bq * bk, axis=1)
-        dec = tl.exp(bg)  # per-row decays, <= 1
-        # E_i = prod of the decays of rows j+1 .. i (products of factors <= 1: exact, underflow to 0).
-        E = tl.full([16, BK], 1.0, dtype=tl.float32)
-        for t in tl.static_range(15):
-            j = 14 - t
-            E, e, kj = subchunk_column(E, dec, bk, r, j)
-            ke = e * kj[None, :]
-            A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
-            A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
-    eye = r[:, None] == r[None, :]
-    off = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
-    A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
-    tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
-    A_kk = A_kk * b_beta[:, None]
-    # T of the block by the tree: T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
-    Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
-    for lv in tl.static_range(1, 4):
-        Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
-    tl.store(t_out + off, Tm)
+        ea, eb, sp = midpoint_factors(bg, r)
+        span = tl.maximum(span, sp)
+        kb_ = bk * eb
+        A_qk += tl.dot(bq * ea, tl.trans(kb_), input_precision=PREC)
+        A_kk += tl.dot(bk * ea, tl.trans(kb_), input_precision=PREC)
+    ok = span <= span_max  # False for NaN too
+    below = r[:, None] > r[None, :]  # (the pairs i < j may be inf here: never read)
+    _store_diag_blocks(tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk, b_beta, scale, r, s, base,
+                       aqk_out, t_out, ok, BT, INV_PREC)
+    tl.store(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), (~ok).to(tl.int8))
+
+
+@triton.jit
+def _chunk_diag_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
+    scale, lower_bound,
+    H, HV, K, SK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, INV_PREC: tl.constexpr,
+):
+    """The pairs inside one 16-row sub-chunk for any gate, grid (chunks * BT / 16, HV): the sub-chunks
+    ``_chunk_diag_fast_kernel`` marked in ``wide`` (the others return at once). Writes the diagonal
+    16 x 16 blocks of Aqk and of T (the inverse of I + Akk restricted to the block) in place in
+    ``aqk_out`` and ``t_out`` for the tree kernel.
+
+    Columns j from the last to the first: E_i = exp(g_(j+1) + ... + g_i) grows by one decay factor
+    exp(g) <= 1 per step, a product of factors <= 1, so exact for any gate (no reference row, no
+    cancellation, underflow to 0 is exact). [16, BK] tiles on CUDA cores, one warp: the rows j are
+    picked out of the tiles by masked sums inside the warp (no shared-memory round trips).
+    """
+    if tl.load(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0:
+        i_hv, i_h, s, base, rows0, r, m_r, a, rq, rk, b_beta = _diag_prologue(
+            q, k, beta, A_log, chunk_info, H, HV, K, BK, BT, HAS_A, L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+        A_qk = tl.zeros([16, 16], dtype=tl.float32)
+        A_kk = tl.zeros([16, 16], dtype=tl.float32)
+        d_qk = tl.zeros([16], dtype=tl.float32)
+        for kb in range(0, SK, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            d_qk += tl.sum(bq * bk, axis=1)
+            dec = tl.exp(bg)  # per-row decays, <= 1
+            # E_i = prod of the decays of rows j+1 .. i (products of factors <= 1: exact, underflow to 0).
+            E = tl.full([16, BK], 1.0, dtype=tl.float32)
+            for t in tl.static_range(15):
+                j = 14 - t
+                E, e, kj = subchunk_column(E, dec, bk, r, j)
+                ke = e * kj[None, :]
+                A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
+                A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
+        _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out, True, BT, INV_PREC)
 
 
 @triton.jit
@@ -199,88 +259,6 @@ def _chunk_tree_kernel(
     for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
         Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
     tl.store(t_out + off, Tm, mask=~diag)
-
-
-@triton.jit
-def _load_half(q, k, g, row0, half, n_rows, i_h, i_hv, o_k, m_k, rq, rk, a, bias, lower_bound, H, HV, K,
-               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """q, k (normalised), the activated gate and the next row's gate of one 32-row half of a chunk."""
-    r = tl.arange(0, 32)
-    m_r = (half + r) < n_rows
-    m_rk = m_r[:, None] & m_k[None, :]
-    bq, bk, bg = load_qkg(q, k, g, row0 + half, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-    bgn = load_next_gate(g, row0 + half, r, n_rows - half, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
-                         GATE, HAS_A, HAS_BIAS)
-    return bq, bk, bg, bgn
-
-
-@triton.jit
-def _chunk_tree_halves_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
-    scale, lower_bound,
-    H, HV, K, SK: tl.constexpr, BK: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr,
-):
-    """``_chunk_tree_kernel`` for 64-row chunks on [32, 32] tiles (opt-in, KIMI_LINEAR_KDA_TREE_HALVES=1):
-    the same pairs and factors, but level 16 as one masked product inside each 32-row half and level 32
-    as the unmasked product of the upper half's rows with the lower half's columns, instead of masked
-    [64, 64] products (4x / 2x fewer multiply-adds, [32, 32] accumulators). T: each half's T_32 from the
-    diagonal kernel's T_16 blocks, then T_64 = [[T_lo, 0], [-T_hi L T_lo, T_hi]]."""
-    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    r = tl.arange(0, 32)
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    rq_lo, rk_lo, b_lo = _row_scales(q, k, beta, row0, r, r < n_rows, i_h, i_hv, H, HV, K, 32, BK,
-                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    rq_hi, rk_hi, b_hi = _row_scales(q, k, beta, row0 + 32, r, (32 + r) < n_rows, i_h, i_hv, H, HV, K, 32, BK,
-                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    keep = tree_pairs(r, 16)  # level 16 inside a half: rows 16..31 x columns 0..15
-    qk_lo = tl.zeros([32, 32], dtype=tl.float32)
-    kk_lo = tl.zeros([32, 32], dtype=tl.float32)
-    qk_hi = tl.zeros([32, 32], dtype=tl.float32)
-    kk_hi = tl.zeros([32, 32], dtype=tl.float32)
-    qk_x = tl.zeros([32, 32], dtype=tl.float32)
-    kk_x = tl.zeros([32, 32], dtype=tl.float32)
-    for kb in range(0, SK, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq, bk, bg, bgn = _load_half(q, k, g, row0, 0, n_rows, i_h, i_hv, o_k, m_k, rq_lo, rk_lo, a, bias,
-                                     lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        qk_lo, kk_lo = _level_products(bq, bk, tree_factor(bg, bgn, r, 32, BK, 16), keep, qk_lo, kk_lo, PREC)
-        # Level 32, column side: the gates after j to the end of the lower half.
-        _, rev = block_sums(bg, bgn, r, 32, BK, 32)
-        col = bk * tl.exp(tl.minimum(rev, 0.0))
-        bq, bk, bg, bgn = _load_half(q, k, g, row0, 32, n_rows, i_h, i_hv, o_k, m_k, rq_hi, rk_hi, a, bias,
-                                     lower_bound, H, HV, K, GATE, HAS_A, HAS_BIAS)
-        qk_hi, kk_hi = _level_products(bq, bk, tree_factor(bg, bgn, r, 32, BK, 16), keep, qk_hi, kk_hi, PREC)
-        # Level 32, row side: the gates from the start of the upper half to i.
-        e_hi = tl.exp(tl.minimum(tl.cumsum(bg, axis=0), 0.0))
-        qk_x = tl.dot(bq * e_hi, tl.trans(col), qk_x, input_precision=PREC)
-        kk_x = tl.dot(bk * e_hi, tl.trans(col), kk_x, input_precision=PREC)
-    p_lo = base * 64 * 64 + r[:, None] * 64 + r[None, :]  # quadrant (lower half, lower half)
-    p_hi = p_lo + 32 * 64 + 32
-    p_x = p_lo + 32 * 64
-    p_up = p_lo + 32
-    dt = aqk_out.dtype.element_ty
-    same = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
-    tl.store(aqk_out + p_lo, (qk_lo * scale).to(dt), mask=~same)
-    tl.store(aqk_out + p_hi, (qk_hi * scale).to(dt), mask=~same)
-    tl.store(aqk_out + p_x, (qk_x * scale).to(dt))
-    tl.store(aqk_out + p_up, tl.zeros([32, 32], dtype=tl.float32).to(dt))
-    t_lo = tl.load(t_out + p_lo, mask=same, other=0.0)
-    t_lo = inverse_step(t_lo, kk_lo * b_lo[:, None], INV_PREC)
-    t_hi = tl.load(t_out + p_hi, mask=same, other=0.0)
-    t_hi = inverse_step(t_hi, kk_hi * b_hi[:, None], INV_PREC)
-    t_x = -tl.dot(t_hi, tl.dot(kk_x * b_hi[:, None], t_lo, input_precision=INV_PREC), input_precision=INV_PREC)
-    tl.store(t_out + p_lo, t_lo, mask=~same)
-    tl.store(t_out + p_hi, t_hi, mask=~same)
-    tl.store(t_out + p_x, t_x)
-    tl.store(t_out + p_up, tl.zeros([32, 32], dtype=tl.float32))
 
 
 @triton.jit
@@ -468,6 +446,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     # at BK 32, 2.1 at BK 16; 2.6 / 3.1 ms with 2 / 4 warps at BK 32).
     DIAG_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_BK", 64)), next_pow2(K)))
     diag_warps = int(env("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
+    FAST_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_FAST_BK", 64)), next_pow2(K)))
+    fast_warps = int(env("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1))
     d = dummy(dev)
     a_log = A_log if A_log is not None else d
     bias = dt_bias if dt_bias is not None else d
@@ -478,14 +458,16 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         # Pairs inside 16-row sub-chunks (CUDA cores), then the pairs between them (tensor cores). The
         # inverse's tree steps in tf32 for 16-bit inputs: T moved by 9e-6 relative against tf32x3, which
         # cost 0.8 ms more at T=8K (H200).
-        LAUNCHED["diag"] = _chunk_diag_kernel[(NC * (BT // 16), HV)](
-            q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
+        grid = (NC * (BT // 16), HV)
+        wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
+        LAUNCHED["diag_fast"] = _chunk_diag_fast_kernel[grid](
+            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, diag_span_max(), H, HV, K,
+            BT=BT, PREC=prec, INV_PREC=prec, **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
+        LAUNCHED["diag_wide"] = wide  # (benchmarks and tests read the share of wide sub-chunks)
+        LAUNCHED["diag"] = _chunk_diag_kernel[grid](
+            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
-        if BT == 64 and env("KIMI_LINEAR_KDA_TREE_HALVES", "0") == "1":
-            LAUNCHED["tree"] = _chunk_tree_halves_kernel[(NC, HV)](
-                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec,
-                INV_PREC=prec, **inputs)
-        elif BT > 16:
+        if BT > 16:
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
                 q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
                 BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,

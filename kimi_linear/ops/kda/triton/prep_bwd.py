@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, block_cumsum, chunk_program, dummy, load_bias, load_gate, load_next_gate, load_qkg, next_pow2,
-    subchunk_column, subchunk_program, tree_factor, tree_pairs,
+    apply_beta, block_cumsum, chunk_program, diag_span_max, dummy, load_bias, load_gate, load_next_gate, load_qkg,
+    midpoint_factors, next_pow2, subchunk_column, subchunk_program, tree_factor, tree_pairs,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -58,23 +58,23 @@ LAUNCHED: dict = {}
 
 
 @triton.jit
-def _pairs(bq, bk, bb, e, mq, mk, PREC: tl.constexpr):
-    """Gradients of sum_ij mq_ij q_i.k_j P_ij + mk_ij b_i k_i.k_j P_ij with P_ij = e_i * e_j (per channel;
-    a tree level's factors serve both sides).
+def _pairs(bq, bk, bb, ea, eb, mq, mk, PREC: tl.constexpr):
+    """Gradients of sum_ij mq_ij q_i.k_j P_ij + mk_ij b_i k_i.k_j P_ij with P_ij = ea_i * eb_j (per
+    channel; a tree level passes one factor array for both sides, as its rows and columns are disjoint).
 
     mq, mk are already masked to the pairs of this factoring. Returns dq, dk, the gradients of the row
-    and column exponents (d log e_i as row, d log e_j as column) and the Akk part of db.
+    and column exponents (d log ea_i as row, d log eb_j as column) and the Akk part of db.
     """
-    row_q = bq * e
-    row_k = bk * e
-    col_k = row_k
+    row_q = bq * ea
+    row_k = bk * ea
+    col_k = bk * eb
     rq = tl.dot(mq, col_k, input_precision=PREC)
     rk = tl.dot(mk, col_k, input_precision=PREC)
     cc = tl.dot(tl.trans(mq), row_q, input_precision=PREC)
     cc = tl.dot(tl.trans(mk), row_k * bb[:, None], cc, input_precision=PREC)
     t = row_k * rk
-    d_q = e * rq
-    d_k = e * (bb[:, None] * rk) + e * cc
+    d_q = ea * rq
+    d_k = ea * (bb[:, None] * rk) + eb * cc
     return d_q, d_k, row_q * rq + bb[:, None] * t, col_k * cc, tl.sum(t, axis=1)
 
 
@@ -96,7 +96,7 @@ def _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT: tl.cons
     gates of the two blocks only (segmented sums), so nothing cancels across blocks."""
     e = tree_factor(bg, bgn, r, BT, BK, HB)
     mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, tree_pairs(r, HB), BT)
-    d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, mq, mk, PREC)
+    d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, e, e, mq, mk, PREC)
     # fwd_i = sum of g over [block start, i]; rev_j = sum over (j, block end].
     d_g = block_cumsum(d_row, BT, BK, HB, True) + (block_cumsum(d_col, BT, BK, HB, False) - d_col)
     return d_q, d_k, d_g, d_b
@@ -186,27 +186,10 @@ def _prep_bwd_wy_kernel(
 
 
 @triton.jit
-def _prep_bwd_diag_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, db_part,
-    ddq, ddk, ddg,
-    scale, lower_bound,
-    H, HV, K,
-    BT: tl.constexpr, BK: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, FOLD: tl.constexpr = False,
-):
-    """The pairs inside one 16-row sub-chunk, grid (chunks * BT / 16, HV), after pass 1: their parts of
-    dq, dk (normalised q, k) and of the gradient of every activated gate, to ``ddq``, ``ddk``, ``ddg``
-    (pass 2 adds them), and of dbeta, added to ``db_part``.
-
-    As the forward's ``_chunk_diag_kernel``: columns j from the last to the first, E_i = exp(g_(j+1) +
-    ... + g_i) as a running product of decays <= 1 (exact for any gate), one warp. The gate gradient of
-    the pair (i, j) is added at row i and subtracted at row j, then one reverse cumulative sum per K
-    block (fp32 on CUDA cores, so the residue is ~1e-7 of the pairs' terms; see the -64 rule below).
-    ``FOLD`` (opt-in, KIMI_LINEAR_KDA_BWD_DIAG_FOLD=1; not yet timed on a GPU) moves the row-side dk,
-    dbeta and gate terms out of the column loop as the same sums regrouped (q * dq + k * dk_row):
-    ~30% fewer operations per column.
-    """
+def _diag_bwd_prologue(beta, A_log, chunk_info, daqk, dakk, norms, scale, H, HV, BT: tl.constexpr,
+                       HAS_A: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """Program ids, rows, A_log, beta, L2-norm factors (from pass 1) of a 16-row sub-chunk program, and
+    Mq = scale dAqk and dAkk on the block's strictly lower pairs."""
     i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
     r = tl.arange(0, 16)
     m_r = r < n_sub
@@ -214,12 +197,55 @@ def _prep_bwd_diag_kernel(
     a, xb, bb = _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
     rq = tl.load(norms + base * 2 * BT + s * 16 + r)
     rk = tl.load(norms + base * 2 * BT + BT + s * 16 + r)
-    # Mq = scale dAqk and dAkk on the block's strictly lower pairs.
     p_blk = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
     m_pair = (r[:, None] > r[None, :]) & m_r[:, None]
     Mq = tl.load(daqk + p_blk, mask=m_pair, other=0.0) * scale
     Mk = tl.load(dakk + p_blk, mask=m_pair, other=0.0)
+    return i_hv, i_h, s, base, rows0, r, m_r, row_hv, a, bb, rq, rk, Mq, Mk
+
+
+@triton.jit
+def _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_l, K, keep):
+    """One K block's in-sub-chunk parts of dq, dk and the gate gradient (where ``keep``). Gate m gets the
+    pairs with j < m <= i: the reverse cumulative sum of d_l (+ at row i, - at row j). Row 0's gate enters
+    no pair; the cancellation residue (fp32-level) is dropped for gates below -64, whose true gradient
+    here is below e^-64 of the pairs' terms."""
+    d_g = tl.where((bg < -64.0) | (r == 0)[:, None], 0.0, tl.cumsum(d_l, axis=0, reverse=True))
+    p_hk = row_hv[:, None] * K + o_k[None, :]
+    m = tl.where(keep, m_rk, False)  # (a scalar & a tile fails in the interpreter)
+    tl.store(ddq + p_hk, d_q, mask=m)
+    tl.store(ddk + p_hk, d_k, mask=m)
+    tl.store(ddg + p_hk, d_g, mask=m)
+
+
+@triton.jit
+def _add_diag_db(db_part, base, s, r, db, BT: tl.constexpr):
+    """Add the sub-chunk's dbeta part to pass 1's partial sums."""
+    p_db = db_part + base * BT + s * 16 + r
+    db_old = tl.load(p_db)
+    tl.debug_barrier()  # every thread has read db_part before any writes it
+    tl.store(p_db, db_old + db)
+
+
+@triton.jit
+def _prep_bwd_diag_fast_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, db_part,
+    ddq, ddk, ddg, wide,
+    scale, lower_bound, span_max,
+    H, HV, K,
+    BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+):
+    """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), after pass 1,
+    for sub-chunks whose log-decay span is at most ``span_max`` (``midpoint_factors``): as
+    ``_prep_bwd_diag_kernel``. The others are marked in ``wide`` (their stores here are overwritten by
+    that kernel; their dbeta part is not added). tf32x3 products: the gate gradient's + / - sums cancel,
+    and their residue must stay at fp32 level (see ``_store_diag_grads``)."""
+    i_hv, i_h, s, base, rows0, r, m_r, row_hv, a, bb, rq, rk, Mq, Mk = _diag_bwd_prologue(
+        beta, A_log, chunk_info, daqk, dakk, norms, scale, H, HV, BT, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
     db = tl.zeros([16], dtype=tl.float32)
+    span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, K, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
@@ -227,52 +253,69 @@ def _prep_bwd_diag_kernel(
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        dec = tl.exp(bg)
-        acc_q = tl.zeros([16, BK], dtype=tl.float32)
-        acc_k = tl.zeros([16, BK], dtype=tl.float32)
-        d_l = tl.zeros([16, BK], dtype=tl.float32)  # gradient of the within-block cumulative gate
-        if FOLD:
+        ea, eb, sp = midpoint_factors(bg, r)
+        span = tl.maximum(span, sp)
+        d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
+        db += d_b
+        _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_row - d_col, K, True)
+    ok = span <= span_max  # False for NaN too
+    if ok:
+        _add_diag_db(db_part, base, s, r, db, BT)
+    tl.store(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), (~ok).to(tl.int8))
+
+
+@triton.jit
+def _prep_bwd_diag_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, db_part,
+    ddq, ddk, ddg, wide,
+    scale, lower_bound,
+    H, HV, K,
+    BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+):
+    """The pairs inside one 16-row sub-chunk for any gate, grid (chunks * BT / 16, HV), after pass 1:
+    the sub-chunks ``_prep_bwd_diag_fast_kernel`` marked in ``wide`` (the others return at once). Their
+    parts of dq, dk (normalised q, k) and of the gradient of every activated gate go to ``ddq``, ``ddk``,
+    ``ddg`` (pass 2 adds them), their part of dbeta into ``db_part``.
+
+    As the forward's ``_chunk_diag_kernel``: columns j from the last to the first, E_i = exp(g_(j+1) +
+    ... + g_i) as a running product of decays <= 1 (exact for any gate), one warp. The loop keeps only dq,
+    the column side of dk and sum_j dAkk_ij k_j E_ij; the row side of dk (beta times the last), dbeta
+    and the gate terms (q * dq + k * dk_row - k * dk_col) are formed once after it (session 5: 14% fewer
+    instructions than summing them per column, same sums).
+    """
+    if tl.load(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0:
+        i_hv, i_h, s, base, rows0, r, m_r, row_hv, a, bb, rq, rk, Mq, Mk = _diag_bwd_prologue(
+            beta, A_log, chunk_info, daqk, dakk, norms, scale, H, HV, BT, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
+        db = tl.zeros([16], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            dec = tl.exp(bg)
+            acc_q = tl.zeros([16, BK], dtype=tl.float32)  # dq
+            acc_c = tl.zeros([16, BK], dtype=tl.float32)  # column side of dk
             acc_m = tl.zeros([16, BK], dtype=tl.float32)  # sum_j dAkk_ij k_j E_ij
-        E = tl.full([16, BK], 1.0, dtype=tl.float32)
-        for t in tl.static_range(15):
-            j = 14 - t
-            E, e, kj = subchunk_column(E, dec, bk, r, j)
-            wq = tl.sum(tl.where(r[None, :] == j, Mq, 0.0), axis=1)  # column j of Mq
-            mk = tl.sum(tl.where(r[None, :] == j, Mk, 0.0), axis=1)  # column j of dAkk
-            zk = mk * bb
-            ke = e * kj[None, :]
-            acc_q += wq[:, None] * ke
-            if FOLD:
+            E = tl.full([16, BK], 1.0, dtype=tl.float32)
+            for t in tl.static_range(15):
+                j = 14 - t
+                E, e, kj = subchunk_column(E, dec, bk, r, j)
+                wq = tl.sum(tl.where(r[None, :] == j, Mq, 0.0), axis=1)  # column j of Mq
+                mk = tl.sum(tl.where(r[None, :] == j, Mk, 0.0), axis=1)  # column j of dAkk
+                ke = e * kj[None, :]
+                acc_q += wq[:, None] * ke
                 acc_m += mk[:, None] * ke
-            else:
-                acc_k += zk[:, None] * ke
-                db += mk * tl.sum(bk * ke, axis=1)
-            x = (wq[:, None] * bq + zk[:, None] * bk) * e
-            colx = tl.sum(x, axis=0)
-            # The column side goes to row j; d/dE of the pair (i, j) is x_i k_j, which reaches the
-            # cumulative gate of row i positively and that of row j negatively.
-            acc_k += tl.where((r == j)[:, None], colx[None, :], 0.0)
-            if not FOLD:
-                d_l += x * kj[None, :] - tl.where((r == j)[:, None], (colx * kj)[None, :], 0.0)
-        if FOLD:
-            # The same sums, regrouped after the loop: the row side of dk is beta * acc_m, dbeta's part is
-            # k.acc_m, and the gate terms sum_j x_i k_j (row i) and colx_j k_j (row j, kept in acc_k) are
-            # q * dq + k * dk_row and k * (column side).
-            acc_kr = bb[:, None] * acc_m
+                colx = tl.sum((wq[:, None] * bq + (mk * bb)[:, None] * bk) * e, axis=0)
+                acc_c += tl.where((r == j)[:, None], colx[None, :], 0.0)
+            acc_r = bb[:, None] * acc_m  # row side of dk
             db += tl.sum(bk * acc_m, axis=1)
-            d_l = bq * acc_q + bk * (acc_kr - acc_k)
-            acc_k += acc_kr
-        # Gate m gets the pairs with j < m <= i: the reverse cumulative sum of d_l. Its cancellation residue
-        # (fp32) is dropped for gates below -64, whose true gradient here is below e^-64 of the pairs'.
-        d_g = tl.where(bg < -64.0, 0.0, tl.cumsum(d_l, axis=0, reverse=True))
-        p_hk = row_hv[:, None] * K + o_k[None, :]
-        tl.store(ddq + p_hk, acc_q, mask=m_rk)
-        tl.store(ddk + p_hk, acc_k, mask=m_rk)
-        tl.store(ddg + p_hk, d_g, mask=m_rk)
-    p_db = db_part + base * BT + s * 16 + r
-    db_old = tl.load(p_db)
-    tl.debug_barrier()  # every thread has read db_part before any writes it
-    tl.store(p_db, db_old + db)
+            _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, acc_q, acc_r + acc_c,
+                              bq * acc_q + bk * (acc_r - acc_c), K, True)
+        _add_diag_db(db_part, base, s, r, db, BT)
 
 
 @triton.jit
@@ -426,10 +469,9 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if dt_bias is not None else None
     dakk = T if overwrite_t else torch.empty_like(T)  # dAkk of every chunk (written by pass 1)
     if NC > 0:
-        # Pass 2 (the per-K-block kernel): 8 warps at BT=64, 8.9 ms vs 11.1 with 4 at T=8K, H=32 on an
-        # H200 (session 4, six tree levels; 4 warps won in session 3's version with two levels; not re-tuned for
-        # session 5's two levels).
-        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 8), 128: (16, 8)}[BT]
+        # Pass 2 (the per-K-block kernel): 4 warps at BT=64, 6.17 ms vs 7.21 with 8 at T=8K, H=32 on an
+        # H200 (session 6, levels 16 and 32; 8 warps had won in session 4 with six levels).
+        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 4), 128: (16, 8)}[BT]
         BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BK", bk)), next_pow2(K)))
         BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BV", 32)), next_pow2(V)))
         warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_WARPS", warps))
@@ -446,15 +488,26 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             q, k, v, g, beta, a_log, bias, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part,
             lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags, num_warps=4, num_stages=1,
         )
-        # The diagonal kernel's dq, dk, dg. One warp, K blocks of 32 (session 5, H200, T=8K, forward +
-        # backward: 12.9 ms vs 13.7 at BK 16 and 16.0 at BK 64; 14.7 / 15.7 ms with 2 / 4 warps).
+        # The sub-chunk kernels' dq, dk, dg: tensor cores where the log-decay span allows, then the exact
+        # column-by-column kernel for the rest. One warp each; the exact one with K blocks of 32 (session 5,
+        # H200, T=8K, forward + backward: 12.9 ms vs 13.7 at BK 16 and 16.0 at BK 64; 14.7 / 15.7 ms with
+        # 2 / 4 warps).
         diag = torch.empty(3, B * Tlen * HV * K, device=dev, dtype=f32)
-        LAUNCHED["diag"] = _prep_bwd_diag_kernel[(NC * (BT // 16), HV)](
-            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2],
-            float(cfg.scale), lb, H, HV, K, BT=BT, BK=max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)),
-                                                                  next_pow2(K))),
-            **flags, FOLD=os.environ.get("KIMI_LINEAR_KDA_BWD_DIAG_FOLD", "0") == "1",
-            num_warps=int(os.environ.get("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
+        grid = (NC * (BT // 16), HV)
+        wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
+        env = os.environ.get
+        LAUNCHED["diag_fast"] = _prep_bwd_diag_fast_kernel[grid](
+            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2], wide,
+            float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT,
+            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32)), next_pow2(K))), **flags,
+            num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1)), num_stages=1,
+        )
+        LAUNCHED["diag_wide"] = wide
+        LAUNCHED["diag"] = _prep_bwd_diag_kernel[grid](
+            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2], wide,
+            float(cfg.scale), lb, H, HV, K, BT=BT,
+            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags,
+            num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
         )
         LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
             q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1], diag[2],

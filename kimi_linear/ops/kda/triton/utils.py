@@ -90,6 +90,33 @@ def subchunk_column(E, dec, bk, r, j: tl.constexpr):
     return E, tl.where(below, E, 0.0), kj
 
 
+# Widest log-decay span (nats, per channel, over the pairs of a 16-row sub-chunk) that the sub-chunk
+# kernels take on tensor cores (``midpoint_factors``): factors exp(+-(G - mid)) stay within e^(+-60),
+# far from fp32's overflow (e^88.7) and, times q or k entries down to ~1e-12, from its smallest normal
+# numbers (e^-87.3), so nothing is lost to overflow or flushing. Wider sub-chunks take the exact
+# column-by-column path. KIMI_LINEAR_KDA_DIAG_SPAN lowers the limit (a negative value sends every
+# sub-chunk down the exact path: tests and benchmarks).
+DIAG_SPAN_MAX = 120.0
+
+
+def diag_span_max() -> float:
+    return min(float(os.environ.get("KIMI_LINEAR_KDA_DIAG_SPAN", DIAG_SPAN_MAX)), DIAG_SPAN_MAX)
+
+
+@triton.jit
+def midpoint_factors(bg, r):
+    """Per-row factors of a 16-row sub-chunk tile (rows r, log decays bg) with exp(G_i - G_j) =
+    ea_i * eb_j for every pair: G = the cumulative log decay from row 1 (row 0's own gate enters no
+    pair), each a same-sign sum of at most 15 gates, measured from the per-channel midpoint of its range,
+    so ea, eb lie within exp(+-span / 2). Returns ea, eb and the widest channel's span (inf or NaN for
+    infinite or NaN gates: the caller compares it with DIAG_SPAN_MAX)."""
+    G = tl.cumsum(tl.where((r == 0)[:, None], 0.0, bg), axis=0)
+    hi = tl.max(G, axis=0)
+    lo = tl.min(G, axis=0)
+    mid = 0.5 * (hi + lo)
+    return tl.exp(G - mid[None, :]), tl.exp(mid[None, :] - G), tl.max(hi - lo, axis=0)
+
+
 @triton.jit
 def load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
