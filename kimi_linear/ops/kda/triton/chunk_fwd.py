@@ -40,8 +40,8 @@ import triton.language as tl
 
 from .utils import (
     INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, inverse_step, load_bias,
-    load_next_gate, load_qkg, midpoint_factors, next_pow2, sequence_program, subchunk_column, subchunk_program,
-    tree_factor, tree_pairs,
+    load_gate, load_next_gate, load_qkg, midpoint_factors, next_pow2, sequence_program, subchunk_column,
+    subchunk_program, subchunk_span, tree_factor, tree_pairs,
 )
 
 
@@ -77,36 +77,20 @@ def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr,
 
 
 @triton.jit
-def _diag_prologue(q, k, beta, A_log, chunk_info, H, HV, K, BK: tl.constexpr, BT: tl.constexpr,
-                   HAS_A: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
-    """Program ids, rows, A_log, L2-norm factors and beta of a 16-row sub-chunk program."""
-    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
-    r = tl.arange(0, 16)
-    m_r = r < n_sub
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
-                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    return i_hv, i_h, s, base, rows0, r, m_r, a, rq, rk, b_beta
-
-
-@triton.jit
-def _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out, keep,
+def _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out,
                        BT: tl.constexpr, INV_PREC: tl.constexpr):
-    """Write the sub-chunk's diagonal blocks (where ``keep``): Aqk with its diagonal d_qk, and T, the
+    """Write the sub-chunk's diagonal blocks: Aqk with its diagonal d_qk, and T, the
     inverse of I + Akk on the block, by the 16 x 16 tree T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
     A_qk, A_kk hold the strictly lower pairs, unscaled."""
     eye = r[:, None] == r[None, :]
     off = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
-    m = tl.where(keep, r[:, None] >= 0, False)  # (a scalar & a tile fails in the interpreter)
     A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
-    tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty), mask=m)
+    tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
     A_kk = A_kk * b_beta[:, None]
     Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
     for lv in tl.static_range(1, 4):
         Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
-    tl.store(t_out + off, Tm, mask=m)
+    tl.store(t_out + off, Tm)
 
 
 @triton.jit
@@ -120,33 +104,47 @@ def _chunk_diag_fast_kernel(
     PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), for sub-chunks
-    whose log-decay span is at most ``span_max`` in every channel (``midpoint_factors``): the diagonal
-    16 x 16 blocks of Aqk and T, as ``_chunk_diag_kernel``. Other sub-chunks are marked in ``wide`` and
-    left to that kernel, which is exact for any gate."""
-    i_hv, i_h, s, base, rows0, r, m_r, a, rq, rk, b_beta = _diag_prologue(
-        q, k, beta, A_log, chunk_info, H, HV, K, BK, BT, HAS_A, L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    A_qk = tl.zeros([16, 16], dtype=tl.float32)
-    A_kk = tl.zeros([16, 16], dtype=tl.float32)
-    d_qk = tl.zeros([16], dtype=tl.float32)
+    whose log-decay span is at most ``span_max`` in every channel: the diagonal 16 x 16 blocks of Aqk and
+    T, as ``_chunk_diag_kernel``, with exp(G_i - G_j) = ea_i * eb_j (``midpoint_factors``). A first pass
+    over the gates alone finds the span; wider sub-chunks are marked in ``wide`` and left at once to
+    that kernel, which is exact for any gate."""
+    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
+    r = tl.arange(0, 16)
+    m_r = r < n_sub
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
     span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, SK, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        d_qk += tl.sum(bq * bk, axis=1)
-        ea, eb, sp = midpoint_factors(bg, r)
-        span = tl.maximum(span, sp)
-        kb_ = bk * eb
-        A_qk += tl.dot(bq * ea, tl.trans(kb_), input_precision=PREC)
-        A_kk += tl.dot(bk * ea, tl.trans(kb_), input_precision=PREC)
+        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_r[:, None] & m_k[None, :], a, bias, lower_bound, HV, K,
+                          GATE, HAS_A, HAS_BIAS)
+        span = tl.maximum(span, subchunk_span(bg, r))
     ok = span <= span_max  # False for NaN too
-    below = r[:, None] > r[None, :]  # (the pairs i < j may be inf here: never read)
-    _store_diag_blocks(tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk, b_beta, scale, r, s, base,
-                       aqk_out, t_out, ok, BT, INV_PREC)
     tl.store(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), (~ok).to(tl.int8))
+    if ok:
+        rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+        A_qk = tl.zeros([16, 16], dtype=tl.float32)
+        A_kk = tl.zeros([16, 16], dtype=tl.float32)
+        d_qk = tl.zeros([16], dtype=tl.float32)
+        for kb in range(0, SK, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            d_qk += tl.sum(bq * bk, axis=1)
+            ea, eb = midpoint_factors(bg, r)
+            kb_ = bk * eb
+            A_qk += tl.dot(bq * ea, tl.trans(kb_), input_precision=PREC)
+            A_kk += tl.dot(bk * ea, tl.trans(kb_), input_precision=PREC)
+        below = r[:, None] > r[None, :]  # (the pairs i < j may overflow to inf: never read)
+        _store_diag_blocks(tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk, b_beta, scale, r, s,
+                           base, aqk_out, t_out, BT, INV_PREC)
 
 
 @triton.jit
@@ -169,8 +167,14 @@ def _chunk_diag_kernel(
     picked out of the tiles by masked sums inside the warp (no shared-memory round trips).
     """
     if tl.load(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0:
-        i_hv, i_h, s, base, rows0, r, m_r, a, rq, rk, b_beta = _diag_prologue(
-            q, k, beta, A_log, chunk_info, H, HV, K, BK, BT, HAS_A, L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+        i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
+        r = tl.arange(0, 16)
+        m_r = r < n_sub
+        a = 0.0
+        if HAS_A:
+            a = tl.load(A_log + i_hv).to(tl.float32)
+        rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk = tl.zeros([16, 16], dtype=tl.float32)
         A_kk = tl.zeros([16, 16], dtype=tl.float32)
         d_qk = tl.zeros([16], dtype=tl.float32)
@@ -191,7 +195,7 @@ def _chunk_diag_kernel(
                 ke = e * kj[None, :]
                 A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
                 A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
-        _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out, True, BT, INV_PREC)
+        _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out, BT, INV_PREC)
 
 
 @triton.jit
@@ -446,7 +450,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     # at BK 32, 2.1 at BK 16; 2.6 / 3.1 ms with 2 / 4 warps at BK 32).
     DIAG_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_BK", 64)), next_pow2(K)))
     diag_warps = int(env("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
-    FAST_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_FAST_BK", 64)), next_pow2(K)))
+    FAST_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32)), next_pow2(K)))
     fast_warps = int(env("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1))
     d = dummy(dev)
     a_log = A_log if A_log is not None else d

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .utils import (
     apply_beta, block_cumsum, chunk_program, diag_span_max, dummy, load_bias, load_gate, load_next_gate, load_qkg,
-    midpoint_factors, next_pow2, subchunk_column, subchunk_program, tree_factor, tree_pairs,
+    midpoint_factors, next_pow2, subchunk_column, subchunk_program, subchunk_span, tree_factor, tree_pairs,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -186,36 +186,33 @@ def _prep_bwd_wy_kernel(
 
 
 @triton.jit
-def _diag_bwd_prologue(beta, A_log, chunk_info, daqk, dakk, norms, scale, H, HV, BT: tl.constexpr,
-                       HAS_A: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
-    """Program ids, rows, A_log, beta, L2-norm factors (from pass 1) of a 16-row sub-chunk program, and
-    Mq = scale dAqk and dAkk on the block's strictly lower pairs."""
-    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
-    r = tl.arange(0, 16)
-    m_r = r < n_sub
+def _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r, HV, BT: tl.constexpr,
+                   BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """Per-row data of a 16-row sub-chunk program: flattened (row, head) index, beta, the L2-norm factors
+    (from pass 1), and Mq = scale dAqk and dAkk on the block's strictly lower pairs."""
     row_hv = (rows0 + r) * HV + i_hv
-    a, xb, bb = _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
+    bb = tl.where(m_r, apply_beta(tl.load(beta + row_hv, mask=m_r, other=0.0).to(tl.float32), BETA_SIGMOID,
+                                  NEG_EIGVAL), 0.0)
     rq = tl.load(norms + base * 2 * BT + s * 16 + r)
     rk = tl.load(norms + base * 2 * BT + BT + s * 16 + r)
     p_blk = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
     m_pair = (r[:, None] > r[None, :]) & m_r[:, None]
     Mq = tl.load(daqk + p_blk, mask=m_pair, other=0.0) * scale
     Mk = tl.load(dakk + p_blk, mask=m_pair, other=0.0)
-    return i_hv, i_h, s, base, rows0, r, m_r, row_hv, a, bb, rq, rk, Mq, Mk
+    return row_hv, bb, rq, rk, Mq, Mk
 
 
 @triton.jit
-def _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_l, K, keep):
-    """One K block's in-sub-chunk parts of dq, dk and the gate gradient (where ``keep``). Gate m gets the
+def _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_l, K):
+    """One K block's in-sub-chunk parts of dq, dk and the gate gradient. Gate m gets the
     pairs with j < m <= i: the reverse cumulative sum of d_l (+ at row i, - at row j). Row 0's gate enters
     no pair; the cancellation residue (fp32-level) is dropped for gates below -64, whose true gradient
     here is below e^-64 of the pairs' terms."""
     d_g = tl.where((bg < -64.0) | (r == 0)[:, None], 0.0, tl.cumsum(d_l, axis=0, reverse=True))
     p_hk = row_hv[:, None] * K + o_k[None, :]
-    m = tl.where(keep, m_rk, False)  # (a scalar & a tile fails in the interpreter)
-    tl.store(ddq + p_hk, d_q, mask=m)
-    tl.store(ddk + p_hk, d_k, mask=m)
-    tl.store(ddg + p_hk, d_g, mask=m)
+    tl.store(ddq + p_hk, d_q, mask=m_rk)
+    tl.store(ddk + p_hk, d_k, mask=m_rk)
+    tl.store(ddg + p_hk, d_g, mask=m_rk)
 
 
 @triton.jit
@@ -239,29 +236,41 @@ def _prep_bwd_diag_fast_kernel(
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), after pass 1,
     for sub-chunks whose log-decay span is at most ``span_max`` (``midpoint_factors``): as
-    ``_prep_bwd_diag_kernel``. The others are marked in ``wide`` (their stores here are overwritten by
-    that kernel; their dbeta part is not added). tf32x3 products: the gate gradient's + / - sums cancel,
-    and their residue must stay at fp32 level (see ``_store_diag_grads``)."""
-    i_hv, i_h, s, base, rows0, r, m_r, row_hv, a, bb, rq, rk, Mq, Mk = _diag_bwd_prologue(
-        beta, A_log, chunk_info, daqk, dakk, norms, scale, H, HV, BT, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
-    db = tl.zeros([16], dtype=tl.float32)
+    ``_prep_bwd_diag_kernel``. A first pass over the gates alone finds the span; wider sub-chunks are
+    marked in ``wide`` and left at once to that kernel. tf32x3 products: the gate gradient's + / - sums
+    cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``)."""
+    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
+    r = tl.arange(0, 16)
+    m_r = r < n_sub
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
     span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, K, BK):
         o_k = kb + tl.arange(0, BK)
         m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        ea, eb, sp = midpoint_factors(bg, r)
-        span = tl.maximum(span, sp)
-        d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
-        db += d_b
-        _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_row - d_col, K, True)
+        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_r[:, None] & m_k[None, :], a, bias, lower_bound, HV, K,
+                          GATE, HAS_A, HAS_BIAS)
+        span = tl.maximum(span, subchunk_span(bg, r))
     ok = span <= span_max  # False for NaN too
-    if ok:
-        _add_diag_db(db_part, base, s, r, db, BT)
     tl.store(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), (~ok).to(tl.int8))
+    if ok:
+        row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
+                                                    HV, BT, BETA_SIGMOID, NEG_EIGVAL)
+        db = tl.zeros([16], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            ea, eb = midpoint_factors(bg, r)
+            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
+            db += d_b
+            _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_row - d_col, K)
+        _add_diag_db(db_part, base, s, r, db, BT)
 
 
 @triton.jit
@@ -286,8 +295,14 @@ def _prep_bwd_diag_kernel(
     instructions than summing them per column, same sums).
     """
     if tl.load(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0:
-        i_hv, i_h, s, base, rows0, r, m_r, row_hv, a, bb, rq, rk, Mq, Mk = _diag_bwd_prologue(
-            beta, A_log, chunk_info, daqk, dakk, norms, scale, H, HV, BT, HAS_A, BETA_SIGMOID, NEG_EIGVAL)
+        i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
+        r = tl.arange(0, 16)
+        m_r = r < n_sub
+        a = 0.0
+        if HAS_A:
+            a = tl.load(A_log + i_hv).to(tl.float32)
+        row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
+                                                    HV, BT, BETA_SIGMOID, NEG_EIGVAL)
         db = tl.zeros([16], dtype=tl.float32)
         for kb in range(0, K, BK):
             o_k = kb + tl.arange(0, BK)
@@ -314,7 +329,7 @@ def _prep_bwd_diag_kernel(
             acc_r = bb[:, None] * acc_m  # row side of dk
             db += tl.sum(bk * acc_m, axis=1)
             _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, acc_q, acc_r + acc_c,
-                              bq * acc_q + bk * (acc_r - acc_c), K, True)
+                              bq * acc_q + bk * (acc_r - acc_c), K)
         _add_diag_db(db_part, base, s, r, db, BT)
 
 

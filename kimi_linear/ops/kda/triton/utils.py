@@ -104,17 +104,28 @@ def diag_span_max() -> float:
 
 
 @triton.jit
+def _subchunk_cumgate(bg, r):
+    """Cumulative log decay of a 16-row sub-chunk tile from row 1 (row 0's own gate enters no pair):
+    same-sign sums of at most 15 gates."""
+    return tl.cumsum(tl.where((r == 0)[:, None], 0.0, bg), axis=0)
+
+
+@triton.jit
+def subchunk_span(bg, r):
+    """The widest channel's log-decay span over the pairs of a 16-row sub-chunk (inf or NaN for infinite
+    or NaN gates: compare it with DIAG_SPAN_MAX, which is False for NaN)."""
+    G = _subchunk_cumgate(bg, r)
+    return tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0)
+
+
+@triton.jit
 def midpoint_factors(bg, r):
     """Per-row factors of a 16-row sub-chunk tile (rows r, log decays bg) with exp(G_i - G_j) =
-    ea_i * eb_j for every pair: G = the cumulative log decay from row 1 (row 0's own gate enters no
-    pair), each a same-sign sum of at most 15 gates, measured from the per-channel midpoint of its range,
-    so ea, eb lie within exp(+-span / 2). Returns ea, eb and the widest channel's span (inf or NaN for
-    infinite or NaN gates: the caller compares it with DIAG_SPAN_MAX)."""
-    G = tl.cumsum(tl.where((r == 0)[:, None], 0.0, bg), axis=0)
-    hi = tl.max(G, axis=0)
-    lo = tl.min(G, axis=0)
-    mid = 0.5 * (hi + lo)
-    return tl.exp(G - mid[None, :]), tl.exp(mid[None, :] - G), tl.max(hi - lo, axis=0)
+    ea_i * eb_j for every pair: G (``_subchunk_cumgate``) measured from the per-channel midpoint of its
+    range, so ea, eb lie within exp(+-span / 2)."""
+    G = _subchunk_cumgate(bg, r)
+    mid = 0.5 * (tl.max(G, axis=0) + tl.min(G, axis=0))
+    return tl.exp(G - mid[None, :]), tl.exp(mid[None, :] - G)
 
 
 @triton.jit
