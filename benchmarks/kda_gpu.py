@@ -318,18 +318,6 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     sweep = lambda: chunk_bwd.chunk_recur_bwd(*outs[:6], info, seq, states, None, do, shapes=shapes, BT=64)  # noqa: E731
     grads = sweep()
     res["bwd_sweep_ms"] = bench(sweep)  # the reverse sweep and the gradient kernel
-    for variant in ({"SWEEP_BV": "16"}, {"SWEEP_WARPS": "8"}, {"SWEEP_BV": "16", "SWEEP_WARPS": "8"},
-                    {"SWEEP_STAGES": "2"}) if variants else ():
-        tag = "bwd_sweep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
-        os.environ.update({"KIMI_LINEAR_KDA_" + key: val for key, val in variant.items()})
-        try:
-            got = sweep()
-            res[f"{tag}_ms"] = bench(sweep)
-            res[f"{tag}_vs_default"] = max(rel(x, y) for x, y in zip(got, grads))
-        except Exception as e:  # noqa: BLE001
-            res[tag] = f"failed: {e!r}"
-        for key in variant:
-            os.environ.pop("KIMI_LINEAR_KDA_" + key)
     du, dqg, dkg, dw, daqk, dgc, _ = grads
     cfg = type("Cfg", (), dict(shapes=shapes, BT=64, scale=D**-0.5, gate=common["gate"], lower_bound=lb, l2norm=True,
                                beta_sigmoid=True, neg_eigval=False))()

@@ -69,8 +69,7 @@ def kernels():
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=True,
                 STORE_STATES=False, DOT_DTYPE=tl.bfloat16), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
-           _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 4))
+           dict(SK=K, SV=V, BT=BT, BK=K, BV=32, HAS_DHT=True), 4)
     yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,

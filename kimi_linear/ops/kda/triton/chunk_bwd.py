@@ -140,10 +140,7 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
     dev = w.device
     f32 = torch.float32
     BK = max(16, next_pow2(K))
-    # Sweep V slice, warps, pipeline stages (env overrides for tuning; session-6 variants in docs/benchmarks.md).
-    BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_BV", 32)), next_pow2(V)))
-    sweep_warps = int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 4 if BK <= 128 else 8))
-    sweep_stages = 1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 1))
+    BV = max(16, min(32, next_pow2(V)))
     do = do.contiguous()
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
     v_new = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
@@ -153,7 +150,7 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
         w, u, kg, aqk, gc, qg, info, seq, states, dht if dht is not None else dummy(dev), do,
         du, v_new, ds, dh0,
         HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        num_warps=sweep_warps, num_stages=sweep_stages,
+        num_warps=4 if BK <= 128 else 8, num_stages=1,
     )
     dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=f32)
     dkg = torch.empty_like(dqg)
