@@ -1,4 +1,4 @@
-"""Chunked KDA forward: chunk-local prep (three launches) and a sequential recurrence.
+"""Chunked KDA forward: chunk-local prep (four launches) and a sequential recurrence.
 
 1. Prep, chunk-parallel. From the raw inputs of one chunk (L2 norm, gate, beta sigmoid applied
    in-register), with G the within-chunk inclusive cumulative log decay:
@@ -10,9 +10,15 @@
    stored chunk-major ([chunk, head, row, .]; kg transposed, [chunk, head, K, row]).
 
    Numerics for any gate value: pairwise decays are never formed from two long cumulative sums.
-   * Pairs inside a 16-row sub-chunk (``_chunk_diag_kernel``, grid (chunks * BT/16, HV), one warp):
-     column by column, exp(G_i - G_j) as a running product of the per-row decays exp(g) <= 1, on CUDA
-     cores; it also inverts the sub-chunk's diagonal block of I + Akk.
+   * Pairs inside a 16-row sub-chunk, grid (chunks * BT/16, HV), one warp, two launches; both also
+     invert the sub-chunk's diagonal block of I + Akk:
+     - ``_chunk_diag_fast_kernel``, where the sub-chunk's log decays span at most 120 nats in every
+       channel (``utils.DIAG_SPAN_MAX``; trained-model gates always, see docs/benchmarks.md):
+       exp(G_i - G_j) = exp(G_i - mid) * exp(mid - G_j) around each channel's midpoint, both factors
+       within e^(+-60), one tensor-core product per K block. It marks wider sub-chunks in ``wide``.
+     - ``_chunk_diag_kernel`` for the marked ones (the rest return at once): column by column,
+       exp(G_i - G_j) as a running product of the per-row decays exp(g) <= 1, on CUDA cores, exact for
+       any gate.
    * Pairs between sub-chunks (``_chunk_tree_kernel``, grid (chunks, HV)): a binary tree over the rows
      gives every such pair one level B (16, 32, ...) at which i lies in an odd B-row block and j in the
      even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
@@ -23,7 +29,8 @@
    Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC). History (T=8K, H=32, H200, docs/benchmarks.md):
    session 3 had three launches with the in-sub-chunk pairs one by one (2.2 ms); session 4 one tree
    kernel with levels 1 ... 32 (1.25 ms, the levels inside sub-chunks 0.46 ms of it); session 5 moved
-   those to the one-warp diagonal kernel (forward 1.78 vs 1.89 ms in all).
+   those to the one-warp diagonal kernel (forward 1.78 vs 1.89 ms in all); session 6 added the
+   tensor-core path for the sub-chunks that allow it (prep 1.36 vs 1.78 ms with trained-like gates).
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
 
@@ -446,8 +453,10 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     BK = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BK", 32)), next_pow2(K)))
     BV = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BV", 64)), next_pow2(V)))
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
-    # Diagonal kernel: one warp, K blocks of 64 (session 5, H200, T=8K, whole forward: 1.78 ms vs 1.92
-    # at BK 32, 2.1 at BK 16; 2.6 / 3.1 ms with 2 / 4 warps at BK 32).
+    # Sub-chunk kernels, one warp each: the exact one with K blocks of 64 (session 5, H200, T=8K, whole
+    # forward: 1.78 ms vs 1.92 at BK 32, 2.1 at BK 16; 2.6 / 3.1 ms with 2 / 4 warps at BK 32), the
+    # tensor-core one with K blocks of 32 (session 6: prep 1.333 vs 1.358 ms at BK 64, 1.40 / 1.60 with
+    # 2 / 4 warps; one-pass version of the kernel).
     DIAG_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_BK", 64)), next_pow2(K)))
     diag_warps = int(env("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
     FAST_BK = max(16, min(int(env("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32)), next_pow2(K)))

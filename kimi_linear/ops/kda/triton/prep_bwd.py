@@ -1,4 +1,4 @@
-"""Backward of the chunk-local KDA prep (``chunk_fwd.chunk_prep``), three launches.
+"""Backward of the chunk-local KDA prep (``chunk_fwd.chunk_prep``), four launches.
 
 Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk, gC (from the reverse
 recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
@@ -12,10 +12,11 @@ Launches:
 
 1. ``_prep_bwd_wy_kernel`` (grid chunks x HV): L2 norms, dT, e^G X (parked in the dk buffer), the V side
    (dv, v.Y) and dAkk (to a scratch, T's own storage with ``overwrite_t``).
-2. ``_prep_bwd_diag_kernel`` (grid chunks * BT/16 x HV, one warp): the pairs inside each 16-row
-   sub-chunk, column by column with the decays as running products of exp(g) <= 1 (as the forward's
-   diagonal kernel), on CUDA cores; their parts of dq, dk and the gate gradient go to fp32 scratch
-   buffers, their part of dbeta into the pass-1 partial sums.
+2. The pairs inside each 16-row sub-chunk (grid chunks * BT/16 x HV, one warp), split as in the
+   forward: ``_prep_bwd_diag_fast_kernel`` on tensor cores where the sub-chunk's log decays span at most
+   120 nats (factors around each channel's midpoint), ``_prep_bwd_diag_kernel`` for the rest, column
+   by column with the decays as running products of exp(g) <= 1, on CUDA cores. Their parts of dq, dk
+   and the gate gradient go to fp32 scratch buffers, their part of dbeta into the pass-1 partial sums.
 3. ``_chunk_prep_bwd_kernel`` (grid chunks x HV): per K block, the terms without pairwise decays, the
    diagonal kernel's parts, the pairs between sub-chunks by the forward's binary tree (levels 16 ...
    BT/2), the gate activation; then the L2-norm backward, which needs q.dq over the whole row.
@@ -28,9 +29,10 @@ cumsum inside the HB-block: <= 0 sums of one block's gates (rev from the gates s
 
 The tree levels' gate gradients go only to the gates inside their blocks (segmented sums), never as a
 "+x at row i, -x at row j" pair through one cumulative sum over the chunk: that cancels, and the tf32
-residue multiplied by a -1000 gate ruined dA_log. The diagonal kernel does use that +x / -x form, but
-inside 16 rows and in fp32 on CUDA cores (residue ~1e-7 of the pairs' terms), and drops it for gates
-below -64, whose true gradient there is below e^-64 of those terms. Products through T use tf32x3; the
+residue multiplied by a -1000 gate ruined dA_log. The sub-chunk kernels do use that +x / -x form, but
+inside 16 rows and at fp32 precision (CUDA cores, or tf32x3 products on the tensor-core path; residue
+~1e-7 of the pairs' terms), and drop it for gates below -64, whose true gradient there is below e^-64
+of those terms. Products through T use tf32x3; the
 pairwise ones ``PAIR_PREC`` (tf32x3 for fp32 inputs, tf32 for 16-bit ones, as the forward). dq/dk go
 through fp32 per-value-head buffers (summed over the GVA group on the host), dA_log / dt_bias through
 per-(chunk, head) partial sums.
@@ -504,9 +506,10 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags, num_warps=4, num_stages=1,
         )
         # The sub-chunk kernels' dq, dk, dg: tensor cores where the log-decay span allows, then the exact
-        # column-by-column kernel for the rest. One warp each; the exact one with K blocks of 32 (session 5,
-        # H200, T=8K, forward + backward: 12.9 ms vs 13.7 at BK 16 and 16.0 at BK 64; 14.7 / 15.7 ms with
-        # 2 / 4 warps).
+        # column-by-column kernel for the rest. One warp each, K blocks of 32. H200, T=8K: exact kernel
+        # (session 5, forward + backward) 12.9 ms vs 13.7 at BK 16 and 16.0 at BK 64, 14.7 / 15.7 ms with
+        # 2 / 4 warps; tensor-core kernel (session 6, chunk_prep_bwd, init-like gates, one-pass version)
+        # 5.58 ms vs 5.59 at BK 16, 5.80 with 2 warps, 5.93 with 4 warps and BK 64.
         diag = torch.empty(3, B * Tlen * HV * K, device=dev, dtype=f32)
         grid = (NC * (BT // 16), HV)
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
