@@ -47,8 +47,8 @@ import triton.language as tl
 
 from .utils import (
     INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, inverse_step, load_bias,
-    load_gate, load_next_gate, load_qkg, midpoint_factors, next_pow2, sequence_program, subchunk_column,
-    subchunk_program, subchunk_span, tree_factor, tree_pairs,
+    load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program, subchunk_column,
+    subchunk_gate_span, subchunk_program, tree_factor, tree_pairs, wide_flag,
 )
 
 
@@ -115,22 +115,10 @@ def _chunk_diag_fast_kernel(
     T, as ``_chunk_diag_kernel``, with exp(G_i - G_j) = ea_i * eb_j (``midpoint_factors``). A first pass
     over the gates alone finds the span; wider sub-chunks are marked in ``wide`` and left at once to
     that kernel, which is exact for any gate."""
-    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
-    r = tl.arange(0, 16)
-    m_r = r < n_sub
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    span = tl.zeros([], dtype=tl.float32)
-    for kb in range(0, SK, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_r[:, None] & m_k[None, :], a, bias, lower_bound, HV, K,
-                          GATE, HAS_A, HAS_BIAS)
-        span = tl.maximum(span, subchunk_span(bg, r))
+    i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
+    span = subchunk_gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
     ok = span <= span_max  # False for NaN too
-    tl.store(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), (~ok).to(tl.int8))
+    tl.store(wide_flag(wide), (~ok).to(tl.int8))
     if ok:
         rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
@@ -138,12 +126,8 @@ def _chunk_diag_fast_kernel(
         A_kk = tl.zeros([16, 16], dtype=tl.float32)
         d_qk = tl.zeros([16], dtype=tl.float32)
         for kb in range(0, SK, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                   lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
             d_qk += tl.sum(bq * bk, axis=1)
             ea, eb = midpoint_factors(bg, r)
             kb_ = bk * eb
@@ -173,25 +157,16 @@ def _chunk_diag_kernel(
     cancellation, underflow to 0 is exact). [16, BK] tiles on CUDA cores, one warp: the rows j are
     picked out of the tiles by masked sums inside the warp (no shared-memory round trips).
     """
-    if tl.load(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0:
-        i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
-        r = tl.arange(0, 16)
-        m_r = r < n_sub
-        a = 0.0
-        if HAS_A:
-            a = tl.load(A_log + i_hv).to(tl.float32)
+    if tl.load(wide_flag(wide)) != 0:
+        i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
         rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk = tl.zeros([16, 16], dtype=tl.float32)
         A_kk = tl.zeros([16, 16], dtype=tl.float32)
         d_qk = tl.zeros([16], dtype=tl.float32)
         for kb in range(0, SK, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                   lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
             d_qk += tl.sum(bq * bk, axis=1)
             dec = tl.exp(bg)  # per-row decays, <= 1
             # E_i = prod of the decays of rows j+1 .. i (products of factors <= 1: exact, underflow to 0).

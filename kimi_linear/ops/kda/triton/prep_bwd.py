@@ -52,7 +52,8 @@ import triton.language as tl
 
 from .utils import (
     apply_beta, block_cumsum, chunk_program, diag_span_max, dummy, load_bias, load_gate, load_next_gate, load_qkg,
-    midpoint_factors, next_pow2, subchunk_column, subchunk_program, subchunk_span, tree_factor, tree_pairs,
+    load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_gate_span, subchunk_program, tree_factor,
+    tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -241,33 +242,17 @@ def _prep_bwd_diag_fast_kernel(
     ``_prep_bwd_diag_kernel``. A first pass over the gates alone finds the span; wider sub-chunks are
     marked in ``wide`` and left at once to that kernel. tf32x3 products: the gate gradient's + / - sums
     cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``)."""
-    i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
-    r = tl.arange(0, 16)
-    m_r = r < n_sub
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    span = tl.zeros([], dtype=tl.float32)
-    for kb in range(0, K, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_r[:, None] & m_k[None, :], a, bias, lower_bound, HV, K,
-                          GATE, HAS_A, HAS_BIAS)
-        span = tl.maximum(span, subchunk_span(bg, r))
+    i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
+    span = subchunk_gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
     ok = span <= span_max  # False for NaN too
-    tl.store(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), (~ok).to(tl.int8))
+    tl.store(wide_flag(wide), (~ok).to(tl.int8))
     if ok:
         row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
                                                     HV, BT, BETA_SIGMOID, NEG_EIGVAL)
         db = tl.zeros([16], dtype=tl.float32)
         for kb in range(0, K, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                   lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
             ea, eb = midpoint_factors(bg, r)
             d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
             db += d_b
@@ -296,23 +281,14 @@ def _prep_bwd_diag_kernel(
     and the gate terms (q * dq + k * dk_row - k * dk_col) are formed once after it (session 5: 14% fewer
     instructions than summing them per column, same sums).
     """
-    if tl.load(wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) != 0:
-        i_hv, i_h, s, base, rows0, n_sub = subchunk_program(chunk_info, H, HV, BT)
-        r = tl.arange(0, 16)
-        m_r = r < n_sub
-        a = 0.0
-        if HAS_A:
-            a = tl.load(A_log + i_hv).to(tl.float32)
+    if tl.load(wide_flag(wide)) != 0:
+        i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
         row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
                                                     HV, BT, BETA_SIGMOID, NEG_EIGVAL)
         db = tl.zeros([16], dtype=tl.float32)
         for kb in range(0, K, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-            bq, bk, bg = load_qkg(q, k, g, rows0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                   lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
             dec = tl.exp(bg)
             acc_q = tl.zeros([16, BK], dtype=tl.float32)  # dq
             acc_c = tl.zeros([16, BK], dtype=tl.float32)  # column side of dk

@@ -67,16 +67,44 @@ def chunk_program(chunk_info, H, HV):
 
 
 @triton.jit
-def subchunk_program(chunk_info, H, HV, BT: tl.constexpr):
+def subchunk_program(chunk_info, A_log, H, HV, BT: tl.constexpr, HAS_A: tl.constexpr):
     """Program ids of the sub-chunk kernels, grid (chunks * BT / 16, HV): the value head, its q/k head,
     the sub-chunk s of the chunk, the (chunk, head) index of chunk-major buffers, the sub-chunk's first
-    token and its valid rows (<= 0 past a partial last chunk)."""
+    token, its rows r = 0 .. 15 with their validity mask (none past a partial last chunk), and A_log of
+    the head (0 without)."""
     i_x = tl.program_id(0)
     i_hv = tl.program_id(1)
     i_c = i_x // (BT // 16)
     s = i_x % (BT // 16)
     row0, n_rows = chunk_rows(chunk_info, i_c)
-    return i_hv, i_hv // (HV // H), s, i_c.to(tl.int64) * HV + i_hv, row0 + s * 16, n_rows - s * 16
+    r = tl.arange(0, 16)
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    return i_hv, i_hv // (HV // H), s, i_c.to(tl.int64) * HV + i_hv, row0 + s * 16, r, r < n_rows - s * 16, a
+
+
+@triton.jit
+def wide_flag(wide):
+    """This sub-chunk program's entry of the int8 [HV, chunks * BT / 16] buffer in which the tensor-core
+    sub-chunk kernels mark the sub-chunks they leave to the exact ones."""
+    return wide + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+
+
+@triton.jit
+def subchunk_gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.constexpr,
+                       GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The widest channel's log-decay span over the pairs of a 16-row sub-chunk (``subchunk_span``), from
+    the gates alone, over all K blocks."""
+    span = tl.zeros([], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        o_k = kb + tl.arange(0, BK)
+        m_k = o_k < K
+        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_r[:, None] & m_k[None, :], a, bias, lower_bound, HV, K,
+                          GATE, HAS_A, HAS_BIAS)
+        span = tl.maximum(span, subchunk_span(bg, r))
+    return span
 
 
 @triton.jit
@@ -147,6 +175,20 @@ def load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
     bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
     _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
     return bq, bk, bg
+
+
+@triton.jit
+def load_qkg_block(q, k, g, dt_bias, kb, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
+                   BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The K block starting at kb of rows r (valid where m_r): its channels o_k, the row x channel mask,
+    and ``load_qkg``'s q, k (L2-normalised) and activated log decay."""
+    o_k = kb + tl.arange(0, BK)
+    m_k = o_k < K
+    m_rk = m_r[:, None] & m_k[None, :]
+    bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+    return o_k, m_rk, bq, bk, bg
 
 
 @triton.jit
