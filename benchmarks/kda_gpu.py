@@ -279,6 +279,9 @@ def _fwd_variants(prep, ref):
     pre = "KIMI_LINEAR_KDA_"
     for variant in ({"DIAG_SPAN": "-1"}, {"DIAG_FAST_BK": "64"}, {"DIAG_FAST_WARPS": "2"}, {"PREP_BK": "16"}):
         tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
+        # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
+        # in this loop) kills every later launch, and the log then shows which one it was.
+        print(f"  (running {tag})", flush=True)
         os.environ.update({pre + key: val for key, val in variant.items()})
         try:
             got = prep()
@@ -337,6 +340,9 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
         {"PREP_BWD_ABLATE": str(b)} for b in (1, 16)] if variants else []
     for variant in variants:
         tag = "bwd_prep_bwd_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
+        # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
+        # in this loop) kills every later launch, and the log then shows which one it was.
+        print(f"  (running {tag})", flush=True)
         os.environ.update({pre + key: val for key, val in variant.items()})
         try:
             pb()
