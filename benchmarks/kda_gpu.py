@@ -277,7 +277,8 @@ def _fwd_variants(prep, ref):
 
     res = {}
     pre = "KIMI_LINEAR_KDA_"
-    for variant in ({"DIAG_SPAN": "-1"}, {"DIAG_FAST_BK": "64"}, {"DIAG_FAST_WARPS": "2"}, {"PREP_BK": "16"}):
+    for variant in ({"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"CHUNK_FAST": "1", "CHUNK_FAST_WARPS": "8"},
+                    {"DIAG_FAST_BK": "64"}, {"DIAG_FAST_WARPS": "2"}, {"PREP_BK": "16"}):
         tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
         # in this loop) kills every later launch, and the log then shows which one it was.
@@ -287,7 +288,9 @@ def _fwd_variants(prep, ref):
             got = prep()
             res[f"{tag}_ms"] = bench(prep)
             res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-            for name in ("diag_fast", "diag", "tree", "wy"):
+            if "CHUNK_FAST" in variant:
+                res[f"{tag}_chunks_taken"] = float(chunk_fwd.LAUNCHED["chunk_done"].float().mean())
+            for name in ("chunk_fast", "diag_fast", "diag", "tree", "wy"):
                 res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"

@@ -39,7 +39,7 @@ BF16_PTRS = {"q", "k", "v", "g", "beta", "o", "do"}
 # backward keeps it).
 BF16_FWD = {"w", "u", "qg", "kg", "aqk", "aqk_out", "w_out", "u_out", "qg_out", "kg_out"}
 INT_PTRS = {"chunk_info", "seq_chunks", "cu_seqlens", "indices"}
-INT8_PTRS = {"wide"}
+INT8_PTRS = {"wide", "done"}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -53,6 +53,9 @@ def kernels():
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
     prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
+    yield ("fwd chunk fast (opt-in)", chunk_fwd._chunk_fast_kernel,
+           dict(SK=K, BT=BT, BK=prep_bk, LOG2_BT=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32", **gate),
+           _env_int("KIMI_LINEAR_KDA_CHUNK_FAST_WARPS", 4))
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1))

@@ -58,15 +58,23 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-def test_varlen_forward_backward():
+@pytest.mark.parametrize("chunk_fast", [False, True])
+def test_varlen_forward_backward(chunk_fast, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
-    mostly padding), GVA, -1000 gates: forward and every gradient against float64."""
+    mostly padding), GVA, -1000 gates: forward and every gradient against float64 (``chunk_fast``: with
+    the opt-in whole-chunk kernel, which takes the chunks without a -1000 gate)."""
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1" if chunk_fast else "0")
     cu = [0, 5, 70, 150]
     inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="lower_bound", extreme_gate_frac=0.03, seed=9,
                         cu_seqlens=cu, requires_grad=True, dtype=torch.float64)
     o_err, s_err, errs = _fp32_vs_float64(inp64, seed=1)
     assert o_err < TOL and s_err < TOL
     assert max(errs) < TOL, errs
+    if chunk_fast:
+        done = chunk_fwd.LAUNCHED["chunk_done"].float().mean().item()
+        assert 0 < done < 1, done
 
 
 @pytest.mark.parametrize("C,cu", [(16, [0, 1, 16, 50]), (128, [0, 130, 300, 301])])
@@ -147,14 +155,18 @@ def _prep_reference(inp, BT):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-@pytest.mark.parametrize("path", ["default", "exact"])
-@pytest.mark.parametrize("BT,extreme", [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 1.0)])
+PREP_CASES = [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 0.0), (32, 1.0)]
+
+
+@pytest.mark.parametrize("BT,extreme,path", [(bt, e, p) for bt, e in PREP_CASES for p in ("default", "exact")]
+                         + [(bt, e, "chunk_fast") for bt, e in PREP_CASES if bt in (32, 64)])
 def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
     not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``path``:
     the default split of the sub-chunk pairs (tensor cores where the log-decay span is <= 120 nats, the
-    exact column-by-column kernel for the rest), or every sub-chunk down the exact path; the share of
-    wide sub-chunks is checked so each path is really taken."""
+    exact column-by-column kernel for the rest), every sub-chunk down the exact path, or the opt-in
+    whole-chunk kernel first (KIMI_LINEAR_KDA_CHUNK_FAST=1, chunks of 32 and 64 rows); the shares of wide
+    sub-chunks and of whole chunks taken are checked so each path is really taken."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
@@ -162,6 +174,8 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
 
     if path == "exact":
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
+    if path == "chunk_fast":
+        monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)
@@ -183,7 +197,10 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert torch.isfinite(x).all(), name
         assert rel_rms(x, r) < TOL, (name, rel_rms(x, r))
     wide = chunk_fwd.LAUNCHED["diag_wide"].float().mean().item()
-    if path == "exact":
+    if path == "chunk_fast":
+        done = chunk_fwd.LAUNCHED["chunk_done"].float().mean().item()
+        assert (0 < done) if extreme == 0 else (done == 0), done  # +1000 raw gates put every chunk out of range
+    elif path == "exact":
         assert wide == 1
     elif extreme == 0:
         assert wide == 0

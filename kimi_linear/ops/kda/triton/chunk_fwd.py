@@ -46,9 +46,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, inverse_step, load_bias,
+    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, gate_span, inverse_step, load_bias,
     load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program, subchunk_column,
-    subchunk_gate_span, subchunk_program, tree_factor, tree_pairs, wide_flag,
+    subchunk_program, tree_factor, tree_pairs, wide_flag,
 )
 
 
@@ -84,58 +84,107 @@ def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr,
 
 
 @triton.jit
-def _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out,
-                       BT: tl.constexpr, INV_PREC: tl.constexpr):
-    """Write the sub-chunk's diagonal blocks: Aqk with its diagonal d_qk, and T, the
-    inverse of I + Akk on the block, by the 16 x 16 tree T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
-    A_qk, A_kk hold the strictly lower pairs, unscaled."""
+def _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, row_off, base, aqk_out, t_out,
+                  BT: tl.constexpr, LOG2_NR: tl.constexpr, INV_PREC: tl.constexpr):
+    """Write a diagonal block of a chunk (rows row_off + r, 2^LOG2_NR of them: a 16-row sub-chunk or the
+    whole chunk): Aqk with its diagonal d_qk, and T, the inverse of I + Akk on the block, by the tree
+    T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel). A_qk, A_kk hold the strictly lower pairs, unscaled."""
     eye = r[:, None] == r[None, :]
-    off = base * BT * BT + (s * 16 + r)[:, None] * BT + (s * 16 + r)[None, :]
+    off = base * BT * BT + (row_off + r)[:, None] * BT + (row_off + r)[None, :]
     A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
     tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
     A_kk = A_kk * b_beta[:, None]
     Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
-    for lv in tl.static_range(1, 4):
+    for lv in tl.static_range(1, LOG2_NR):
         Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
     tl.store(t_out + off, Tm)
 
 
 @triton.jit
+def _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
+                       SK: tl.constexpr, BK: tl.constexpr, NR: tl.constexpr,
+                       GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """Aqk and Akk (unscaled, strictly lower) and the diagonal q.k of the NR rows r, for tiles whose log-decay
+    span is within DIAG_SPAN_MAX: exp(G_i - G_j) = ea_i * eb_j (``midpoint_factors``), one tensor-core
+    product per K block and matrix."""
+    A_qk = tl.zeros([NR, NR], dtype=tl.float32)
+    A_kk = tl.zeros([NR, NR], dtype=tl.float32)
+    d_qk = tl.zeros([NR], dtype=tl.float32)
+    for kb in range(0, SK, BK):
+        o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                               lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
+        d_qk += tl.sum(bq * bk, axis=1)
+        ea, eb = midpoint_factors(bg, r)
+        kb_ = bk * eb
+        A_qk += tl.dot(bq * ea, tl.trans(kb_), input_precision=PREC)
+        A_kk += tl.dot(bk * ea, tl.trans(kb_), input_precision=PREC)
+    below = r[:, None] > r[None, :]  # (the pairs i < j may overflow to inf: never read)
+    return tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk
+
+
+@triton.jit
+def _chunk_fast_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
+    scale, lower_bound, span_max,
+    H, HV, K, SK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, LOG2_BT: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+):
+    """Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1), grid (chunks, HV), launched first: every pair of a chunk
+    whose log decays span at most ``span_max`` in every channel, as ``_midpoint_products`` over the whole
+    chunk (one product per K block and matrix instead of the sub-chunk kernels and the tree levels), then
+    all of Aqk and T. Marks such chunks in ``done`` ([chunks, HV] int8); the other kernels skip them.
+    (With init-like gates ~79% of 64-row chunks qualify, with the stress gates none; see
+    docs/benchmarks.md, session 6.)"""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    ok = gate_span(g, dt_bias, row0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
+    tl.store(done + base, ok.to(tl.int8))
+    if ok:
+        rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+        A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
+                                              H, HV, K, SK, BK, BT, GATE, HAS_A, HAS_BIAS, PREC)
+        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, 0, base, aqk_out, t_out, BT, LOG2_BT, INV_PREC)
+
+
+@triton.jit
 def _chunk_diag_fast_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide, done,
     scale, lower_bound, span_max,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr, CHUNK_FAST: tl.constexpr = False,
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), for sub-chunks
     whose log-decay span is at most ``span_max`` in every channel: the diagonal 16 x 16 blocks of Aqk and
-    T, as ``_chunk_diag_kernel``, with exp(G_i - G_j) = ea_i * eb_j (``midpoint_factors``). A first pass
-    over the gates alone finds the span; wider sub-chunks are marked in ``wide`` and left at once to
-    that kernel, which is exact for any gate."""
+    T, as ``_chunk_diag_kernel``, by ``_midpoint_products``. A first pass over the gates alone finds the
+    span; wider sub-chunks are marked in ``wide`` and left at once to that kernel, which is exact for any
+    gate. ``CHUNK_FAST``: sub-chunks of chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    span = subchunk_gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-    ok = span <= span_max  # False for NaN too
-    tl.store(wide_flag(wide), (~ok).to(tl.int8))
-    if ok:
-        rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
-                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-        A_qk = tl.zeros([16, 16], dtype=tl.float32)
-        A_kk = tl.zeros([16, 16], dtype=tl.float32)
-        d_qk = tl.zeros([16], dtype=tl.float32)
-        for kb in range(0, SK, BK):
-            o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
-                                                   lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-            d_qk += tl.sum(bq * bk, axis=1)
-            ea, eb = midpoint_factors(bg, r)
-            kb_ = bk * eb
-            A_qk += tl.dot(bq * ea, tl.trans(kb_), input_precision=PREC)
-            A_kk += tl.dot(bk * ea, tl.trans(kb_), input_precision=PREC)
-        below = r[:, None] > r[None, :]  # (the pairs i < j may overflow to inf: never read)
-        _store_diag_blocks(tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk, b_beta, scale, r, s,
-                           base, aqk_out, t_out, BT, INV_PREC)
+    skip = False
+    if CHUNK_FAST:
+        skip = tl.load(done + base) != 0
+    if skip:
+        tl.store(wide_flag(wide), tl.zeros([], dtype=tl.int8))
+    else:
+        span = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
+        ok = span <= span_max  # False for NaN too
+        tl.store(wide_flag(wide), (~ok).to(tl.int8))
+        if ok:
+            rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+                                         L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+            A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                  lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
+            _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, 4, INV_PREC)
 
 
 @triton.jit
@@ -177,7 +226,7 @@ def _chunk_diag_kernel(
                 ke = e * kj[None, :]
                 A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
                 A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
-        _store_diag_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s, base, aqk_out, t_out, BT, INV_PREC)
+        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, 4, INV_PREC)
 
 
 @triton.jit
@@ -191,13 +240,13 @@ def _level_products(bq, bk, f, keep, A_qk, A_kk, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_tree_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
     scale, lower_bound,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr, ABLATE: tl.constexpr = 0,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr, ABLATE: tl.constexpr = 0, CHUNK_FAST: tl.constexpr = False,
 ):
     """The pairs between the 16-row sub-chunks of one chunk, grid (chunks, HV), after
     ``_chunk_diag_kernel`` wrote the diagonal blocks of Aqk and T: completes Aqk and T = (I + Akk)^-1.
@@ -212,39 +261,43 @@ def _chunk_tree_kernel(
     T by the same tree: with T_B the inverse of I + (Akk on the pairs inside B-blocks),
     T_2B = T_B - T_B L_B T_B where L_B is Akk on the pairs of level B (T_B L_B squares to zero), from
     the diagonal kernel's T_16. Every step inverts a real sub-block, so nothing grows as in a Neumann
-    series.
+    series. ``CHUNK_FAST``: chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped.
     """
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    r = tl.arange(0, BT)
-    m_r = r < n_rows
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
-                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    A_qk = tl.zeros([BT, BT], dtype=tl.float32)
-    A_kk = tl.zeros([BT, BT], dtype=tl.float32)
-    for kb in range(0, SK, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
-                             GATE, HAS_A, HAS_BIAS)
-        # ABLATE (profiling only, wrong results): bit 1 drops the dot levels, bit 2 the inverse's steps.
-        for lv in tl.static_range(4, 4 if (ABLATE & 1) else LEVELS):
-            A_qk, A_kk = _level_products(bq, bk, tree_factor(bg, bgn, r, BT, BK, 1 << lv), tree_pairs(r, 1 << lv),
-                                         A_qk, A_kk, PREC)
-    off = base * BT * BT + r[:, None] * BT + r[None, :]
-    diag = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
-    tl.store(aqk_out + off, (A_qk * scale).to(aqk_out.dtype.element_ty), mask=~diag)
-    A_kk = A_kk * b_beta[:, None]
-    Tm = tl.load(t_out + off, mask=diag, other=0.0)
-    for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
-        Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
-    tl.store(t_out + off, Tm, mask=~diag)
+    go = True
+    if CHUNK_FAST:
+        go = tl.load(done + base) == 0
+    if go:
+        r = tl.arange(0, BT)
+        m_r = r < n_rows
+        a = 0.0
+        if HAS_A:
+            a = tl.load(A_log + i_hv).to(tl.float32)
+        rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+        A_qk = tl.zeros([BT, BT], dtype=tl.float32)
+        A_kk = tl.zeros([BT, BT], dtype=tl.float32)
+        for kb in range(0, SK, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+            bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+            bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
+                                 GATE, HAS_A, HAS_BIAS)
+            # ABLATE (profiling only, wrong results): bit 1 drops the dot levels, bit 2 the inverse's steps.
+            for lv in tl.static_range(4, 4 if (ABLATE & 1) else LEVELS):
+                A_qk, A_kk = _level_products(bq, bk, tree_factor(bg, bgn, r, BT, BK, 1 << lv),
+                                             tree_pairs(r, 1 << lv), A_qk, A_kk, PREC)
+        off = base * BT * BT + r[:, None] * BT + r[None, :]
+        diag = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
+        tl.store(aqk_out + off, (A_qk * scale).to(aqk_out.dtype.element_ty), mask=~diag)
+        A_kk = A_kk * b_beta[:, None]
+        Tm = tl.load(t_out + off, mask=diag, other=0.0)
+        for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
+            Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
+        tl.store(t_out + off, Tm, mask=~diag)
 
 
 @triton.jit
@@ -448,17 +501,28 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         # cost 0.8 ms more at T=8K (H200).
         grid = (NC * (BT // 16), HV)
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
+        # Opt-in, untimed: whole chunks on tensor cores where their span allows (_chunk_fast_kernel).
+        chunk_fast = BT in (32, 64) and env("KIMI_LINEAR_KDA_CHUNK_FAST", "0") == "1"
+        done = d
+        if chunk_fast:
+            done = torch.empty(NC, HV, device=dev, dtype=torch.int8)
+            LAUNCHED["chunk_fast"] = _chunk_fast_kernel[(NC, HV)](
+                q, k, g, beta, a_log, bias, chunk_info, aqk, t, done, float(scale), lb, diag_span_max(), H, HV, K,
+                BT=BT, LOG2_BT=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
+                **dict(inputs, num_warps=int(env("KIMI_LINEAR_KDA_CHUNK_FAST_WARPS", 4))))
+            LAUNCHED["chunk_done"] = done
         LAUNCHED["diag_fast"] = _chunk_diag_fast_kernel[grid](
-            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, diag_span_max(), H, HV, K,
-            BT=BT, PREC=prec, INV_PREC=prec, **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
+            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, done, float(scale), lb, diag_span_max(), H, HV, K,
+            BT=BT, PREC=prec, INV_PREC=prec, CHUNK_FAST=chunk_fast,
+            **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
         LAUNCHED["diag_wide"] = wide  # (benchmarks and tests read the share of wide sub-chunks)
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
         if BT > 16:
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
-                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
-                BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
+                q, k, g, beta, a_log, bias, chunk_info, aqk, t, done, float(scale), lb, H, HV, K,
+                BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec, CHUNK_FAST=chunk_fast,
                 ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)), **inputs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,

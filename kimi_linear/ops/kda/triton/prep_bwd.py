@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .utils import (
     apply_beta, block_cumsum, chunk_program, diag_span_max, dummy, load_bias, load_gate, load_next_gate, load_qkg,
-    load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_gate_span, subchunk_program, tree_factor,
+    load_qkg_block, midpoint_factors, next_pow2, subchunk_column, gate_span, subchunk_program, tree_factor,
     tree_pairs, wide_flag,
 )
 
@@ -243,7 +243,7 @@ def _prep_bwd_diag_fast_kernel(
     marked in ``wide`` and left at once to that kernel. tf32x3 products: the gate gradient's + / - sums
     cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``)."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    span = subchunk_gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
+    span = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
     ok = span <= span_max  # False for NaN too
     tl.store(wide_flag(wide), (~ok).to(tl.int8))
     if ok:

@@ -92,10 +92,10 @@ def wide_flag(wide):
 
 
 @triton.jit
-def subchunk_gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.constexpr,
-                       GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The widest channel's log-decay span over the pairs of a 16-row sub-chunk (``subchunk_span``), from
-    the gates alone, over all K blocks."""
+def gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.constexpr,
+              GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The widest channel's log-decay span over the pairs of the rows r (a sub-chunk or a chunk;
+    ``tile_span``), from the gates alone, over all K blocks."""
     span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, K, BK):
         o_k = kb + tl.arange(0, BK)
@@ -103,7 +103,7 @@ def subchunk_gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, B
         bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
         _, bg = load_gate(g, rows0, r, i_hv, o_k, m_r[:, None] & m_k[None, :], a, bias, lower_bound, HV, K,
                           GATE, HAS_A, HAS_BIAS)
-        span = tl.maximum(span, subchunk_span(bg, r))
+        span = tl.maximum(span, tile_span(bg, r))
     return span
 
 
@@ -118,12 +118,12 @@ def subchunk_column(E, dec, bk, r, j: tl.constexpr):
     return E, tl.where(below, E, 0.0), kj
 
 
-# Widest log-decay span (nats, per channel, over the pairs of a 16-row sub-chunk) that the sub-chunk
-# kernels take on tensor cores (``midpoint_factors``): factors exp(+-(G - mid)) stay within e^(+-60),
-# far from fp32's overflow (e^88.7) and, times q or k entries down to ~1e-12, from its smallest normal
-# numbers (e^-87.3), so nothing is lost to overflow or flushing. Wider sub-chunks take the exact
-# column-by-column path. KIMI_LINEAR_KDA_DIAG_SPAN lowers the limit (a negative value sends every
-# sub-chunk down the exact path: tests and benchmarks).
+# Widest log-decay span (nats, per channel, over the pairs of a 16-row sub-chunk, or of a whole chunk
+# with KIMI_LINEAR_KDA_CHUNK_FAST=1) that the kernels take on tensor cores (``midpoint_factors``):
+# factors exp(+-(G - mid)) stay within e^(+-60), far from fp32's overflow (e^88.7) and, times q or k
+# entries down to ~1e-12, from its smallest normal numbers (e^-87.3), so nothing is lost to overflow or
+# flushing. Wider sub-chunks take the exact column-by-column path. KIMI_LINEAR_KDA_DIAG_SPAN lowers the
+# limit (a negative value sends every sub-chunk down the exact path: tests and benchmarks).
 DIAG_SPAN_MAX = 120.0
 
 
@@ -132,26 +132,26 @@ def diag_span_max() -> float:
 
 
 @triton.jit
-def _subchunk_cumgate(bg, r):
-    """Cumulative log decay of a 16-row sub-chunk tile from row 1 (row 0's own gate enters no pair):
-    same-sign sums of at most 15 gates."""
+def _cumgate(bg, r):
+    """Cumulative log decay of a tile of rows r from row 1 (row 0's own gate enters no pair): same-sign
+    sums of the tile's gates."""
     return tl.cumsum(tl.where((r == 0)[:, None], 0.0, bg), axis=0)
 
 
 @triton.jit
-def subchunk_span(bg, r):
-    """The widest channel's log-decay span over the pairs of a 16-row sub-chunk (inf or NaN for infinite
-    or NaN gates: compare it with DIAG_SPAN_MAX, which is False for NaN)."""
-    G = _subchunk_cumgate(bg, r)
+def tile_span(bg, r):
+    """The widest channel's log-decay span over the pairs of a tile of rows r (inf or NaN for infinite or
+    NaN gates: compare it with DIAG_SPAN_MAX, which is False for NaN)."""
+    G = _cumgate(bg, r)
     return tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0)
 
 
 @triton.jit
 def midpoint_factors(bg, r):
-    """Per-row factors of a 16-row sub-chunk tile (rows r, log decays bg) with exp(G_i - G_j) =
-    ea_i * eb_j for every pair: G (``_subchunk_cumgate``) measured from the per-channel midpoint of its
-    range, so ea, eb lie within exp(+-span / 2)."""
-    G = _subchunk_cumgate(bg, r)
+    """Per-row factors of a tile (rows r, log decays bg; a 16-row sub-chunk or a whole chunk) with
+    exp(G_i - G_j) = ea_i * eb_j for every pair: G (``_cumgate``) measured from the per-channel midpoint of
+    its range, so ea, eb lie within exp(+-span / 2)."""
+    G = _cumgate(bg, r)
     mid = 0.5 * (tl.max(G, axis=0) + tl.min(G, axis=0))
     return tl.exp(G - mid[None, :]), tl.exp(mid[None, :] - G)
 
