@@ -208,6 +208,22 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert 0 < wide < 1
 
 
+@pytest.mark.parametrize("log_decay,taken", [(-1.9, 1), (-2.0, 0)])
+def test_chunk_fast_span_limit(log_decay, taken, monkeypatch):
+    """The opt-in whole-chunk kernel at the edge of its range: every log decay -1.9 (a 64-row chunk spans
+    63 * 1.9 = 119.7 nats: taken, factors up to e^59.9) or -2.0 (126 nats: left to the sub-chunk and tree
+    kernels); chunk_kda forward and backward against float64."""
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
+    inp64 = make_inputs(B=1, T=128, H=1, K=20, V=24, gate="pregated", extreme_gate_frac=1.0,
+                        extreme_value=log_decay, seed=3, requires_grad=True, dtype=torch.float64)
+    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=1)
+    assert o_err < TOL and s_err < TOL
+    assert max(errs) < TOL, errs
+    assert chunk_fwd.LAUNCHED["chunk_done"].float().mean().item() == taken
+
+
 def test_backward_keeps_forward_intermediates(monkeypatch):
     """The forward keeps Aqk and T for the backward: gradients equal the full recompute's exactly, and a
     second backward through a retained graph (the kept T must not be reused as scratch) gives them again."""
