@@ -339,7 +339,8 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
     pre = "KIMI_LINEAR_KDA_"
-    variants = [{"PREP_BWD_WARPS": "8"}, {"DIAG_SPAN": "-1"}, {"BWD_DIAG_FAST_BK": "16"}] + [
+    variants = [{"PREP_BWD_WARPS": "8"}, {"DIAG_SPAN": "-1"}, {"BWD_DIAG_FAST_BK": "16"}, {"CHUNK_FAST": "1"},
+                {"CHUNK_FAST": "1", "PREP_BWD_WARPS": "8"}] + [
         {"PREP_BWD_ABLATE": str(b)} for b in (1, 16)] if variants else []
     for variant in variants:
         tag = "bwd_prep_bwd_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
@@ -350,6 +351,8 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
         try:
             pb()
             res[f"{tag}_ms"] = bench(pb)
+            if "CHUNK_FAST" in variant:
+                res[f"{tag}_chunks_taken"] = float(prep_bwd.LAUNCHED["chunk_done"].float().mean())
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
         for key in variant:

@@ -53,18 +53,20 @@ def kernels():
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
     prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
+    cf = dict(CHUNK_FAST=os.environ.get("KIMI_LINEAR_KDA_CHUNK_FAST", "0") == "1")  # the opt-in's variants
     yield ("fwd chunk fast (opt-in)", chunk_fwd._chunk_fast_kernel,
            dict(SK=K, BT=BT, BK=prep_bk, LOG2_BT=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_CHUNK_FAST_WARPS", 4))
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
-           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32", **gate),
+           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32", **gate,
+                **cf),
            _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1))
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
     yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
            dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
-                ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
+                ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate, **cf), prep_warps)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), WY_PREC="tf32", **gate),
            prep_warps)
@@ -76,16 +78,17 @@ def kernels():
     yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
-           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate), 4)
+           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate, **cf), 4)
     no_norm = {k: v for k, v in gate.items() if k != "L2NORM"}
     yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
-           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm, **cf),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1))
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
-           dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate),
+           dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate,
+                **cf),
            _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4))
 
 
