@@ -24,7 +24,8 @@
      even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
      i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B same-sign gates,
      so one masked tensor-core product per level. T follows by the same tree from the diagonal blocks.
-   Underflow to 0 is exact.
+   Underflow to 0 is exact. Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1, untimed): ``_chunk_fast_kernel``
+   first takes whole chunks within the span limit in one piece, and the kernels above skip them.
 
    Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC). History (T=8K, H=32, H200, docs/benchmarks.md):
    session 3 had three launches with the in-sub-chunk pairs one by one (2.2 ms); session 4 one tree

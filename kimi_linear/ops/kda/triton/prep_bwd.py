@@ -21,6 +21,9 @@ Launches:
    diagonal kernel's parts, the pairs between sub-chunks by the forward's binary tree (levels 16 ...
    BT/2), the gate activation; then the L2-norm backward, which needs q.dq over the whole row.
 
+Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1, untimed): pass 1 marks the chunks whose whole log-decay span is
+within ``utils.DIAG_SPAN_MAX``; pass 2 takes all their pairs at once, and the sub-chunk kernels skip them.
+
 Pairwise decays exp(G_i - G_j) are never formed from two long cumulative sums (fp32 digits are lost
 after -1000 gates, and exp(G_i) * exp(-G_j) overflows). At tree level HB the pair (i in an odd HB-block,
 j in the even block before it) is exp(fwd_i) * exp(rev_j), fwd = inclusive and rev = exclusive reverse
