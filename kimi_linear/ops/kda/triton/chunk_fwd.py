@@ -49,7 +49,7 @@ import triton.language as tl
 from .utils import (
     INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, gate_span, inverse_step, load_bias,
     load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program, subchunk_column,
-    subchunk_program, tree_factor, tree_pairs, wide_flag,
+    subchunk_program, subchunk_takes_fast_path, tree_factor, tree_pairs, wide_flag,
 )
 
 
@@ -171,21 +171,13 @@ def _chunk_diag_fast_kernel(
     span; wider sub-chunks are marked in ``wide`` and left at once to that kernel, which is exact for any
     gate. ``CHUNK_FAST``: sub-chunks of chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    skip = False
-    if CHUNK_FAST:
-        skip = tl.load(done + base) != 0
-    if skip:
-        tl.store(wide_flag(wide), tl.zeros([], dtype=tl.int8))
-    else:
-        span = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-        ok = span <= span_max  # False for NaN too
-        tl.store(wide_flag(wide), (~ok).to(tl.int8))
-        if ok:
-            rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
-                                         L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-            A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
-                                                  lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
-            _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, 4, INV_PREC)
+    if subchunk_takes_fast_path(g, dt_bias, wide, done, base, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                BK, GATE, HAS_A, HAS_BIAS, CHUNK_FAST):
+        rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+        A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                              lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
+        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, 4, INV_PREC)
 
 
 @triton.jit
@@ -323,12 +315,8 @@ def _chunk_wy_kernel(
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
     for kb in range(0, SK, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+        o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
+                                               H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
         e_start = tl.exp(tl.cumsum(bg, axis=0))
         e_end = tl.exp(tl.minimum(tl.cumsum(bg, axis=0, reverse=True) - bg, 0.0))
         p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]

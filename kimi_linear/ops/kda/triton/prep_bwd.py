@@ -54,9 +54,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, block_cumsum, chunk_program, diag_span_max, dummy, gate_span, load_bias, load_gate, load_next_gate,
-    load_qkg, load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program, tile_span, tree_factor,
-    tree_pairs, wide_flag,
+    apply_beta, block_cumsum, chunk_program, diag_span_max, dummy, load_bias, load_gate, load_next_gate, load_qkg,
+    load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program, subchunk_takes_fast_path,
+    tile_span, tree_factor, tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -253,27 +253,19 @@ def _prep_bwd_diag_fast_kernel(
     cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``). ``CHUNK_FAST``: skips
     the sub-chunks of chunks pass 1 marked in ``done`` (pass 2 takes their pairs)."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    skip = False
-    if CHUNK_FAST:
-        skip = tl.load(done + base) != 0
-    if skip:
-        tl.store(wide_flag(wide), tl.zeros([], dtype=tl.int8))
-    else:
-        span = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-        ok = span <= span_max  # False for NaN too
-        tl.store(wide_flag(wide), (~ok).to(tl.int8))
-        if ok:
-            row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
-                                                        HV, BT, BETA_SIGMOID, NEG_EIGVAL)
-            db = tl.zeros([16], dtype=tl.float32)
-            for kb in range(0, K, BK):
-                o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
-                                                       lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-                ea, eb = midpoint_factors(bg, r)
-                d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
-                db += d_b
-                _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_row - d_col, K)
-            _add_diag_db(db_part, base, s, r, db, BT)
+    if subchunk_takes_fast_path(g, dt_bias, wide, done, base, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                BK, GATE, HAS_A, HAS_BIAS, CHUNK_FAST):
+        row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
+                                                    HV, BT, BETA_SIGMOID, NEG_EIGVAL)
+        db = tl.zeros([16], dtype=tl.float32)
+        for kb in range(0, K, BK):
+            o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                   lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
+            ea, eb = midpoint_factors(bg, r)
+            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
+            db += d_b
+            _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_row - d_col, K)
+        _add_diag_db(db_part, base, s, r, db, BT)
 
 
 @triton.jit

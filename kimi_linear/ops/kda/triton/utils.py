@@ -132,6 +132,28 @@ def diag_span_max() -> float:
 
 
 @triton.jit
+def subchunk_takes_fast_path(g, dt_bias, wide, done, base, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                             BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             CHUNK_FAST: tl.constexpr):
+    """Whether a 16-row sub-chunk program takes the tensor-core path (span within ``span_max``); marks
+    it in ``wide`` for the exact kernels otherwise. ``CHUNK_FAST``: sub-chunks of chunks marked in
+    ``done`` take neither (False, not wide) and skip the span pass."""
+    if CHUNK_FAST:
+        skip = tl.load(done + base) != 0
+        ok = skip != skip  # False (a tensor: both branches below assign it)
+        if skip:
+            tl.store(wide_flag(wide), tl.zeros([], dtype=tl.int8))
+        else:
+            ok = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) \
+                <= span_max
+            tl.store(wide_flag(wide), (~ok).to(tl.int8))
+    else:
+        ok = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
+        tl.store(wide_flag(wide), (~ok).to(tl.int8))
+    return ok  # False for NaN spans too
+
+
+@triton.jit
 def _cumgate(bg, r):
     """Cumulative log decay of a tile of rows r from row 1 (row 0's own gate enters no pair): same-sign
     sums of the tile's gates."""
