@@ -47,9 +47,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, gate_span, inverse_step, load_bias,
-    load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program, subchunk_column,
-    subchunk_program, subchunk_takes_fast_path, tree_factor, tree_pairs, wide_flag,
+    INTERPRET, apply_beta, block_channels, chunk_program, chunk_rows, diag_span_max, dummy, gate_span, head_a_log,
+    inverse_step, load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program,
+    subchunk_column, subchunk_program, subchunk_takes_fast_path, tree_factor, tree_pairs, wide_flag,
 )
 
 
@@ -142,9 +142,7 @@ def _chunk_fast_kernel(
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
+    a = head_a_log(A_log, i_hv, HAS_A)
     ok = gate_span(g, dt_bias, row0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
     tl.store(done + base, ok.to(tl.int8))
     if ok:
@@ -263,18 +261,13 @@ def _chunk_tree_kernel(
     if go:
         r = tl.arange(0, BT)
         m_r = r < n_rows
-        a = 0.0
-        if HAS_A:
-            a = tl.load(A_log + i_hv).to(tl.float32)
+        a = head_a_log(A_log, i_hv, HAS_A)
         rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk = tl.zeros([BT, BT], dtype=tl.float32)
         A_kk = tl.zeros([BT, BT], dtype=tl.float32)
         for kb in range(0, SK, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+            o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
             bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                    H, HV, K, GATE, HAS_A, HAS_BIAS, r)
             bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
@@ -308,9 +301,7 @@ def _chunk_wy_kernel(
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
+    a = head_a_log(A_log, i_hv, HAS_A)
     rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])

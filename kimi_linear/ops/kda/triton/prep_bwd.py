@@ -54,9 +54,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_beta, block_cumsum, chunk_program, diag_span_max, dummy, load_bias, load_gate, load_next_gate, load_qkg,
-    load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program, subchunk_takes_fast_path,
-    tile_span, tree_factor, tree_pairs, wide_flag,
+    apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy, head_a_log, load_gate,
+    load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
+    subchunk_takes_fast_path, tile_span, tree_factor, tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -112,9 +112,7 @@ def _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT: tl.cons
 def _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A: tl.constexpr, BETA_SIGMOID: tl.constexpr,
                    NEG_EIGVAL: tl.constexpr):
     """A_log of the value head (0 without), and the raw and activated beta of the chunk's rows."""
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
+    a = head_a_log(A_log, i_hv, HAS_A)
     xb = tl.load(beta + row_hv, mask=m_r, other=0.0).to(tl.float32)
     return a, xb, tl.where(m_r, apply_beta(xb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
 
@@ -150,10 +148,7 @@ def _prep_bwd_wy_kernel(
     dT = tl.zeros([BT, BT], dtype=tl.float32)
     span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, K, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+        o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
         xk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
         _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
         if CHUNK_FAST:
@@ -359,10 +354,7 @@ def _chunk_prep_bwd_kernel(
     sdq = tl.zeros([BT], dtype=tl.float32)
     sdk = tl.zeros([BT], dtype=tl.float32)
     for kb in range(0, K, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+        o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
         bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                                H, HV, K, GATE, HAS_A, HAS_BIAS, r)
         bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,

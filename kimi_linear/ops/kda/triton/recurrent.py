@@ -14,7 +14,7 @@ import os
 import triton
 import triton.language as tl
 
-from .utils import apply_beta, apply_gate, dummy, load_bias, next_pow2
+from .utils import apply_beta, apply_gate, dummy, head_a_log, load_bias, next_pow2
 
 
 @triton.jit
@@ -57,9 +57,7 @@ def _recurrent_kda_kernel(
         p_h0 = h0 + slot * s_h0_n + i_hv * s_h0_h + o_k[:, None] * s_h0_k + o_v[None, :] * s_h0_v
         S = tl.load(p_h0, mask=m_kv, other=0.0).to(tl.float32)
 
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
+    a = head_a_log(A_log, i_hv, HAS_A)
     bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
 
     for t in range(bos, eos):

@@ -51,6 +51,24 @@ def load_bias(dt_bias, i_hv, K, o_k, m_k, BK: tl.constexpr, HAS_BIAS: tl.constex
 
 
 @triton.jit
+def head_a_log(A_log, i_hv, HAS_A: tl.constexpr):
+    """A_log of value head i_hv in fp32 (0 without an in-kernel A)."""
+    a = 0.0
+    if HAS_A:
+        a = tl.load(A_log + i_hv).to(tl.float32)
+    return a
+
+
+@triton.jit
+def block_channels(dt_bias, kb, m_r, i_hv, K, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The K block starting at kb: its channels o_k, their mask, the (rows m_r) x channel mask and the
+    block's dt_bias."""
+    o_k = kb + tl.arange(0, BK)
+    m_k = o_k < K
+    return o_k, m_k, m_r[:, None] & m_k[None, :], load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+
+
+@triton.jit
 def chunk_rows(chunk_info, c):
     """(first flattened token, number of valid rows) of chunk c in a ``chunk_layout`` list."""
     return tl.load(chunk_info + 2 * c).to(tl.int64), tl.load(chunk_info + 2 * c + 1)
@@ -78,10 +96,8 @@ def subchunk_program(chunk_info, A_log, H, HV, BT: tl.constexpr, HAS_A: tl.const
     s = i_x % (BT // 16)
     row0, n_rows = chunk_rows(chunk_info, i_c)
     r = tl.arange(0, 16)
-    a = 0.0
-    if HAS_A:
-        a = tl.load(A_log + i_hv).to(tl.float32)
-    return i_hv, i_hv // (HV // H), s, i_c.to(tl.int64) * HV + i_hv, row0 + s * 16, r, r < n_rows - s * 16, a
+    return (i_hv, i_hv // (HV // H), s, i_c.to(tl.int64) * HV + i_hv, row0 + s * 16, r, r < n_rows - s * 16,
+            head_a_log(A_log, i_hv, HAS_A))
 
 
 @triton.jit
@@ -98,11 +114,8 @@ def gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.con
     ``tile_span``), from the gates alone, over all K blocks."""
     span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, K, BK):
-        o_k = kb + tl.arange(0, BK)
-        m_k = o_k < K
-        bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
-        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_r[:, None] & m_k[None, :], a, bias, lower_bound, HV, K,
-                          GATE, HAS_A, HAS_BIAS)
+        o_k, _, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
+        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
         span = tl.maximum(span, tile_span(bg, r))
     return span
 
@@ -204,10 +217,7 @@ def load_qkg_block(q, k, g, dt_bias, kb, row0, r, m_r, i_h, i_hv, rq, rk, a, low
                    BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The K block starting at kb of rows r (valid where m_r): its channels o_k, the row x channel mask,
     and ``load_qkg``'s q, k (L2-normalised) and activated log decay."""
-    o_k = kb + tl.arange(0, BK)
-    m_k = o_k < K
-    m_rk = m_r[:, None] & m_k[None, :]
-    bias = load_bias(dt_bias, i_hv, K, o_k, m_k, BK, HAS_BIAS)
+    o_k, _, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
     bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
                           H, HV, K, GATE, HAS_A, HAS_BIAS, r)
     return o_k, m_rk, bq, bk, bg
