@@ -277,8 +277,10 @@ def _fwd_variants(prep, ref):
 
     res = {}
     pre = "KIMI_LINEAR_KDA_"
-    for variant in ({"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"CHUNK_FAST": "1", "CHUNK_FAST_WARPS": "8"},
-                    {"DIAG_FAST_BK": "64"}, {"DIAG_FAST_WARPS": "2"}, {"PREP_BK": "16"}):
+    # (Session 7 dropped variants measured slower twice: CHUNK_FAST_WARPS 8, DIAG_FAST_BK 64, DIAG_FAST_WARPS 2,
+    # PREP_BK 16; docs/benchmarks.md.)
+    for variant in ({"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"PREP_STAGES": "2"}, {"WY_STAGES": "2"},
+                    {"WY_STAGES": "3"}):
         tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
         # in this loop) kills every later launch, and the log then shows which one it was.
@@ -339,9 +341,8 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
     pre = "KIMI_LINEAR_KDA_"
-    variants = [{"PREP_BWD_WARPS": "8"}, {"DIAG_SPAN": "-1"}, {"BWD_DIAG_FAST_BK": "16"}, {"CHUNK_FAST": "1"},
-                {"CHUNK_FAST": "1", "PREP_BWD_WARPS": "8"}] + [
-        {"PREP_BWD_ABLATE": str(b)} for b in (1, 16)] if variants else []
+    variants = [{"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"PREP_BWD_STAGES": "2"}, {"PREP_BWD_ABLATE": "1"}
+                ] if variants else []
     for variant in variants:
         tag = "bwd_prep_bwd_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access

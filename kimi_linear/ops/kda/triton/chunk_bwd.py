@@ -140,7 +140,10 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
     dev = w.device
     f32 = torch.float32
     BK = max(16, next_pow2(K))
-    BV = max(16, min(32, next_pow2(V)))
+    # V slices of 32 and 8 warps: session 7, H200, T=8K, H=32, forward + backward 10.88 ms vs 11.12 with
+    # 4 warps (init-like gates; 11.42 vs 11.66 stress), 12.26 / 11.67 at slices of 16 / 64
+    # (docs/results/kda_bwd_variants_h200_session7.log).
+    BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_BV", 32)), next_pow2(V)))
     do = do.contiguous()
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
     v_new = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
@@ -150,7 +153,7 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
         w, u, kg, aqk, gc, qg, info, seq, states, dht if dht is not None else dummy(dev), do,
         du, v_new, ds, dh0,
         HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        num_warps=4 if BK <= 128 else 8, num_stages=1,
+        num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)), num_stages=1,
     )
     dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=f32)
     dkg = torch.empty_like(dqg)
