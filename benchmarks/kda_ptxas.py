@@ -33,6 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 K = V = 128
 BT = 64
 INTS = {"H", "HV", "K", "V"}
+# The decode kernel's sequence length (elsewhere ``T`` is the inverse's pointer), and its state strides
+# (a contiguous [P, HV, K, V] pool) as the launcher specialises them: the unit V stride as the constant 1
+# (that is what lets the slice loads vectorize), the others divisible by 16.
+PLAIN_INTS = {"_recurrent_kda_kernel": {"T"}}
+STRIDES = {"s_h0_n", "s_h0_h", "s_h0_k", "s_ht_n", "s_ht_h", "s_ht_k", "s_as_k"}
+UNIT_STRIDES = {"s_h0_v": 1, "s_ht_v": 1, "s_as_v": 1}
 FLOATS = {"scale", "lower_bound", "span_max"}
 BF16_PTRS = {"q", "k", "v", "g", "beta", "o", "do"}
 # The forward's chunk intermediates are stored in the input's 16-bit type (Aqk too, except when the
@@ -47,8 +53,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 def kernels():
-    """(name, jit function, constexprs, num_warps) per launch, mirroring the launchers' defaults."""
-    from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd
+    """(name, jit function, constexprs, num_warps[, num_stages]) per launch, mirroring the launchers'
+    defaults (one pipeline stage where none is given)."""
+    from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, recurrent
 
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
@@ -74,11 +81,13 @@ def kernels():
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=True,
                 STORE_STATES=False, DOT_DTYPE=tl.bfloat16), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=K, BV=32, HAS_DHT=True), 4)
+           dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
+           _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8))
     yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
+    bwd_stages = _env_int("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
-           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate, **cf), 4)
+           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate, **cf), 4, bwd_stages)
     no_norm = {k: v for k, v in gate.items() if k != "L2NORM"}
     yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm, **cf),
@@ -89,7 +98,12 @@ def kernels():
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
            dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate,
                 **cf),
-           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4))
+           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4), bwd_stages)
+    # Decode into a state pool in place, as launched at batch >= 8 (V slices of 32, 2 warps).
+    yield ("decode", recurrent._recurrent_kda_kernel,
+           dict(UNIT_STRIDES, BK=K, BV=_env_int("KIMI_LINEAR_KDA_DECODE_BV", 32), **gate, VARLEN=False, HAS_H0=True,
+                HAS_INDICES=True, STORE_HT=True, STORE_ALL=False, HT_IN_POOL=True),
+           _env_int("KIMI_LINEAR_KDA_DECODE_WARPS", 2))
 
 
 def signature(fn, consts):
@@ -97,7 +111,7 @@ def signature(fn, consts):
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in INTS:
+        elif name in INTS or name in PLAIN_INTS.get(fn.__name__, ()) or name in STRIDES:
             sig[name] = "i32"
         elif name in FLOATS:
             sig[name] = "fp32"
@@ -111,16 +125,16 @@ def signature(fn, consts):
     return sig
 
 
-def ptxas_report(fn, consts, warps, arch: str = "sm_90a") -> str:
+def ptxas_report(fn, consts, warps, stages: int = 1, arch: str = "sm_90a") -> str:
     """Compile for Hopper and return ptxas -v's resource lines for the kernel."""
     consts = dict(consts)
     sig = signature(fn, consts)
     # As the launcher specialises them on the card: pointers and the head / width arguments divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name].startswith("*") or name in INTS}
+             if sig[name].startswith("*") or name in INTS or name in STRIDES}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ptxas = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
@@ -153,11 +167,11 @@ def main():
         key, _, val = item.partition("=")
         os.environ[key] = val
     print(f"triton {triton.__version__}, target sm_90a; K = V = {K}, BT = {BT}, bf16, softplus gate")
-    for name, fn, consts, warps in kernels():
+    for name, fn, consts, warps, *stages in kernels():
         if args.only and not any(w in name for w in args.only):
             continue
         try:
-            report = ptxas_report(fn, consts, warps)
+            report = ptxas_report(fn, consts, warps, *stages)
         except Exception as e:  # noqa: BLE001  (report and go on)
             report = f"failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}"
         print(f"{name:27s} {warps} warp(s): {report}", flush=True)
