@@ -95,10 +95,11 @@ def kernels():
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
-    yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
-           dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate,
-                **cf),
-           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4), bwd_stages)
+    for whole in (False, True) if cf["CHUNK_FAST"] else (False,):  # the opt-in's second launch
+        yield (f"bwd prep pass 2 ({'whole chunks' if whole else 'pairs'})", prep_bwd._chunk_prep_bwd_kernel,
+               dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate,
+                    **cf, WHOLE=whole),
+               _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4), bwd_stages)
     # Decode into a state pool in place, as launched at batch >= 8 (V slices of 32, 2 warps).
     yield ("decode", recurrent._recurrent_kda_kernel,
            dict(UNIT_STRIDES, BK=K, BV=_env_int("KIMI_LINEAR_KDA_DECODE_BV", 32), **gate, VARLEN=False, HAS_H0=True,

@@ -325,13 +325,41 @@ def _chunk_prep_bwd_kernel(
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0, CHUNK_FAST: tl.constexpr = False,
+    WHOLE: tl.constexpr = False,
 ):
     """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, the pairs by tree
-    levels; then the L2-norm backward. ``CHUNK_FAST`` (opt-in): for the chunks pass 1 marked in ``done``
-    every pair in one midpoint-factored ``_pairs`` (tf32x3; the gate gradient as in the sub-chunk kernels)
-    instead of the sub-chunk kernels' parts and the tree levels."""
-    # ABLATE (profiling only, wrong results): bit 1 drops the tree levels (16 ... BT/2), 16 drops pass 3.
+    levels; then the L2-norm backward. ``CHUNK_FAST`` (opt-in) launches this kernel twice: ``WHOLE``
+    False takes the chunks pass 1 left unmarked in ``done``, as above; ``WHOLE`` True the marked ones,
+    every pair in one midpoint-factored ``_pairs`` (tf32x3; the gate gradient as in the sub-chunk
+    kernels) instead of the sub-chunk kernels' parts and the tree levels. (Session 6 compiled both branches
+    into one kernel: 1312 / 1632 B of spills and 9400 SASS instructions against 528 / 616 and 5984, and
+    chunk_prep_bwd 6.44 vs 5.80 ms with 71% of chunks taken; session 7, H200, T=8K.)"""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    go = True
+    if CHUNK_FAST:
+        taken = tl.load(done + base) != 0
+        if WHOLE:
+            go = taken
+        else:
+            go = taken == 0
+    if go:
+        _prep_bwd_chunk(q, k, g, beta, A_log, dt_bias, dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
+                        dq, dk, dg, dbeta, dA_part, dbias_part, dakk, scale, lower_bound, H, HV, K,
+                        i_hv, i_h, row0, n_rows, base, BT, BK, GATE, HAS_A, HAS_BIAS, L2NORM, BETA_SIGMOID,
+                        NEG_EIGVAL, PAIR_PREC, ABLATE, WHOLE)
+
+
+@triton.jit
+def _prep_bwd_chunk(
+    q, k, g, beta, A_log, dt_bias, dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
+    dq, dk, dg, dbeta, dA_part, dbias_part, dakk, scale, lower_bound, H, HV, K,
+    i_hv, i_h, row0, n_rows, base,
+    BT: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PAIR_PREC: tl.constexpr,
+    ABLATE: tl.constexpr, WHOLE: tl.constexpr,
+):
+    """One chunk and value head of ``_chunk_prep_bwd_kernel``."""
+    # ABLATE (profiling only, wrong results): bit 1 drops the tree levels (16 ... BT/2), 16 drops pass 3.
     r = tl.arange(0, BT)
     m_r = r < n_rows
     p_aqk = daqk + base * BT * BT
@@ -344,10 +372,6 @@ def _chunk_prep_bwd_kernel(
     rk = tl.load(norms + base * 2 * BT + BT + r)
     db = tl.load(db_part + base * BT + r)
     dq_diag = tl.load(p_aqk + r * BT + r, mask=m_r, other=0.0) * scale  # Aqk's diagonal, no decay
-
-    whole = False
-    if CHUNK_FAST:
-        whole = tl.load(done + base) != 0
 
     # ---- pass 2: per K block ------------------------------------------------------------------------
     dA = tl.zeros([BK], dtype=tl.float32)
@@ -376,7 +400,7 @@ def _chunk_prep_bwd_kernel(
         d_g = tl.cumsum(d_G, axis=0, reverse=True) + (tl.cumsum(kgd, axis=0) - kgd) + b_dgc[None, :]
 
         p_hk = row_hv[:, None] * K + o_k[None, :]
-        if whole:
+        if WHOLE:
             # Every pair of the chunk at once (its span is within DIAG_SPAN_MAX): exp(G_i - G_j) = ea_i eb_j.
             mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, r[:, None] > r[None, :], BT)
             ea, eb = midpoint_factors(bg, r)
@@ -530,13 +554,16 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
         )
-        LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
-            q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1], diag[2],
-            dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d, dbias_part if dbias_part is not None else d,
-            dakk, done, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK, L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec,
-            ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0)), CHUNK_FAST=chunk_fast,
-            num_warps=warps, num_stages=stages,
-        )
+        # With the opt-in, one launch for the chunks pass 1 left unmarked, one for the marked ones.
+        ablate = int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0))
+        for whole in (False, True) if chunk_fast else (False,):
+            LAUNCHED["pairs_whole" if whole else "pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
+                q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1],
+                diag[2], dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d,
+                dbias_part if dbias_part is not None else d, dakk, done, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK,
+                L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec, ABLATE=ablate, CHUNK_FAST=chunk_fast, WHOLE=whole,
+                num_warps=warps, num_stages=stages,
+            )
     group = HV // H
     if group > 1:
         dq32 = dq32.view(B, Tlen, H, group, K).sum(3)
