@@ -256,6 +256,13 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
     if "kernels" in parts:  # every kernel of chunk_kda's forward, then of forward + backward, by name
         try:
             res["fwd_kernels_us"] = kernel_times(lambda: chunk_kda(*ts, **kw))
+            # The opt-in whole-chunk path's launches too (session 7: +0.22 ms with stress gates, where it
+            # takes 2.5% of the chunks; which launch pays for it?).
+            os.environ["KIMI_LINEAR_KDA_CHUNK_FAST"] = "1"
+            try:
+                res["fwd_kernels_us_chunk_fast"] = kernel_times(lambda: chunk_kda(*ts, **kw))
+            finally:
+                os.environ.pop("KIMI_LINEAR_KDA_CHUNK_FAST")
             ts2, kw2, leaves = inputs(1, T, gate, grad=True, dist=dist)
             do = torch.randn_like(v)
 
