@@ -71,9 +71,11 @@ def kernels():
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
-    yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
-           dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
-                ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate, **cf), prep_warps)
+    fuse = os.environ.get("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1" and not cf["CHUNK_FAST"]  # the launcher's rule
+    yield ("fwd tree + w/u (opt-in)" if fuse else "fwd tree", chunk_fwd._chunk_tree_kernel,
+           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), LEVELS=BT.bit_length() - 1,
+                PREC="tf32", INV_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), FUSE_WY=fuse,
+                **gate, **cf), prep_warps)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), WY_PREC="tf32", **gate),
            prep_warps)
@@ -122,7 +124,8 @@ def signature(fn, consts):
             sig[name] = "*i8"
         else:
             sig[name] = "*bf16" if name in BF16_PTRS or (name in BF16_FWD and "DOT_DTYPE" in consts or
-                                                         name in BF16_FWD and "WY_PREC" in consts) else "*fp32"
+                                                         name in BF16_FWD and "WY_PREC" in consts or
+                                                         name in BF16_FWD and consts.get("FUSE_WY")) else "*fp32"
     return sig
 
 

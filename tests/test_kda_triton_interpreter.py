@@ -58,14 +58,16 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-@pytest.mark.parametrize("chunk_fast", [False, True])
-def test_varlen_forward_backward(chunk_fast, monkeypatch):
+@pytest.mark.parametrize("chunk_fast,fuse_wy", [(False, False), (True, False), (False, True)])
+def test_varlen_forward_backward(chunk_fast, fuse_wy, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
     mostly padding), GVA, -1000 gates: forward and every gradient against float64 (``chunk_fast``: with
-    the opt-in whole-chunk kernel, which takes the chunks without a -1000 gate)."""
+    the opt-in whole-chunk kernel, which takes the chunks without a -1000 gate; ``fuse_wy``: with the
+    opt-in w/u work inside the tree kernel)."""
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1" if chunk_fast else "0")
+    monkeypatch.setenv("KIMI_LINEAR_KDA_FUSE_WY", "1" if fuse_wy else "0")
     cu = [0, 5, 70, 150]
     inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="lower_bound", extreme_gate_frac=0.03, seed=9,
                         cu_seqlens=cu, requires_grad=True, dtype=torch.float64)
@@ -75,6 +77,7 @@ def test_varlen_forward_backward(chunk_fast, monkeypatch):
     if chunk_fast:
         done = chunk_fwd.LAUNCHED["chunk_done"].float().mean().item()
         assert 0 < done < 1, done
+    assert chunk_fwd.LAUNCHED["wy_fused"] == fuse_wy
 
 
 @pytest.mark.parametrize("C,cu", [(16, [0, 1, 16, 50]), (128, [0, 130, 300, 301])])
@@ -159,14 +162,15 @@ PREP_CASES = [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 0.0)
 
 
 @pytest.mark.parametrize("BT,extreme,path", [(bt, e, p) for bt, e in PREP_CASES for p in ("default", "exact")]
-                         + [(bt, e, "chunk_fast") for bt, e in PREP_CASES if bt in (32, 64)])
+                         + [(bt, e, p) for bt, e in PREP_CASES if bt in (32, 64) for p in ("chunk_fast", "fuse_wy")])
 def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
     not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``path``:
     the default split of the sub-chunk pairs (tensor cores where the log-decay span is <= 120 nats, the
-    exact column-by-column kernel for the rest), every sub-chunk down the exact path, or the opt-in
-    whole-chunk kernel first (KIMI_LINEAR_KDA_CHUNK_FAST=1, chunks of 32 and 64 rows); the shares of wide
-    sub-chunks and of whole chunks taken are checked so each path is really taken."""
+    exact column-by-column kernel for the rest), every sub-chunk down the exact path, the opt-in
+    whole-chunk kernel first (KIMI_LINEAR_KDA_CHUNK_FAST=1, chunks of 32 and 64 rows), or the opt-in w/u
+    work inside the tree kernel (KIMI_LINEAR_KDA_FUSE_WY=1); the shares of wide sub-chunks and of whole
+    chunks taken, and which launches ran, are checked so each path is really taken."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
@@ -176,6 +180,8 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
     if path == "chunk_fast":
         monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
+    if path == "fuse_wy":
+        monkeypatch.setenv("KIMI_LINEAR_KDA_FUSE_WY", "1")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)
@@ -197,6 +203,7 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert torch.isfinite(x).all(), name
         assert rel_rms(x, r) < TOL, (name, rel_rms(x, r))
     wide = chunk_fwd.LAUNCHED["diag_wide"].float().mean().item()
+    assert chunk_fwd.LAUNCHED["wy_fused"] == (path == "fuse_wy")
     if path == "chunk_fast":
         done = chunk_fwd.LAUNCHED["chunk_done"].float().mean().item()
         assert (0 < done) if extreme == 0 else (done == 0), done  # +1000 raw gates put every chunk out of range

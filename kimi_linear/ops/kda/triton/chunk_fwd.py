@@ -232,13 +232,15 @@ def _level_products(bq, bk, f, keep, A_qk, A_kk, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_tree_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
+    q, k, v, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
+    w_out, u_out, qg_out, kg_out, gc_out,
     scale, lower_bound,
-    H, HV, K, SK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
+    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     PREC: tl.constexpr, INV_PREC: tl.constexpr, ABLATE: tl.constexpr = 0, CHUNK_FAST: tl.constexpr = False,
+    FUSE_WY: tl.constexpr = False,
 ):
     """The pairs between the 16-row sub-chunks of one chunk, grid (chunks, HV), after
     ``_chunk_diag_kernel`` wrote the diagonal blocks of Aqk and T: completes Aqk and T = (I + Akk)^-1.
@@ -253,7 +255,9 @@ def _chunk_tree_kernel(
     T by the same tree: with T_B the inverse of I + (Akk on the pairs inside B-blocks),
     T_2B = T_B - T_B L_B T_B where L_B is Akk on the pairs of level B (T_B L_B squares to zero), from
     the diagonal kernel's T_16. Every step inverts a real sub-block, so nothing grows as in a Neumann
-    series. ``CHUNK_FAST``: chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped.
+    series. ``CHUNK_FAST``: chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped. ``FUSE_WY``
+    (opt-in, not with ``CHUNK_FAST``): w, u, qg, kg, gC from T in the same program (``_wy_from_t``), which
+    saves the w/u launch's second pass over q and k for the row norms and its load of T.
     """
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     go = True
@@ -285,27 +289,19 @@ def _chunk_tree_kernel(
         for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
             Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
         tl.store(t_out + off, Tm, mask=~diag)
+        if FUSE_WY:
+            _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
+                       w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
+                       SK, SV, BT, BK, BV, GATE, HAS_A, HAS_BIAS, PREC)
 
 
 @triton.jit
-def _chunk_wy_kernel(
-    q, k, v, g, beta, A_log, dt_bias, chunk_info, t_in,
-    w_out, u_out, qg_out, kg_out, gc_out,
-    scale, lower_bound,
-    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
-):
-    """Second half of the split prep: from T, w = T (beta k e^G), u = T (beta v), qg, kg, gC. Decays
-    relative to the chunk start (e^G) and to its end (e^(G_C - G)) are direct sums, so all <= 1."""
-    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    r = tl.arange(0, BT)
-    m_r = r < n_rows
-    a = head_a_log(A_log, i_hv, HAS_A)
-    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
-                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
+def _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
+               w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
+               SK: tl.constexpr, SV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, WY_PREC: tl.constexpr):
+    """From a chunk's T: w = T (beta k e^G), u = T (beta v), qg, kg, gC. Decays relative to the chunk start
+    (e^G) and to its end (e^(G_C - G)) are direct sums, so all <= 1."""
     for kb in range(0, SK, BK):
         o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
                                                H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
@@ -327,6 +323,31 @@ def _chunk_wy_kernel(
         b_u = tl.dot(Tm, bv * b_beta[:, None], input_precision=WY_PREC)
         tl.store(u_out + base * BT * SV + r[:, None] * SV + o_v[None, :], b_u.to(u_out.dtype.element_ty),
                  mask=(r < BT)[:, None] & (o_v < SV)[None, :])
+
+
+@triton.jit
+def _chunk_wy_kernel(
+    q, k, v, g, beta, A_log, dt_bias, chunk_info, t_in,
+    w_out, u_out, qg_out, kg_out, gc_out,
+    scale, lower_bound,
+    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
+):
+    """Second half of the split prep, grid (chunks, HV): ``_wy_from_t`` from the stored T (the tree kernel
+    does it itself with ``KIMI_LINEAR_KDA_FUSE_WY=1``; this launch remains for 16-row chunks, the
+    whole-chunk opt-in and the backward's rebuild from a kept T)."""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    a = head_a_log(A_log, i_hv, HAS_A)
+    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
+    _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
+               w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
+               SK, SV, BT, BK, BV, GATE, HAS_A, HAS_BIAS, WY_PREC)
 
 
 @triton.jit
@@ -500,11 +521,19 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
+        # Opt-in: the w/u work inside the tree kernel (untimed; not with the whole-chunk opt-in, whose
+        # chunks the tree kernel skips).
+        fuse_wy = BT > 16 and not chunk_fast and env("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1"
         if BT > 16:
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
-                q, k, g, beta, a_log, bias, chunk_info, aqk, t, done, float(scale), lb, H, HV, K,
-                BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec, CHUNK_FAST=chunk_fast,
-                ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)), **inputs)
+                q, k, v, g, beta, a_log, bias, chunk_info, aqk, t, done, w, u, qg, kg, gc, float(scale), lb,
+                H, HV, K, V, SV=SV, BV=BV, BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
+                CHUNK_FAST=chunk_fast, FUSE_WY=fuse_wy, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)),
+                **inputs)
+        LAUNCHED["wy_fused"] = fuse_wy  # (tests check which path ran)
+        if fuse_wy:
+            LAUNCHED["wy"] = None
+            return outs
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, **inputs)
