@@ -61,8 +61,11 @@ def kernels():
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
     prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
     cf = dict(CHUNK_FAST=os.environ.get("KIMI_LINEAR_KDA_CHUNK_FAST", "0") == "1")  # the opt-in's variants
-    yield ("fwd chunk fast (opt-in)", chunk_fwd._chunk_fast_kernel,
-           dict(SK=K, BT=BT, BK=prep_bk, LOG2_BT=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32", **gate),
+    fuse = os.environ.get("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1"  # opt-in: w/u inside the tree kernels
+    prep_bv = _env_int("KIMI_LINEAR_KDA_PREP_BV", 64)
+    yield ("fwd chunk fast (opt-in)" + (" + w/u" if fuse else ""), chunk_fwd._chunk_fast_kernel,
+           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, LOG2_BT=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
+                FUSE_WY=fuse, **gate),
            _env_int("KIMI_LINEAR_KDA_CHUNK_FAST_WARPS", 4))
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32", **gate,
@@ -71,13 +74,12 @@ def kernels():
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
-    fuse = os.environ.get("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1" and not cf["CHUNK_FAST"]  # the launcher's rule
     yield ("fwd tree + w/u (opt-in)" if fuse else "fwd tree", chunk_fwd._chunk_tree_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), LEVELS=BT.bit_length() - 1,
+           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, LEVELS=BT.bit_length() - 1,
                 PREC="tf32", INV_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), FUSE_WY=fuse,
                 **gate, **cf), prep_warps)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BV", 64), WY_PREC="tf32", **gate),
+           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", **gate),
            prep_warps)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=True,

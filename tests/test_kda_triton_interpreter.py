@@ -58,7 +58,7 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-@pytest.mark.parametrize("chunk_fast,fuse_wy", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("chunk_fast,fuse_wy", [(False, False), (True, False), (False, True), (True, True)])
 def test_varlen_forward_backward(chunk_fast, fuse_wy, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
     mostly padding), GVA, -1000 gates: forward and every gradient against float64 (``chunk_fast``: with
@@ -162,14 +162,15 @@ PREP_CASES = [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 0.0)
 
 
 @pytest.mark.parametrize("BT,extreme,path", [(bt, e, p) for bt, e in PREP_CASES for p in ("default", "exact")]
-                         + [(bt, e, p) for bt, e in PREP_CASES if bt in (32, 64) for p in ("chunk_fast", "fuse_wy")])
+                         + [(bt, e, p) for bt, e in PREP_CASES if bt in (32, 64)
+                            for p in ("chunk_fast", "fuse_wy", "chunk_fast+fuse_wy")])
 def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
     not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``path``:
     the default split of the sub-chunk pairs (tensor cores where the log-decay span is <= 120 nats, the
     exact column-by-column kernel for the rest), every sub-chunk down the exact path, the opt-in
-    whole-chunk kernel first (KIMI_LINEAR_KDA_CHUNK_FAST=1, chunks of 32 and 64 rows), or the opt-in w/u
-    work inside the tree kernel (KIMI_LINEAR_KDA_FUSE_WY=1); the shares of wide sub-chunks and of whole
+    whole-chunk kernel first (KIMI_LINEAR_KDA_CHUNK_FAST=1, chunks of 32 and 64 rows), the opt-in w/u
+    work inside the tree kernel (KIMI_LINEAR_KDA_FUSE_WY=1), or both; the shares of wide sub-chunks and of whole
     chunks taken, and which launches ran, are checked so each path is really taken."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
@@ -178,9 +179,9 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
 
     if path == "exact":
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
-    if path == "chunk_fast":
+    if "chunk_fast" in path:
         monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
-    if path == "fuse_wy":
+    if "fuse_wy" in path:
         monkeypatch.setenv("KIMI_LINEAR_KDA_FUSE_WY", "1")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
@@ -203,8 +204,8 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert torch.isfinite(x).all(), name
         assert rel_rms(x, r) < TOL, (name, rel_rms(x, r))
     wide = chunk_fwd.LAUNCHED["diag_wide"].float().mean().item()
-    assert chunk_fwd.LAUNCHED["wy_fused"] == (path == "fuse_wy")
-    if path == "chunk_fast":
+    assert chunk_fwd.LAUNCHED["wy_fused"] == ("fuse_wy" in path)
+    if "chunk_fast" in path:
         done = chunk_fwd.LAUNCHED["chunk_done"].float().mean().item()
         assert (0 < done) if extreme == 0 else (done == 0), done  # +1000 raw gates put every chunk out of range
     elif path == "exact":

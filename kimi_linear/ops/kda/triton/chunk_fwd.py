@@ -100,6 +100,7 @@ def _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, row_off, base, aqk_out, t_
     for lv in tl.static_range(1, LOG2_NR):
         Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
     tl.store(t_out + off, Tm)
+    return Tm
 
 
 @triton.jit
@@ -126,20 +127,21 @@ def _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lo
 
 @triton.jit
 def _chunk_fast_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
+    q, k, v, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
+    w_out, u_out, qg_out, kg_out, gc_out,
     scale, lower_bound, span_max,
-    H, HV, K, SK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, LOG2_BT: tl.constexpr,
+    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOG2_BT: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr, FUSE_WY: tl.constexpr = False,
 ):
     """Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1), grid (chunks, HV), launched first: every pair of a chunk
     whose log decays span at most ``span_max`` in every channel, as ``_midpoint_products`` over the whole
     chunk (one product per K block and matrix instead of the sub-chunk kernels and the tree levels), then
     all of Aqk and T. Marks such chunks in ``done`` ([chunks, HV] int8); the other kernels skip them.
     (With init-like gates ~79% of 64-row chunks qualify, with the stress gates none; see
-    docs/benchmarks.md, session 6.)"""
+    docs/benchmarks.md, session 6.) ``FUSE_WY`` (opt-in): w, u, qg, kg, gC of those chunks too."""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
@@ -151,7 +153,11 @@ def _chunk_fast_kernel(
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
                                               H, HV, K, SK, BK, BT, GATE, HAS_A, HAS_BIAS, PREC)
-        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, 0, base, aqk_out, t_out, BT, LOG2_BT, INV_PREC)
+        Tm = _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, 0, base, aqk_out, t_out, BT, LOG2_BT, INV_PREC)
+        if FUSE_WY:
+            _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
+                       w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
+                       SK, SV, BT, BK, BV, GATE, HAS_A, HAS_BIAS, PREC)
 
 
 @triton.jit
@@ -256,8 +262,8 @@ def _chunk_tree_kernel(
     T_2B = T_B - T_B L_B T_B where L_B is Akk on the pairs of level B (T_B L_B squares to zero), from
     the diagonal kernel's T_16. Every step inverts a real sub-block, so nothing grows as in a Neumann
     series. ``CHUNK_FAST``: chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped. ``FUSE_WY``
-    (opt-in, not with ``CHUNK_FAST``): w, u, qg, kg, gC from T in the same program (``_wy_from_t``), which
-    saves the w/u launch's second pass over q and k for the row norms and its load of T.
+    (opt-in): w, u, qg, kg, gC from T in the same program (``_wy_from_t``), which saves the w/u launch's
+    second pass over q and k for the row norms and its load of T.
     """
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     go = True
@@ -336,8 +342,8 @@ def _chunk_wy_kernel(
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
 ):
     """Second half of the split prep, grid (chunks, HV): ``_wy_from_t`` from the stored T (the tree kernel
-    does it itself with ``KIMI_LINEAR_KDA_FUSE_WY=1``; this launch remains for 16-row chunks, the
-    whole-chunk opt-in and the backward's rebuild from a kept T)."""
+    does it itself with ``KIMI_LINEAR_KDA_FUSE_WY=1``; this launch remains for 16-row chunks and the
+    backward's rebuild from a kept T)."""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
@@ -505,12 +511,15 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
         # Opt-in: whole chunks on tensor cores where their span allows (_chunk_fast_kernel).
         chunk_fast = BT in (32, 64) and env("KIMI_LINEAR_KDA_CHUNK_FAST", "0") == "1"
+        # Opt-in, untimed: the w/u work inside the tree kernel (and the whole-chunk kernel), no w/u launch.
+        fuse_wy = BT > 16 and env("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1"
         done = d
         if chunk_fast:
             done = torch.empty(NC, HV, device=dev, dtype=torch.int8)
             LAUNCHED["chunk_fast"] = _chunk_fast_kernel[(NC, HV)](
-                q, k, g, beta, a_log, bias, chunk_info, aqk, t, done, float(scale), lb, diag_span_max(), H, HV, K,
-                BT=BT, LOG2_BT=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
+                q, k, v, g, beta, a_log, bias, chunk_info, aqk, t, done, w, u, qg, kg, gc, float(scale), lb,
+                diag_span_max(), H, HV, K, V, SV=SV, BV=BV, BT=BT, LOG2_BT=BT.bit_length() - 1, PREC=prec,
+                INV_PREC=prec, FUSE_WY=fuse_wy,
                 **dict(inputs, num_warps=int(env("KIMI_LINEAR_KDA_CHUNK_FAST_WARPS", 4))))
             LAUNCHED["chunk_done"] = done
         LAUNCHED["diag_fast"] = _chunk_diag_fast_kernel[grid](
@@ -521,9 +530,6 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
-        # Opt-in: the w/u work inside the tree kernel (untimed; not with the whole-chunk opt-in, whose
-        # chunks the tree kernel skips).
-        fuse_wy = BT > 16 and not chunk_fast and env("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1"
         if BT > 16:
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
                 q, k, v, g, beta, a_log, bias, chunk_info, aqk, t, done, w, u, qg, kg, gc, float(scale), lb,
