@@ -287,7 +287,9 @@ def _fwd_variants(prep, ref):
     # (Session 7 dropped variants measured slower twice: CHUNK_FAST_WARPS 8, DIAG_FAST_BK 64, DIAG_FAST_WARPS 2,
     # PREP_BK 16; docs/benchmarks.md.)
     # (Pipeline stages for the prep kernels, session 7: slower, switches removed.)
-    for variant in ({"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"FUSE_WY": "1"}, {"CHUNK_FAST": "1", "FUSE_WY": "1"}):
+    # FUSE_WY at K blocks of 16 and at 8 warps: ptxas finds no spills there (76 B at the defaults).
+    for variant in ({"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"FUSE_WY": "1"}, {"CHUNK_FAST": "1", "FUSE_WY": "1"},
+                    {"FUSE_WY": "1", "PREP_BK": "16"}, {"FUSE_WY": "1", "PREP_WARPS": "8"}):
         tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
         # in this loop) kills every later launch, and the log then shows which one it was.
