@@ -295,15 +295,18 @@ def _fwd_variants(prep, ref):
         # in this loop) kills every later launch, and the log then shows which one it was.
         print(f"  (running {tag})", flush=True)
         os.environ.update({pre + key: val for key, val in variant.items()})
+        kernels = ("chunk_fast", "diag_fast", "diag", "tree", "wy")
+        for name in kernels:  # so that only this variant's launches are reported below, none of an earlier one's
+            chunk_fwd.LAUNCHED.pop(name, None)
         try:
             got = prep()
             res[f"{tag}_ms"] = bench(prep)
             res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
             if "CHUNK_FAST" in variant:
                 res[f"{tag}_chunks_taken"] = float(chunk_fwd.LAUNCHED["chunk_done"].float().mean())
-            for name in ("chunk_fast", "diag_fast", "diag", "tree", "wy"):
-                if chunk_fwd.LAUNCHED.get(name) is not None:
-                    res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED.get(name))
+            for name in kernels:
+                if chunk_fwd.LAUNCHED.get(name) is not None:  # launched (the fused variants have no w/u launch)
+                    res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED[name])
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
         for key in variant:
