@@ -100,11 +100,15 @@ def _time_case(name, B, T, gate, cu=None, do_bwd=True, dist="stress"):
     with torch.no_grad():
         ours = lambda: chunk_kda(*ts, **kw)  # noqa: E731
         o, s = ours()
+        # Timed twice, the first discarded: fla's first forward of a run measured 1.6-2x its later ones
+        # (session 8), the same for ours is a precaution.
+        bench(ours)
         row["fwd_ours"] = bench(ours)
         if fla is not None:
             theirs = lambda: fla_chunk_kda(*ts, **fla_kw(kw, gate))  # noqa: E731
             o2, s2 = theirs()
             row["agree_o"] = rel(o, o2)
+            bench(theirs)
             row["fwd_fla"] = bench(theirs)
     del ts, leaves
     if do_bwd:
@@ -256,13 +260,6 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
     if "kernels" in parts:  # every kernel of chunk_kda's forward, then of forward + backward, by name
         try:
             res["fwd_kernels_us"] = kernel_times(lambda: chunk_kda(*ts, **kw))
-            # The opt-in whole-chunk path's launches too (session 7: +0.22 ms with stress gates, where it
-            # takes 2.5% of the chunks; which launch pays for it?).
-            os.environ["KIMI_LINEAR_KDA_CHUNK_FAST"] = "1"
-            try:
-                res["fwd_kernels_us_chunk_fast"] = kernel_times(lambda: chunk_kda(*ts, **kw))
-            finally:
-                os.environ.pop("KIMI_LINEAR_KDA_CHUNK_FAST")
             ts2, kw2, leaves = inputs(1, T, gate, grad=True, dist=dist)
             do = torch.randn_like(v)
 
@@ -284,28 +281,24 @@ def _fwd_variants(prep, ref):
 
     res = {}
     pre = "KIMI_LINEAR_KDA_"
-    # (Session 7 dropped variants measured slower twice: CHUNK_FAST_WARPS 8, DIAG_FAST_BK 64, DIAG_FAST_WARPS 2,
-    # PREP_BK 16; docs/benchmarks.md.)
-    # (Pipeline stages for the prep kernels, session 7: slower, switches removed.)
-    # FUSE_WY at K blocks of 16 and at 8 warps: ptxas finds no spills there (76 B at the defaults).
-    for variant in ({"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"FUSE_WY": "1"}, {"CHUNK_FAST": "1", "FUSE_WY": "1"},
-                    {"FUSE_WY": "1", "PREP_BK": "16"}, {"FUSE_WY": "1", "PREP_WARPS": "8"}):
+    # (Dropped after measuring slower: DIAG_FAST_BK 64, DIAG_FAST_WARPS 2, PREP_BK 16 and pipeline stages
+    # in session 7; the whole-chunk kernel and w/u fused into the tree kernel in session 8, with their
+    # switches; docs/benchmarks.md.)
+    for variant in ({"DIAG_SPAN": "-1"},):
         tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
         # in this loop) kills every later launch, and the log then shows which one it was.
         print(f"  (running {tag})", flush=True)
         os.environ.update({pre + key: val for key, val in variant.items()})
-        kernels = ("chunk_fast", "diag_fast", "diag", "tree", "wy")
+        kernels = ("diag_fast", "diag", "tree", "wy")
         for name in kernels:  # so that only this variant's launches are reported below, none of an earlier one's
             chunk_fwd.LAUNCHED.pop(name, None)
         try:
             got = prep()
             res[f"{tag}_ms"] = bench(prep)
             res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-            if "CHUNK_FAST" in variant:
-                res[f"{tag}_chunks_taken"] = float(chunk_fwd.LAUNCHED["chunk_done"].float().mean())
             for name in kernels:
-                if chunk_fwd.LAUNCHED.get(name) is not None:  # launched (the fused variants have no w/u launch)
+                if chunk_fwd.LAUNCHED.get(name) is not None:
                     res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED[name])
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
@@ -330,9 +323,8 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     kept_t = outs[6].clone()
     res["bwd_wy_from_kept_t_ms"] = bench(  # the default: T and Aqk kept by the forward, only w/u rebuilt
         lambda: chunk_prep(q, k, v, g, beta, info, BT=64, t_given=kept_t, **rec))
-    scratch = torch.empty(1, T, H, D, device=q.device, dtype=torch.float32)
     states_fn = lambda: chunk_recur(*outs[:6], info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
-                                    out=scratch, store_final=False, store_states=True, BT=64)
+                                    out=None, store_final=False, store_states=True, BT=64)
     states = states_fn()[2]
     res["bwd_recompute_states_ms"] = bench(states_fn)
     do = torch.randn_like(v)
@@ -354,8 +346,7 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
     pre = "KIMI_LINEAR_KDA_"
-    variants = [{"DIAG_SPAN": "-1"}, {"CHUNK_FAST": "1"}, {"PREP_BWD_STAGES": "2"}, {"PREP_BWD_ABLATE": "1"}
-                ] if variants else []
+    variants = [{"DIAG_SPAN": "-1"}, {"PREP_BWD_STAGES": "1"}, {"PREP_BWD_ABLATE": "1"}] if variants else []
     for variant in variants:
         tag = "bwd_prep_bwd_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
@@ -365,8 +356,6 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
         try:
             pb()
             res[f"{tag}_ms"] = bench(pb)
-            if "CHUNK_FAST" in variant:
-                res[f"{tag}_chunks_taken"] = float(prep_bwd.LAUNCHED["chunk_done"].float().mean())
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
         for key in variant:

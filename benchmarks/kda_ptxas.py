@@ -45,7 +45,7 @@ BF16_PTRS = {"q", "k", "v", "g", "beta", "o", "do"}
 # backward keeps it).
 BF16_FWD = {"w", "u", "qg", "kg", "aqk", "aqk_out", "w_out", "u_out", "qg_out", "kg_out"}
 INT_PTRS = {"chunk_info", "seq_chunks", "cu_seqlens", "indices"}
-INT8_PTRS = {"wide", "done"}
+INT8_PTRS = {"wide"}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -60,30 +60,26 @@ def kernels():
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
     prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
-    cf = dict(CHUNK_FAST=os.environ.get("KIMI_LINEAR_KDA_CHUNK_FAST", "0") == "1")  # the opt-in's variants
-    fuse = os.environ.get("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1"  # opt-in: w/u inside the tree kernels
     prep_bv = _env_int("KIMI_LINEAR_KDA_PREP_BV", 64)
-    yield ("fwd chunk fast (opt-in)" + (" + w/u" if fuse else ""), chunk_fwd._chunk_fast_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, LOG2_BT=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
-                FUSE_WY=fuse, **gate),
-           _env_int("KIMI_LINEAR_KDA_CHUNK_FAST_WARPS", 4))
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
-           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32", **gate,
-                **cf),
+           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1))
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
-    yield ("fwd tree + w/u (opt-in)" if fuse else "fwd tree", chunk_fwd._chunk_tree_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, LEVELS=BT.bit_length() - 1,
-                PREC="tf32", INV_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), FUSE_WY=fuse,
-                **gate, **cf), prep_warps)
+    yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
+           dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1,
+                PREC="tf32", INV_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", **gate),
            prep_warps)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=True,
-                STORE_STATES=False, DOT_DTYPE=tl.bfloat16), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
+                STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
+    # The backward's rebuild of the chunk states: float32 intermediates (tf32 products), no output.
+    yield ("bwd state rebuild", chunk_fwd._chunk_recur_kernel,
+           dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=False,
+                STORE_STATES=True, DOT_DTYPE=tl.float32, STORE_O=False), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8))
@@ -91,19 +87,17 @@ def kernels():
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     bwd_stages = _env_int("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
-           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate, **cf), 4, bwd_stages)
+           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate), 4, bwd_stages)
     no_norm = {k: v for k, v in gate.items() if k != "L2NORM"}
     yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
-           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm, **cf),
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1))
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
-    for whole in (False, True) if cf["CHUNK_FAST"] else (False,):  # the opt-in's second launch
-        yield (f"bwd prep pass 2 ({'whole chunks' if whole else 'pairs'})", prep_bwd._chunk_prep_bwd_kernel,
-               dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate,
-                    **cf, WHOLE=whole),
-               _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4), bwd_stages)
+    yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
+           dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate),
+           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4), bwd_stages)
     # Decode into a state pool in place, as launched at batch >= 8 (V slices of 32, 2 warps).
     yield ("decode", recurrent._recurrent_kda_kernel,
            dict(UNIT_STRIDES, BK=K, BV=_env_int("KIMI_LINEAR_KDA_DECODE_BV", 32), **gate, VARLEN=False, HAS_H0=True,
@@ -125,9 +119,8 @@ def signature(fn, consts):
         elif name in INT8_PTRS:
             sig[name] = "*i8"
         else:
-            sig[name] = "*bf16" if name in BF16_PTRS or (name in BF16_FWD and "DOT_DTYPE" in consts or
-                                                         name in BF16_FWD and "WY_PREC" in consts or
-                                                         name in BF16_FWD and consts.get("FUSE_WY")) else "*fp32"
+            sig[name] = "*bf16" if name in BF16_PTRS or (name in BF16_FWD and consts.get("DOT_DTYPE", tl.float32) != tl.float32 or
+                                                         name in BF16_FWD and "WY_PREC" in consts) else "*fp32"
     return sig
 
 

@@ -150,22 +150,3 @@ def test_subchunk_paths(case, path, monkeypatch):
     _run(**kw)
     wide = prep_bwd.LAUNCHED["diag_wide"].float().mean().item()
     assert (0 < wide < 1) if share == "some" else wide == share, wide
-
-
-@pytest.mark.parametrize("case,taken", [
-    (dict(T=73, H=1, HV=2, BT=64, gate="softplus", seed=1), "some"),  # a full and a partial 64-row chunk
-    (dict(T=73, H=1, BT=64, gate="pregated", extreme=0.03, seed=1), 0),  # -1000 gates in every chunk
-    (dict(T=41, H=2, K=40, V=20, BT=32, gate="lower_bound", seed=2), "some"),  # 32-row chunks, two K blocks
-    # -1.9 per token: a 64-row chunk spans 63 * 1.9 = 119.7 nats (factors up to e^59.9), the edge
-    (dict(T=128, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-1.9, seed=3), 1),
-])
-def test_chunk_fast(case, taken, monkeypatch):
-    """The opt-in whole-chunk path (KIMI_LINEAR_KDA_CHUNK_FAST=1): pass 1 marks the chunks whose span is
-    within the limit, pass 2 takes all their pairs at once, the sub-chunk kernels skip them; against
-    float64, with the share of chunks taken checked."""
-    from kimi_linear.ops.kda.triton import prep_bwd
-
-    monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
-    _run(**case)
-    done = prep_bwd.LAUNCHED["chunk_done"].float().mean().item()
-    assert (done > 0) if taken == "some" else done == taken, done

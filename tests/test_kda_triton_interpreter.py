@@ -58,26 +58,15 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-@pytest.mark.parametrize("chunk_fast,fuse_wy", [(False, False), (True, False), (False, True), (True, True)])
-def test_varlen_forward_backward(chunk_fast, fuse_wy, monkeypatch):
+def test_varlen_forward_backward():
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
-    mostly padding), GVA, -1000 gates: forward and every gradient against float64 (``chunk_fast``: with
-    the opt-in whole-chunk kernel, which takes the chunks without a -1000 gate; ``fuse_wy``: with the
-    opt-in w/u work inside the tree kernel)."""
-    from kimi_linear.ops.kda.triton import chunk_fwd
-
-    monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1" if chunk_fast else "0")
-    monkeypatch.setenv("KIMI_LINEAR_KDA_FUSE_WY", "1" if fuse_wy else "0")
+    mostly padding), GVA, -1000 gates: forward and every gradient against float64."""
     cu = [0, 5, 70, 150]
     inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="lower_bound", extreme_gate_frac=0.03, seed=9,
                         cu_seqlens=cu, requires_grad=True, dtype=torch.float64)
     o_err, s_err, errs = _fp32_vs_float64(inp64, seed=1)
     assert o_err < TOL and s_err < TOL
     assert max(errs) < TOL, errs
-    if chunk_fast:
-        done = chunk_fwd.LAUNCHED["chunk_done"].float().mean().item()
-        assert 0 < done < 1, done
-    assert chunk_fwd.LAUNCHED["wy_fused"] == fuse_wy
 
 
 @pytest.mark.parametrize("C,cu", [(16, [0, 1, 16, 50]), (128, [0, 130, 300, 301])])
@@ -161,17 +150,13 @@ def _prep_reference(inp, BT):
 PREP_CASES = [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 0.0), (32, 1.0)]
 
 
-@pytest.mark.parametrize("BT,extreme,path", [(bt, e, p) for bt, e in PREP_CASES for p in ("default", "exact")]
-                         + [(bt, e, p) for bt, e in PREP_CASES if bt in (32, 64)
-                            for p in ("chunk_fast", "fuse_wy", "chunk_fast+fuse_wy")])
+@pytest.mark.parametrize("BT,extreme,path", [(bt, e, p) for bt, e in PREP_CASES for p in ("default", "exact")])
 def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
     not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``path``:
     the default split of the sub-chunk pairs (tensor cores where the log-decay span is <= 120 nats, the
-    exact column-by-column kernel for the rest), every sub-chunk down the exact path, the opt-in
-    whole-chunk kernel first (KIMI_LINEAR_KDA_CHUNK_FAST=1, chunks of 32 and 64 rows), the opt-in w/u
-    work inside the tree kernel (KIMI_LINEAR_KDA_FUSE_WY=1), or both; the shares of wide sub-chunks and of whole
-    chunks taken, and which launches ran, are checked so each path is really taken."""
+    exact column-by-column kernel for the rest), or every sub-chunk down the exact path; the share of wide
+    sub-chunks is checked so each path is really taken."""
     from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
@@ -179,10 +164,6 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
 
     if path == "exact":
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
-    if "chunk_fast" in path:
-        monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
-    if "fuse_wy" in path:
-        monkeypatch.setenv("KIMI_LINEAR_KDA_FUSE_WY", "1")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)
@@ -204,32 +185,12 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert torch.isfinite(x).all(), name
         assert rel_rms(x, r) < TOL, (name, rel_rms(x, r))
     wide = chunk_fwd.LAUNCHED["diag_wide"].float().mean().item()
-    assert chunk_fwd.LAUNCHED["wy_fused"] == ("fuse_wy" in path)
-    if "chunk_fast" in path:
-        done = chunk_fwd.LAUNCHED["chunk_done"].float().mean().item()
-        assert (0 < done) if extreme == 0 else (done == 0), done  # +1000 raw gates put every chunk out of range
-    elif path == "exact":
+    if path == "exact":
         assert wide == 1
     elif extreme == 0:
         assert wide == 0
     elif extreme < 1:
         assert 0 < wide < 1
-
-
-@pytest.mark.parametrize("log_decay,taken", [(-1.9, 1), (-2.0, 0)])
-def test_chunk_fast_span_limit(log_decay, taken, monkeypatch):
-    """The opt-in whole-chunk kernel at the edge of its range: every log decay -1.9 (a 64-row chunk spans
-    63 * 1.9 = 119.7 nats: taken, factors up to e^59.9) or -2.0 (126 nats: left to the sub-chunk and tree
-    kernels); chunk_kda forward and backward against float64."""
-    from kimi_linear.ops.kda.triton import chunk_fwd
-
-    monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
-    inp64 = make_inputs(B=1, T=128, H=1, K=20, V=24, gate="pregated", extreme_gate_frac=1.0,
-                        extreme_value=log_decay, seed=3, requires_grad=True, dtype=torch.float64)
-    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=1)
-    assert o_err < TOL and s_err < TOL
-    assert max(errs) < TOL, errs
-    assert chunk_fwd.LAUNCHED["chunk_done"].float().mean().item() == taken
 
 
 def test_backward_keeps_forward_intermediates(monkeypatch):

@@ -94,17 +94,13 @@ def test_chunk_grid(T, K, V, gate):
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 @pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
-                                     "chunk32", "chunk_fast", "fuse_wy", "chunk_fast+fuse_wy"])
+                                     "chunk32"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
         kw["extreme_gate_frac"] = 0.05
     if variant == "extreme_exact":  # every sub-chunk through the exact column-by-column kernels
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
-    if "chunk_fast" in variant:  # the opt-in whole-chunk kernel first
-        monkeypatch.setenv("KIMI_LINEAR_KDA_CHUNK_FAST", "1")
-    if "fuse_wy" in variant:  # the opt-in w/u work inside the tree (and whole-chunk) kernel
-        monkeypatch.setenv("KIMI_LINEAR_KDA_FUSE_WY", "1")
     if variant == "no_l2norm":
         kw["l2norm_in_kernel"] = False
     if variant == "scale":

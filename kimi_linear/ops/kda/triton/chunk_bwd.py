@@ -273,8 +273,10 @@ def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg,
 
 def recompute_dtype(q):
     """Storage type of the backward's rebuilt intermediates: float32, or the forward's own 16-bit type
-    with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1`` (opt-in: 1.3 ms faster at T=8K, H=32 on an H200, but
-    dA_log with -1000 gates reached 1.9e-2 against float64, over the 1e-2 bound; docs/benchmarks.md)."""
+    with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1`` (opt-in: forward + backward 9.63 vs 10.57 ms at T=8K,
+    H=32 on an H200, but dA_log with -1000 gates reaches 1.8e-2 against float64, over the 1e-2 bound. The
+    16-bit rounding of the stored w, u, qg, kg is the cause, not the state rebuild's 16-bit products:
+    tf32 products on 16-bit storage gave the same 1.8e-2; session 8, docs/benchmarks.md)."""
     if os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT") == "1":
         return storage_dtype(q)
     return torch.float32
@@ -283,8 +285,6 @@ def recompute_dtype(q):
 def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq, kept=None):
     """``kept``: (Aqk fp32, T) kept by the forward, or None to recompute them (the same numbers)."""
     shapes, BT = cfg.shapes, cfg.BT
-    B, T, HV, V = shapes.B, shapes.T, shapes.HV, shapes.V
-    dev = q.device
     use_kernel = BT in (16, 32, 64, 128) and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD") != "autograd"
     # w, u, qg, kg and the chunk states are rebuilt in float32 (16-bit intermediates need the padded layout,
     # as in the forward: the unpadded one was wrong on triton 3.6 for K=60).
@@ -299,10 +299,8 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     if kept is not None:
         aqk = kept[0]
     tinv = outs[6] if use_kernel else None
-    scratch = torch.empty(B, T, HV, V, device=dev, dtype=torch.float32)
-    _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=scratch,
+    _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=None,
                                store_final=False, store_states=True, BT=BT)
-    del scratch
     du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(
         w, u, qg, kg, aqk, gc, info, seq, states, None if dht is None else dht.contiguous(), do,
         shapes=shapes, BT=BT,

@@ -24,9 +24,9 @@
      even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
      i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B same-sign gates,
      so one masked tensor-core product per level. T follows by the same tree from the diagonal blocks.
-   Underflow to 0 is exact. Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1): ``_chunk_fast_kernel`` first takes
-   whole chunks within the span limit in one piece, and the kernels above skip them (session 7, T=8K:
-   prep 1.33 vs 1.42 ms with trained-like gates, 71% of chunks taken; 1.84 vs 1.63 with stress gates).
+   Underflow to 0 is exact. (Sessions 6-8 tried a kernel taking whole chunks within the span limit in
+   one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs 1.63 with stress gates, and forward
+   + backward slower with both; removed.)
 
    Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC). History (T=8K, H=32, H200, docs/benchmarks.md):
    session 3 had three launches with the in-sub-chunk pairs one by one (2.2 ms); session 4 one tree
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_channels, chunk_program, chunk_rows, diag_span_max, dummy, gate_span, head_a_log,
+    INTERPRET, apply_beta, block_channels, chunk_program, chunk_rows, diag_span_max, dummy, head_a_log,
     inverse_step, load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program,
     subchunk_column, subchunk_program, subchunk_takes_fast_path, tree_factor, tree_pairs, wide_flag,
 )
@@ -87,20 +87,19 @@ def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr,
 
 @triton.jit
 def _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, row_off, base, aqk_out, t_out,
-                  BT: tl.constexpr, LOG2_NR: tl.constexpr, INV_PREC: tl.constexpr):
-    """Write a diagonal block of a chunk (rows row_off + r, 2^LOG2_NR of them: a 16-row sub-chunk or the
-    whole chunk): Aqk with its diagonal d_qk, and T, the inverse of I + Akk on the block, by the tree
-    T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel). A_qk, A_kk hold the strictly lower pairs, unscaled."""
+                  BT: tl.constexpr, INV_PREC: tl.constexpr):
+    """Write the diagonal 16 x 16 block of a sub-chunk (rows row_off + r): Aqk with its diagonal d_qk, and
+    T, the inverse of I + Akk on the block, by the tree T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
+    A_qk, A_kk hold the strictly lower pairs, unscaled."""
     eye = r[:, None] == r[None, :]
     off = base * BT * BT + (row_off + r)[:, None] * BT + (row_off + r)[None, :]
     A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
     tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
     A_kk = A_kk * b_beta[:, None]
     Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
-    for lv in tl.static_range(1, LOG2_NR):
+    for lv in tl.static_range(1, 4):
         Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
     tl.store(t_out + off, Tm)
-    return Tm
 
 
 @triton.jit
@@ -126,63 +125,28 @@ def _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lo
 
 
 @triton.jit
-def _chunk_fast_kernel(
-    q, k, v, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
-    w_out, u_out, qg_out, kg_out, gc_out,
-    scale, lower_bound, span_max,
-    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOG2_BT: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr, FUSE_WY: tl.constexpr = False,
-):
-    """Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1), grid (chunks, HV), launched first: every pair of a chunk
-    whose log decays span at most ``span_max`` in every channel, as ``_midpoint_products`` over the whole
-    chunk (one product per K block and matrix instead of the sub-chunk kernels and the tree levels), then
-    all of Aqk and T. Marks such chunks in ``done`` ([chunks, HV] int8); the other kernels skip them.
-    (With init-like gates ~79% of 64-row chunks qualify, with the stress gates none; see
-    docs/benchmarks.md, session 6.) ``FUSE_WY`` (opt-in): w, u, qg, kg, gC of those chunks too."""
-    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    r = tl.arange(0, BT)
-    m_r = r < n_rows
-    a = head_a_log(A_log, i_hv, HAS_A)
-    ok = gate_span(g, dt_bias, row0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
-    tl.store(done + base, ok.to(tl.int8))
-    if ok:
-        rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
-                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-        A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
-                                              H, HV, K, SK, BK, BT, GATE, HAS_A, HAS_BIAS, PREC)
-        Tm = _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, 0, base, aqk_out, t_out, BT, LOG2_BT, INV_PREC)
-        if FUSE_WY:
-            _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
-                       w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
-                       SK, SV, BT, BK, BV, GATE, HAS_A, HAS_BIAS, PREC)
-
-
-@triton.jit
 def _chunk_diag_fast_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide, done,
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
     scale, lower_bound, span_max,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr, CHUNK_FAST: tl.constexpr = False,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), for sub-chunks
     whose log-decay span is at most ``span_max`` in every channel: the diagonal 16 x 16 blocks of Aqk and
     T, as ``_chunk_diag_kernel``, by ``_midpoint_products``. A first pass over the gates alone finds the
     span; wider sub-chunks are marked in ``wide`` and left at once to that kernel, which is exact for any
-    gate. ``CHUNK_FAST``: sub-chunks of chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped."""
+    gate."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    if subchunk_takes_fast_path(g, dt_bias, wide, done, base, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                BK, GATE, HAS_A, HAS_BIAS, CHUNK_FAST):
+    if subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                BK, GATE, HAS_A, HAS_BIAS):
         rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                               lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
-        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, 4, INV_PREC)
+        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
 
 
 @triton.jit
@@ -224,7 +188,7 @@ def _chunk_diag_kernel(
                 ke = e * kj[None, :]
                 A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
                 A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
-        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, 4, INV_PREC)
+        _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
 
 
 @triton.jit
@@ -238,15 +202,13 @@ def _level_products(bq, bk, f, keep, A_qk, A_kk, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_tree_kernel(
-    q, k, v, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, done,
-    w_out, u_out, qg_out, kg_out, gc_out,
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
     scale, lower_bound,
-    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEVELS: tl.constexpr,
+    H, HV, K, SK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr, ABLATE: tl.constexpr = 0, CHUNK_FAST: tl.constexpr = False,
-    FUSE_WY: tl.constexpr = False,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
     """The pairs between the 16-row sub-chunks of one chunk, grid (chunks, HV), after
     ``_chunk_diag_kernel`` wrote the diagonal blocks of Aqk and T: completes Aqk and T = (I + Akk)^-1.
@@ -261,44 +223,34 @@ def _chunk_tree_kernel(
     T by the same tree: with T_B the inverse of I + (Akk on the pairs inside B-blocks),
     T_2B = T_B - T_B L_B T_B where L_B is Akk on the pairs of level B (T_B L_B squares to zero), from
     the diagonal kernel's T_16. Every step inverts a real sub-block, so nothing grows as in a Neumann
-    series. ``CHUNK_FAST``: chunks ``_chunk_fast_kernel`` marked in ``done`` are skipped. ``FUSE_WY``
-    (opt-in): w, u, qg, kg, gC from T in the same program (``_wy_from_t``), which saves the w/u launch's
-    second pass over q and k for the row norms and its load of T.
+    series.
     """
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    go = True
-    if CHUNK_FAST:
-        go = tl.load(done + base) == 0
-    if go:
-        r = tl.arange(0, BT)
-        m_r = r < n_rows
-        a = head_a_log(A_log, i_hv, HAS_A)
-        rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
-                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-        A_qk = tl.zeros([BT, BT], dtype=tl.float32)
-        A_kk = tl.zeros([BT, BT], dtype=tl.float32)
-        for kb in range(0, SK, BK):
-            o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
-            bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                                   H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-            bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
-                                 GATE, HAS_A, HAS_BIAS)
-            # ABLATE (profiling only, wrong results): bit 1 drops the dot levels, bit 2 the inverse's steps.
-            for lv in tl.static_range(4, 4 if (ABLATE & 1) else LEVELS):
-                A_qk, A_kk = _level_products(bq, bk, tree_factor(bg, bgn, r, BT, BK, 1 << lv),
-                                             tree_pairs(r, 1 << lv), A_qk, A_kk, PREC)
-        off = base * BT * BT + r[:, None] * BT + r[None, :]
-        diag = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
-        tl.store(aqk_out + off, (A_qk * scale).to(aqk_out.dtype.element_ty), mask=~diag)
-        A_kk = A_kk * b_beta[:, None]
-        Tm = tl.load(t_out + off, mask=diag, other=0.0)
-        for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
-            Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
-        tl.store(t_out + off, Tm, mask=~diag)
-        if FUSE_WY:
-            _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
-                       w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
-                       SK, SV, BT, BK, BV, GATE, HAS_A, HAS_BIAS, PREC)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    a = head_a_log(A_log, i_hv, HAS_A)
+    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    A_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    A_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in range(0, SK, BK):
+        o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
+        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+        bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
+                             GATE, HAS_A, HAS_BIAS)
+        # ABLATE (profiling only, wrong results): bit 1 drops the dot levels, bit 2 the inverse's steps.
+        for lv in tl.static_range(4, 4 if (ABLATE & 1) else LEVELS):
+            A_qk, A_kk = _level_products(bq, bk, tree_factor(bg, bgn, r, BT, BK, 1 << lv),
+                                         tree_pairs(r, 1 << lv), A_qk, A_kk, PREC)
+    off = base * BT * BT + r[:, None] * BT + r[None, :]
+    diag = (r[:, None] // 16) == (r[None, :] // 16)  # the diagonal kernel's blocks, already stored
+    tl.store(aqk_out + off, (A_qk * scale).to(aqk_out.dtype.element_ty), mask=~diag)
+    A_kk = A_kk * b_beta[:, None]
+    Tm = tl.load(t_out + off, mask=diag, other=0.0)
+    for lv in tl.static_range(4, 4 if (ABLATE & 2) else LEVELS):
+        Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
+    tl.store(t_out + off, Tm, mask=~diag)
 
 
 @triton.jit
@@ -341,9 +293,9 @@ def _chunk_wy_kernel(
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
 ):
-    """Second half of the split prep, grid (chunks, HV): ``_wy_from_t`` from the stored T (the tree kernel
-    does it itself with ``KIMI_LINEAR_KDA_FUSE_WY=1``; this launch remains for 16-row chunks and the
-    backward's rebuild from a kept T)."""
+    """Second half of the split prep, grid (chunks, HV): ``_wy_from_t`` from the stored T. (Session 7
+    fused this into the tree kernel, which saved the second pass over q and k for the row norms and the
+    load of T, but the tree kernel's extra registers cost more: prep 1.54 vs 1.42 ms at T=8K, H200.)"""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
@@ -362,6 +314,7 @@ def _chunk_recur_kernel(
     HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    STORE_O: tl.constexpr = True,
 ):
     i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
@@ -384,18 +337,21 @@ def _chunk_recur_kernel(
             tl.store(states + (base * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
         p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
         b_w = tl.load(w + p_k, mask=m_ks[None, :], other=0.0)
-        b_qg = tl.load(qg + p_k, mask=m_ks[None, :], other=0.0)
+        if STORE_O:  # (the backward's state rebuild needs no output; loads kept in this order, as measured)
+            b_qg = tl.load(qg + p_k, mask=m_ks[None, :], other=0.0)
         b_kgt = tl.load(kg + base * BT * SK + o_k[:, None] * BT + r[None, :], mask=m_ks[:, None], other=0.0)
         b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_vs[None, :], other=0.0).to(tl.float32)
-        b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :])
+        if STORE_O:
+            b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :])
         b_gc = tl.load(gc + base * SK + o_k, mask=m_ks, other=0.0)
         Sd = S.to(DOT_DTYPE)
         v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
         vd = v_new.to(DOT_DTYPE)
-        b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
-        row0, n_rows = chunk_rows(chunk_info, c)
-        tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-                 mask=(r < n_rows)[:, None] & m_v[None, :])
+        if STORE_O:
+            b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
+            row0, n_rows = chunk_rows(chunk_info, c)
+            tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+                     mask=(r < n_rows)[:, None] & m_v[None, :])
         S = S * tl.exp(b_gc)[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
     if STORE_HT:
         tl.store(ht + p_s, S, mask=m_kv)
@@ -509,37 +465,18 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         # cost 0.8 ms more at T=8K (H200).
         grid = (NC * (BT // 16), HV)
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
-        # Opt-in: whole chunks on tensor cores where their span allows (_chunk_fast_kernel).
-        chunk_fast = BT in (32, 64) and env("KIMI_LINEAR_KDA_CHUNK_FAST", "0") == "1"
-        # Opt-in, untimed: the w/u work inside the tree kernel (and the whole-chunk kernel), no w/u launch.
-        fuse_wy = BT > 16 and env("KIMI_LINEAR_KDA_FUSE_WY", "0") == "1"
-        done = d
-        if chunk_fast:
-            done = torch.empty(NC, HV, device=dev, dtype=torch.int8)
-            LAUNCHED["chunk_fast"] = _chunk_fast_kernel[(NC, HV)](
-                q, k, v, g, beta, a_log, bias, chunk_info, aqk, t, done, w, u, qg, kg, gc, float(scale), lb,
-                diag_span_max(), H, HV, K, V, SV=SV, BV=BV, BT=BT, LOG2_BT=BT.bit_length() - 1, PREC=prec,
-                INV_PREC=prec, FUSE_WY=fuse_wy,
-                **dict(inputs, num_warps=int(env("KIMI_LINEAR_KDA_CHUNK_FAST_WARPS", 4))))
-            LAUNCHED["chunk_done"] = done
         LAUNCHED["diag_fast"] = _chunk_diag_fast_kernel[grid](
-            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, done, float(scale), lb, diag_span_max(), H, HV, K,
-            BT=BT, PREC=prec, INV_PREC=prec, CHUNK_FAST=chunk_fast,
-            **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
+            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, diag_span_max(), H, HV, K,
+            BT=BT, PREC=prec, INV_PREC=prec, **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
         LAUNCHED["diag_wide"] = wide  # (benchmarks and tests read the share of wide sub-chunks)
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
         if BT > 16:
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
-                q, k, v, g, beta, a_log, bias, chunk_info, aqk, t, done, w, u, qg, kg, gc, float(scale), lb,
-                H, HV, K, V, SV=SV, BV=BV, BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
-                CHUNK_FAST=chunk_fast, FUSE_WY=fuse_wy, ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)),
-                **inputs)
-        LAUNCHED["wy_fused"] = fuse_wy  # (tests check which path ran)
-        if fuse_wy:
-            LAUNCHED["wy"] = None
-            return outs
+                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
+                BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
+                ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)), **inputs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, **inputs)
@@ -570,7 +507,9 @@ def _recur_stages(dtype, BK: int) -> int:
 
 def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
                 store_final, store_states, BT):
-    """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None)."""
+    """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None); with
+    ``out=None`` no output is computed (the backward's state rebuild; session 8, H200, T=8K: forward +
+    backward 10.57 vs 10.79 ms)."""
     import os
 
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
@@ -581,13 +520,13 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     BK = max(16, next_pow2(K))
     BV = _recur_bv(V, N * HV)
     d = dummy(dev)
-    dot_dtype = tl.float32 if w.dtype == torch.float32 else (tl.bfloat16 if w.dtype == torch.bfloat16 else tl.float16)
+    dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[w.dtype]
     LAUNCHED["recur"] = _chunk_recur_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
         initial_state if initial_state is not None else d, ht if ht is not None else d,
-        states if states is not None else d, out,
+        states if states is not None else d, out if out is not None else d,
         HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None,
-        STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype,
+        STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype, STORE_O=out is not None,
         num_warps=int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)),
         num_stages=_recur_stages(w.dtype, BK),
     )

@@ -21,10 +21,9 @@ Launches:
    diagonal kernel's parts, the pairs between sub-chunks by the forward's binary tree (levels 16 ...
    BT/2), the gate activation; then the L2-norm backward, which needs q.dq over the whole row.
 
-Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1): pass 1 marks the chunks whose whole log-decay span is within
-``utils.DIAG_SPAN_MAX``; a second pass-2 launch takes all their pairs at once, and the sub-chunk kernels
-and the first launch skip them. (The session-6 form, one pass-2 kernel with both branches, lost: 6.34 vs
-5.72 ms at T=8K; the two-launch form is untimed.)
+(Sessions 6-8 tried a whole-chunk branch of pass 2 for chunks whose log-decay span is within
+``utils.DIAG_SPAN_MAX``, in one kernel with both branches and then as a launch of its own: chunk_prep_bwd
+6.34 and 5.73 ms vs 5.53 at T=8K with trained-like gates on an H200; removed.)
 
 Pairwise decays exp(G_i - G_j) are never formed from two long cumulative sums (fp32 digits are lost
 after -1000 gates, and exp(G_i) * exp(-G_j) overflows). At tree level HB the pair (i in an odd HB-block,
@@ -58,7 +57,7 @@ import triton.language as tl
 from .utils import (
     INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy, head_a_log, load_gate,
     load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
-    subchunk_takes_fast_path, tile_span, tree_factor, tree_pairs, wide_flag,
+    subchunk_takes_fast_path, tree_factor, tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -122,17 +121,16 @@ def _head_and_beta(A_log, beta, row_hv, m_r, i_hv, HAS_A: tl.constexpr, BETA_SIG
 @triton.jit
 def _prep_bwd_wy_kernel(
     q, k, v, g, beta, A_log, dt_bias, chunk_info, T,
-    dw, du, dk, dv, dakk, norms, db_part, done,
-    lower_bound, span_max,
+    dw, du, dk, dv, dakk, norms, db_part,
+    lower_bound,
     H, HV, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, CHUNK_FAST: tl.constexpr = False,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
 ):
     """Pass 1, grid (chunks, HV): L2 norms (to ``norms``), dT = dw W0^T + du U0^T, X = T^T dw (parked as
     e^G X in the dk buffer), the V side (dv, and v.Y to ``db_part``), dAkk = -T^T dT T^T (strictly lower,
-    to ``dakk``). ``CHUNK_FAST`` (opt-in): marks in ``done`` the chunks whose log-decay span is at most
-    ``span_max``, whose pairs pass 2 then takes in one piece (the sub-chunk kernels skip them)."""
+    to ``dakk``)."""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     r = tl.arange(0, BT)
     m_r = r < n_rows
@@ -148,13 +146,10 @@ def _prep_bwd_wy_kernel(
     sq = tl.zeros([BT], dtype=tl.float32)
     sk = tl.zeros([BT], dtype=tl.float32)
     dT = tl.zeros([BT, BT], dtype=tl.float32)
-    span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, K, BK):
         o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
         xk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
         _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
-        if CHUNK_FAST:
-            span = tl.maximum(span, tile_span(bg, r))
         eG = tl.exp(tl.cumsum(bg, axis=0))
         b_dw = tl.load(dw + base * BT * K + r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)
         dT = tl.dot(b_dw, tl.trans(xk * eG), dT, input_precision="tf32x3")
@@ -190,8 +185,6 @@ def _prep_bwd_wy_kernel(
     tl.store(norms + base * 2 * BT + r, rq)
     tl.store(norms + base * 2 * BT + BT + r, rk)
     tl.store(db_part + base * BT + r, db)
-    if CHUNK_FAST:
-        tl.store(done + base, (span <= span_max).to(tl.int8))
 
 
 @triton.jit
@@ -236,22 +229,21 @@ def _add_diag_db(db_part, base, s, r, db, BT: tl.constexpr):
 @triton.jit
 def _prep_bwd_diag_fast_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, db_part,
-    ddq, ddk, ddg, wide, done,
+    ddq, ddk, ddg, wide,
     scale, lower_bound, span_max,
     H, HV, K,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, CHUNK_FAST: tl.constexpr = False,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), after pass 1,
     for sub-chunks whose log-decay span is at most ``span_max`` (``midpoint_factors``): as
     ``_prep_bwd_diag_kernel``. A first pass over the gates alone finds the span; wider sub-chunks are
     marked in ``wide`` and left at once to that kernel. tf32x3 products: the gate gradient's + / - sums
-    cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``). ``CHUNK_FAST``: skips
-    the sub-chunks of chunks pass 1 marked in ``done`` (pass 2 takes their pairs)."""
+    cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``)."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    if subchunk_takes_fast_path(g, dt_bias, wide, done, base, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                BK, GATE, HAS_A, HAS_BIAS, CHUNK_FAST):
+    if subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                BK, GATE, HAS_A, HAS_BIAS):
         row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
                                                     HV, BT, BETA_SIGMOID, NEG_EIGVAL)
         db = tl.zeros([16], dtype=tl.float32)
@@ -320,47 +312,17 @@ def _prep_bwd_diag_kernel(
 def _chunk_prep_bwd_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info,
     dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
-    dq, dk, dg, dbeta, dA_part, dbias_part, dakk, done,
+    dq, dk, dg, dbeta, dA_part, dbias_part, dakk,
     scale, lower_bound,
     H, HV, K,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0, CHUNK_FAST: tl.constexpr = False,
-    WHOLE: tl.constexpr = False,
+    PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
     """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, the pairs by tree
-    levels; then the L2-norm backward. ``CHUNK_FAST`` (opt-in) launches this kernel twice: ``WHOLE``
-    False takes the chunks pass 1 left unmarked in ``done``, as above; ``WHOLE`` True the marked ones,
-    every pair in one midpoint-factored ``_pairs`` (tf32x3; the gate gradient as in the sub-chunk
-    kernels) instead of the sub-chunk kernels' parts and the tree levels. (Session 6 compiled both branches
-    into one kernel: 1312 / 1632 B of spills and 9400 SASS instructions against 528 / 616 and 5984, and
-    chunk_prep_bwd 6.44 vs 5.80 ms with 71% of chunks taken; session 7, H200, T=8K.)"""
+    levels; then the L2-norm backward."""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    go = True
-    if CHUNK_FAST:
-        taken = tl.load(done + base) != 0
-        if WHOLE:
-            go = taken
-        else:
-            go = taken == 0
-    if go:
-        _prep_bwd_chunk(q, k, g, beta, A_log, dt_bias, dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
-                        dq, dk, dg, dbeta, dA_part, dbias_part, dakk, scale, lower_bound, H, HV, K,
-                        i_hv, i_h, row0, n_rows, base, BT, BK, GATE, HAS_A, HAS_BIAS, L2NORM, BETA_SIGMOID,
-                        NEG_EIGVAL, PAIR_PREC, ABLATE, WHOLE)
-
-
-@triton.jit
-def _prep_bwd_chunk(
-    q, k, g, beta, A_log, dt_bias, dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
-    dq, dk, dg, dbeta, dA_part, dbias_part, dakk, scale, lower_bound, H, HV, K,
-    i_hv, i_h, row0, n_rows, base,
-    BT: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PAIR_PREC: tl.constexpr,
-    ABLATE: tl.constexpr, WHOLE: tl.constexpr,
-):
-    """One chunk and value head of ``_chunk_prep_bwd_kernel``."""
     # ABLATE (profiling only, wrong results): bit 1 drops the tree levels (16 ... BT/2), 16 drops pass 3.
     r = tl.arange(0, BT)
     m_r = r < n_rows
@@ -402,28 +364,18 @@ def _prep_bwd_chunk(
         d_g = tl.cumsum(d_G, axis=0, reverse=True) + (tl.cumsum(kgd, axis=0) - kgd) + b_dgc[None, :]
 
         p_hk = row_hv[:, None] * K + o_k[None, :]
-        if WHOLE:
-            # Every pair of the chunk at once (its span is within DIAG_SPAN_MAX): exp(G_i - G_j) = ea_i eb_j.
-            mq, mk = _load_pairs(p_aqk, p_akk, r, n_rows, scale, r[:, None] > r[None, :], BT)
-            ea, eb = midpoint_factors(bg, r)
-            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, mq, mk, "tf32x3")
+        # Pairs inside 16-row sub-chunks: from the diagonal kernel.
+        acc_q += tl.load(ddq + p_hk, mask=m_rk, other=0.0)
+        acc_k += tl.load(ddk + p_hk, mask=m_rk, other=0.0)
+        d_g += tl.load(ddg + p_hk, mask=m_rk, other=0.0)
+        # The pairs between sub-chunks, by tree levels BT/2 ... 16.
+        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 5):
+            d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
+                                             BT >> (lv + 1), PAIR_PREC)
             acc_q += d_q
             acc_k += d_k
+            d_g += d_l
             db += d_b
-            d_g += tl.where((bg < -64.0) | (r == 0)[:, None], 0.0, tl.cumsum(d_row - d_col, axis=0, reverse=True))
-        else:
-            # Pairs inside 16-row sub-chunks: from the diagonal kernel.
-            acc_q += tl.load(ddq + p_hk, mask=m_rk, other=0.0)
-            acc_k += tl.load(ddk + p_hk, mask=m_rk, other=0.0)
-            d_g += tl.load(ddg + p_hk, mask=m_rk, other=0.0)
-            # The pairs between sub-chunks, by tree levels BT/2 ... 16.
-            for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 5):
-                d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
-                                                 BT >> (lv + 1), PAIR_PREC)
-                acc_q += d_q
-                acc_k += d_k
-                d_g += d_l
-                db += d_b
 
         # Through the gate activation (raw gate reloaded rather than kept live).
         d_g = tl.where(m_rk, d_g, 0.0)
@@ -519,21 +471,14 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
                      BETA_SIGMOID=cfg.beta_sigmoid, NEG_EIGVAL=cfg.neg_eigval)
         norms = torch.empty(NC, HV, 2, BT, device=dev, dtype=f32)  # L2-norm factors of q and k
         db_part = torch.empty(NC, HV, BT, device=dev, dtype=f32)
-        # Opt-in (KIMI_LINEAR_KDA_CHUNK_FAST=1): pass 1 marks the chunks within the span limit, a second
-        # pass-2 launch takes all their pairs at once and the sub-chunk kernels skip them.
-        chunk_fast = BT in (32, 64) and os.environ.get("KIMI_LINEAR_KDA_CHUNK_FAST", "0") == "1"
-        done = torch.empty(NC, HV, device=dev, dtype=torch.int8) if chunk_fast else d
         # Two pipeline stages in passes 1 and 2 (prefetch of the next K block): session 7, H200, T=8K,
         # chunk_prep_bwd 5.59 vs 5.80 ms with one (init-like gates; 5.94 vs 6.15 stress gates), forward +
         # backward 11.12 vs 11.33 ms; three stages 13.0 ms.
         stages = 1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2))
         LAUNCHED["wy"] = _prep_bwd_wy_kernel[(NC, HV)](
-            q, k, v, g, beta, a_log, bias, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part, done,
-            lb, diag_span_max(), H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags,
-            CHUNK_FAST=chunk_fast, num_warps=4, num_stages=stages,
+            q, k, v, g, beta, a_log, bias, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part,
+            lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags, num_warps=4, num_stages=stages,
         )
-        if chunk_fast:
-            LAUNCHED["chunk_done"] = done
         # The sub-chunk kernels' dq, dk, dg: tensor cores where the log-decay span allows, then the exact
         # column-by-column kernel for the rest. One warp each, K blocks of 32. H200, T=8K: exact kernel
         # (session 5, forward + backward) 12.9 ms vs 13.7 at BK 16 and 16.0 at BK 64, 14.7 / 15.7 ms with
@@ -544,8 +489,8 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
         env = os.environ.get
         LAUNCHED["diag_fast"] = _prep_bwd_diag_fast_kernel[grid](
-            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2], wide, done,
-            float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT, CHUNK_FAST=chunk_fast,
+            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2], wide,
+            float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT,
             BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32)), next_pow2(K))), **flags,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1)), num_stages=1,
         )
@@ -556,16 +501,13 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
         )
-        # With the opt-in, one launch for the chunks pass 1 left unmarked, one for the marked ones.
-        ablate = int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0))
-        for whole in (False, True) if chunk_fast else (False,):
-            LAUNCHED["pairs_whole" if whole else "pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
-                q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1],
-                diag[2], dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d,
-                dbias_part if dbias_part is not None else d, dakk, done, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK,
-                L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec, ABLATE=ablate, CHUNK_FAST=chunk_fast, WHOLE=whole,
-                num_warps=warps, num_stages=stages,
-            )
+        LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
+            q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1],
+            diag[2], dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d,
+            dbias_part if dbias_part is not None else d, dakk, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK,
+            L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec, num_warps=warps, num_stages=stages,
+            ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0)),
+        )
     group = HV // H
     if group > 1:
         dq32 = dq32.view(B, Tlen, H, group, K).sum(3)

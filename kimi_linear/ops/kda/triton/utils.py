@@ -110,7 +110,7 @@ def wide_flag(wide):
 @triton.jit
 def gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.constexpr,
               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The widest channel's log-decay span over the pairs of the rows r (a sub-chunk or a chunk;
+    """The widest channel's log-decay span over the pairs of the rows r (a sub-chunk;
     ``tile_span``), from the gates alone, over all K blocks."""
     span = tl.zeros([], dtype=tl.float32)
     for kb in range(0, K, BK):
@@ -131,11 +131,10 @@ def subchunk_column(E, dec, bk, r, j: tl.constexpr):
     return E, tl.where(below, E, 0.0), kj
 
 
-# Widest log-decay span (nats, per channel, over the pairs of a 16-row sub-chunk, or of a whole chunk
-# with KIMI_LINEAR_KDA_CHUNK_FAST=1) that the kernels take on tensor cores (``midpoint_factors``):
-# factors exp(+-(G - mid)) stay within e^(+-60), far from fp32's overflow (e^88.7) and, times q or k
-# entries down to ~1e-12, from its smallest normal numbers (e^-87.3), so nothing is lost to overflow or
-# flushing. Wider sub-chunks take the exact column-by-column path. KIMI_LINEAR_KDA_DIAG_SPAN lowers the
+# Widest log-decay span (nats, per channel, over the pairs of a 16-row sub-chunk) that the kernels take
+# on tensor cores (``midpoint_factors``): factors exp(+-(G - mid)) stay within e^(+-60), far from fp32's
+# overflow (e^88.7) and, times q or k entries down to ~1e-12, from its smallest normal numbers (e^-87.3),
+# so nothing is lost to overflow or flushing. Wider sub-chunks take the exact column-by-column path. KIMI_LINEAR_KDA_DIAG_SPAN lowers the
 # limit (a negative value sends every sub-chunk down the exact path: tests and benchmarks).
 DIAG_SPAN_MAX = 120.0
 
@@ -145,24 +144,12 @@ def diag_span_max() -> float:
 
 
 @triton.jit
-def subchunk_takes_fast_path(g, dt_bias, wide, done, base, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                             BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             CHUNK_FAST: tl.constexpr):
+def subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                             BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Whether a 16-row sub-chunk program takes the tensor-core path (span within ``span_max``); marks
-    it in ``wide`` for the exact kernels otherwise. ``CHUNK_FAST``: sub-chunks of chunks marked in
-    ``done`` take neither (False, not wide) and skip the span pass."""
-    if CHUNK_FAST:
-        skip = tl.load(done + base) != 0
-        ok = skip != skip  # False (a tensor: both branches below assign it)
-        if skip:
-            tl.store(wide_flag(wide), tl.zeros([], dtype=tl.int8))
-        else:
-            ok = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) \
-                <= span_max
-            tl.store(wide_flag(wide), (~ok).to(tl.int8))
-    else:
-        ok = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
-        tl.store(wide_flag(wide), (~ok).to(tl.int8))
+    it in ``wide`` for the exact kernels otherwise."""
+    ok = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
+    tl.store(wide_flag(wide), (~ok).to(tl.int8))
     return ok  # False for NaN spans too
 
 
@@ -183,7 +170,7 @@ def tile_span(bg, r):
 
 @triton.jit
 def midpoint_factors(bg, r):
-    """Per-row factors of a tile (rows r, log decays bg; a 16-row sub-chunk or a whole chunk) with
+    """Per-row factors of a tile (rows r, log decays bg; a 16-row sub-chunk) with
     exp(G_i - G_j) = ea_i * eb_j for every pair: G (``_cumgate``) measured from the per-channel midpoint of
     its range, so ea, eb lie within exp(+-span / 2)."""
     G = _cumgate(bg, r)
