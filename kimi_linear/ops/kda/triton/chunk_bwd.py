@@ -275,8 +275,9 @@ def recompute_dtype(q):
     """Storage type of the backward's rebuilt intermediates: float32, or the forward's own 16-bit type
     with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1`` (opt-in: forward + backward 9.63 vs 10.57 ms at T=8K,
     H=32 on an H200, but dA_log with -1000 gates reaches 1.8e-2 against float64, over the 1e-2 bound. The
-    16-bit rounding of the stored w, u, qg, kg is the cause, not the state rebuild's 16-bit products:
-    tf32 products on 16-bit storage gave the same 1.8e-2; session 8, docs/benchmarks.md)."""
+    16-bit storage of the rebuilt tensors, mostly u, is what moves it, together with the tf32 products:
+    tf32 state products on 16-bit storage gave the same 1.8e-2 on the card, while with exact products
+    the rounding alone moves it by 1.5e-3; session 8, docs/benchmarks.md)."""
     if os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT") == "1":
         return storage_dtype(q)
     return torch.float32
