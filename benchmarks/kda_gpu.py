@@ -314,8 +314,8 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_prep, chunk_recur
 
     res = {}
-    dtype = chunk_bwd.recompute_dtype(q)
-    rec = dict(common, dtype=dtype, pad=dtype != torch.float32, aqk_dtype=torch.float32)
+    dtype, u_dtype = chunk_bwd.recompute_dtypes(q)
+    rec = dict(common, dtype=dtype, pad=dtype != torch.float32, aqk_dtype=torch.float32, u_dtype=u_dtype)
     pre = lambda: chunk_prep(q, k, v, g, beta, info, BT=64, store_t=True, **rec)  # noqa: E731
     outs = pre()
     res["bwd_recompute_prep_ms"] = bench(pre)  # KIMI_LINEAR_KDA_BWD_RECOMPUTE=full

@@ -193,6 +193,42 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert 0 < wide < 1
 
 
+@pytest.mark.parametrize("mode,want", [("0", (torch.float32, torch.float32)),
+                                       ("1", (torch.bfloat16, torch.bfloat16)),
+                                       ("u32", (torch.bfloat16, torch.float32))])
+def test_rebuild_storage(mode, want, monkeypatch):
+    """KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT picks the rebuild's storage types (w, qg, kg; u) for 16-bit
+    inputs, and chunk_prep honours a separate u type: the same values as an all-float32 run, bit for bit
+    in float32 and within one bf16 unit in the last place in 16 bits (the interpreter's conversion does
+    not round to nearest as the card's does). Rows past the sequence's end are scratch and not compared."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton.chunk_bwd import recompute_dtypes
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
+    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", mode)
+    assert recompute_dtypes(torch.zeros(1, dtype=torch.bfloat16)) == want
+    assert recompute_dtypes(torch.zeros(1)) == (torch.float32, torch.float32)  # float32 inputs: always
+    T, H, K, V, BT = 85, 2, 20, 24, 64
+    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=5, dtype=torch.float64).cast(torch.float32)
+    shapes = KDAShapes(1, T, H, H, K, V, 1)
+    info, _ = chunk_layout(shapes, None, BT, "cpu")
+    kw = dict(scale=K ** -0.5, shapes=shapes, gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias,
+              lower_bound=None, l2norm=True, beta_sigmoid=True, neg_eigval=False, BT=BT, pad=True)
+    full = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, dtype=torch.float32, **kw)
+    dtype, u_dtype = want
+    mixed = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, dtype=dtype, u_dtype=u_dtype, **kw)
+    valid = torch.arange(BT)[None, :] < info[:, 1:].long()  # [chunks, rows]: rows past T are scratch
+    for name, a, b in zip(("w", "u", "qg", "kg"), mixed, full):
+        assert a.dtype == (u_dtype if name == "u" else dtype), name
+        a, b = (x.transpose(-1, -2) if name == "kg" else x for x in (a, b))
+        a, b = a.transpose(1, 2)[valid], b.transpose(1, 2)[valid]
+        if a.dtype == torch.float32:
+            assert torch.equal(a, b), name
+        else:
+            assert torch.all((a.float() - b).abs() <= 2.0 ** -7 * b.abs() + 1e-30), name  # (denormals flushed)
+
+
 def test_backward_keeps_forward_intermediates(monkeypatch):
     """The forward keeps Aqk and T for the backward: gradients equal the full recompute's exactly, and a
     second backward through a retained graph (the kept T must not be reused as scratch) gives them again."""

@@ -94,13 +94,16 @@ def test_chunk_grid(T, K, V, gate):
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 @pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
-                                     "chunk32"])
+                                     "chunk32", "bwd_16bit_u32"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
         kw["extreme_gate_frac"] = 0.05
     if variant == "extreme_exact":  # every sub-chunk through the exact column-by-column kernels
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
+    if variant == "bwd_16bit_u32":  # opt-in: the backward's rebuild in 16 bits but u, on the case 16 bits fail
+        kw["extreme_gate_frac"] = 0.05
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32")
     if variant == "no_l2norm":
         kw["l2norm_in_kernel"] = False
     if variant == "scale":

@@ -271,16 +271,20 @@ def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg,
     return dq, dk, dv, dg, dbeta, dA, dbias
 
 
-def recompute_dtype(q):
-    """Storage type of the backward's rebuilt intermediates: float32, or the forward's own 16-bit type
-    with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1`` (opt-in: forward + backward 9.63 vs 10.57 ms at T=8K,
+def recompute_dtypes(q):
+    """Storage types of the backward's rebuilt intermediates (w, qg, kg; u): float32, or the forward's own
+    16-bit type with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1`` (opt-in: forward + backward 9.63 vs 10.57 ms at T=8K,
     H=32 on an H200, but dA_log with -1000 gates reaches 1.8e-2 against float64, over the 1e-2 bound. The
     16-bit storage of the rebuilt tensors, mostly u, is what moves it, together with the tf32 products:
     tf32 state products on 16-bit storage gave the same 1.8e-2 on the card, while with exact products
-    the rounding alone moves it by 1.5e-3; session 8, docs/benchmarks.md)."""
-    if os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT") == "1":
-        return storage_dtype(q)
-    return torch.float32
+    the rounding alone moves it by 1.5e-3; session 8, docs/benchmarks.md). ``=u32`` (opt-in, untimed):
+    the same with u kept in float32 (with exact products, rounding w, qg and kg moves dA_log by 1.5e-4)."""
+    mode = os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "0")
+    if mode == "1":
+        return storage_dtype(q), storage_dtype(q)
+    if mode == "u32":
+        return storage_dtype(q), torch.float32
+    return torch.float32, torch.float32
 
 
 def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq, kept=None):
@@ -289,12 +293,12 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     use_kernel = BT in (16, 32, 64, 128) and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD") != "autograd"
     # w, u, qg, kg and the chunk states are rebuilt in float32 (16-bit intermediates need the padded layout,
     # as in the forward: the unpadded one was wrong on triton 3.6 for K=60).
-    dtype = recompute_dtype(q)
+    dtype, u_dtype = recompute_dtypes(q)
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
         neg_eigval=cfg.neg_eigval, BT=BT, dtype=dtype, pad=dtype != torch.float32, store_t=use_kernel,
-        t_given=None if kept is None else kept[1], aqk_dtype=torch.float32,
+        t_given=None if kept is None else kept[1], aqk_dtype=torch.float32, u_dtype=u_dtype,
     )
     w, u, qg, kg, aqk, gc = outs[:6]
     if kept is not None:

@@ -409,13 +409,13 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None):
+               t_given=None, u_dtype=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
     ``pad`` widens the K and V axes of the intermediates to powers of two (zeros past K and V), so the
-    recurrence loads them without masks. ``aqk_dtype`` overrides Aqk's storage type (the forward keeps an
-    fp32 Aqk for the backward). With ``t_given`` (T of an earlier call on the same inputs) only the w/u
+    recurrence loads them without masks. ``aqk_dtype`` and ``u_dtype`` override the storage type of Aqk
+    (the forward keeps an fp32 Aqk for the backward) and of u. With ``t_given`` (T of an earlier call on the same inputs) only the w/u
     launch runs, from that T, and Aqk is returned as None.
     """
     import os
@@ -427,7 +427,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     w = torch.empty(NC, HV, BT, SK, device=dev, dtype=dtype)
     qg = torch.empty_like(w)
     kg = torch.empty(NC, HV, SK, BT, device=dev, dtype=dtype)  # transposed
-    u = torch.empty(NC, HV, BT, SV, device=dev, dtype=dtype)
+    u = torch.empty(NC, HV, BT, SV, device=dev, dtype=u_dtype or dtype)
     gc = torch.empty(NC, HV, SK, device=dev, dtype=torch.float32)
     if t_given is None:
         aqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=aqk_dtype or dtype)
