@@ -346,7 +346,8 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
     pre = "KIMI_LINEAR_KDA_"
-    variants = [{"DIAG_SPAN": "-1"}, {"PREP_BWD_STAGES": "1"}, {"PREP_BWD_ABLATE": "1"}] if variants else []
+    variants = [{"DIAG_SPAN": "-1"}, {"PREP_BWD_STAGES": "1"}, {"PREP_BWD_ABLATE": "1"}, {"PREP_BWD_TREE": "kernel"},
+                {"PREP_BWD_TREE": "kernel", "PREP_BWD_TREE_WARPS": "8"}] if variants else []
     for variant in variants:
         tag = "bwd_prep_bwd_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
@@ -356,6 +357,9 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
         try:
             pb()
             res[f"{tag}_ms"] = bench(pb)
+            if "PREP_BWD_TREE" in variant:  # registers and spills of the opt-in's two launches
+                for name in ("tree", "pairs"):
+                    res[f"{tag}_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
         except Exception as e:  # noqa: BLE001
             res[tag] = f"failed: {e!r}"
         for key in variant:

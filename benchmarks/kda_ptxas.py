@@ -95,8 +95,15 @@ def kernels():
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
+    tree_nk = 0
+    if os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_TREE") == "kernel":  # opt-in: the tree levels on their own
+        tree_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)
+        tree_nk = K // tree_bk
+        yield ("bwd tree levels (opt-in)", prep_bwd._prep_bwd_tree_kernel,
+               dict(BK=tree_bk, PAIR_PREC="tf32", **no_norm), _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 4))
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
-           dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0), **gate),
+           dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0),
+                TREE_KERNEL_NK=tree_nk, **gate),
            _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4), bwd_stages)
     # Decode into a state pool in place, as launched at batch >= 8 (V slices of 32, 2 warps).
     yield ("decode", recurrent._recurrent_kda_kernel,

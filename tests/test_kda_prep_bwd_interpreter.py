@@ -150,3 +150,21 @@ def test_subchunk_paths(case, path, monkeypatch):
     _run(**kw)
     wide = prep_bwd.LAUNCHED["diag_wide"].float().mean().item()
     assert (0 < wide < 1) if share == "some" else wide == share, wide
+
+
+@pytest.mark.parametrize("case", [
+    dict(T=73, H=1, HV=2, BT=64, gate="pregated", extreme=0.03, seed=1),  # GVA, -1000 gates, partial chunk
+    dict(T=128, H=2, K=40, V=20, BT=64, gate="lower_bound", extreme=0.02, seed=2),  # two K blocks
+    dict(T=70, H=1, BT=64, gate="softplus", extreme=1.0, seed=5),  # every raw gate +1000
+    dict(T=128, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-1.9, seed=3),  # long spans, no underflow
+    dict(B=1, T=150, H=1, HV=2, BT=64, gate="softplus", cu_seqlens=[0, 5, 70, 150], seed=4),  # varlen
+], ids=["gva", "two_k_blocks", "all_extreme", "long_span", "varlen"])
+def test_tree_kernel(case, monkeypatch):
+    """Opt-in ``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``: pass 2's tree levels in a launch of their own on
+    16-row sub-chunk tiles; against float64, with the launch checked."""
+    from kimi_linear.ops.kda.triton import prep_bwd
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel")
+    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", "16")  # several K blocks at these widths
+    _run(**case)
+    assert prep_bwd.LAUNCHED["tree_kernel_nk"] > 1

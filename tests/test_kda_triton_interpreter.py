@@ -58,9 +58,12 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-def test_varlen_forward_backward():
+@pytest.mark.parametrize("tree", ["pass2", "kernel"])
+def test_varlen_forward_backward(tree, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
-    mostly padding), GVA, -1000 gates: forward and every gradient against float64."""
+    mostly padding), GVA, -1000 gates: forward and every gradient against float64 (``tree``: the
+    backward's tree levels inside pass 2, or in the opt-in launch of their own)."""
+    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", tree)
     cu = [0, 5, 70, 150]
     inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="lower_bound", extreme_gate_frac=0.03, seed=9,
                         cu_seqlens=cu, requires_grad=True, dtype=torch.float64)

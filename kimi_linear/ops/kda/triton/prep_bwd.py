@@ -21,6 +21,13 @@ Launches:
    diagonal kernel's parts, the pairs between sub-chunks by the forward's binary tree (levels 16 ...
    BT/2), the gate activation; then the L2-norm backward, which needs q.dq over the whole row.
 
+Opt-in, untimed (``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``, 64-row chunks): ``_prep_bwd_tree_kernel``
+(grid chunks x HV x K / BK, between 2 and 3) takes the tree levels on [16, BK] sub-chunk tiles, as
+[16, 16] block products, adding its parts to the sub-chunk kernels' buffers, and pass 2 skips them.
+ptxas (sm_90a, session 8): pass 2 then has 207 registers, no spills and 2808 SASS instructions (560 / 648
+B of spills and 6200 with the levels); the new kernel 255 registers, 40 / 40 B, 4336 (16 / 16 B and 3344
+at 8 warps). The ablation without the levels (chunk_prep_bwd 2.98 vs 5.53 ms at T=8K) bounds the gain.
+
 (Sessions 6-8 tried a whole-chunk branch of pass 2 for chunks whose log-decay span is within
 ``utils.DIAG_SPAN_MAX``, in one kernel with both branches and then as a launch of its own: chunk_prep_bwd
 6.34 and 5.73 ms vs 5.53 at T=8K with trained-like gates on an H200; removed.)
@@ -309,19 +316,194 @@ def _prep_bwd_diag_kernel(
 
 
 @triton.jit
+def _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K,
+             S: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr,
+             HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
+    """Sub-chunk S (rows 16 S ... 16 S + 15) of a 64-row chunk in the K block at kb: its rows, channels,
+    mask, q and k (L2-normalised), log decays, the next rows' log decays and the activated beta."""
+    r = S * 16 + tl.arange(0, 16)
+    m_r = r < n_rows
+    rq = tl.load(norms + base * 128 + r)
+    rk = tl.load(norms + base * 128 + 64 + r)
+    o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
+    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+    bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    bb = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
+    bb = tl.where(m_r, apply_beta(bb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
+    return r, m_rk, o_k, bq, bk, bg, bgn, bb
+
+
+@triton.jit
+def _block_pair_loads(p_aqk, p_akk, n_rows, scale, I: tl.constexpr, J: tl.constexpr):
+    """scale dAqk and dAkk on the [16, 16] block of rows of sub-chunk I and columns of sub-chunk J (I > J)."""
+    a = tl.arange(0, 16)
+    off = (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :]
+    m = ((I * 16 + a) < n_rows)[:, None]
+    return tl.load(p_aqk + off, mask=m, other=0.0) * scale, tl.load(p_akk + off, mask=m, other=0.0)
+
+
+@triton.jit
+def _block_pair(bq_i, bk_i, bb_i, e_i, bk_j, e_j, mq, mk, PREC: tl.constexpr):
+    """``_pairs`` for a block of rows i against a separate block of columns j (factors e_i, e_j): dq_i,
+    dk_i, dk_j, the row and column exponent gradients, and the Akk part of db_i."""
+    row_q = bq_i * e_i
+    row_k = bk_i * e_i
+    col_k = bk_j * e_j
+    rq = tl.dot(mq, col_k, input_precision=PREC)
+    rk = tl.dot(mk, col_k, input_precision=PREC)
+    cc = tl.dot(tl.trans(mq), row_q, input_precision=PREC)
+    cc = tl.dot(tl.trans(mk), row_k * bb_i[:, None], cc, input_precision=PREC)
+    t = row_k * rk
+    return (e_i * rq, e_i * (bb_i[:, None] * rk), e_j * cc, row_q * rq + bb_i[:, None] * t, col_k * cc,
+            tl.sum(t, axis=1))
+
+
+@triton.jit
+def _add_rows(ddq, ddk, ddg, row0, r, m_rk, o_k, i_hv, HV, K, d_q, d_k, d_g):
+    """Add a [16, BK] block's dq, dk and gate gradient to the sub-chunk kernels' buffers."""
+    p = ((row0 + r) * HV + i_hv)[:, None] * K + o_k[None, :]
+    tl.store(ddq + p, tl.load(ddq + p, mask=m_rk, other=0.0) + d_q, mask=m_rk)
+    tl.store(ddk + p, tl.load(ddk + p, mask=m_rk, other=0.0) + d_k, mask=m_rk)
+    tl.store(ddg + p, tl.load(ddg + p, mask=m_rk, other=0.0) + d_g, mask=m_rk)
+
+
+@triton.jit
+def _prep_bwd_tree_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, ddq, ddk, ddg, db_tree,
+    scale, lower_bound,
+    H, HV, K,
+    BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PAIR_PREC: tl.constexpr,
+):
+    """Opt-in (``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``, 64-row chunks): pass 2's tree levels in a launch
+    of their own, grid (chunks, HV, K / BK), on [16, BK] sub-chunk tiles. The pairs between sub-chunks
+    as [16, 16] x [16, BK] block products: level 16 the pairs (1, 0) and (3, 2), level 32 the pairs of
+    sub-chunks {2, 3} x {0, 1}, with the tree's factors (sums of the gates of one half-chunk only, so
+    exact for any gate), instead of [64, 64] x [64, BK] products masked to an eighth and a quarter of
+    their entries. Adds dq, dk and the gate gradient to the sub-chunk kernels' ``ddq`` / ``ddk`` /
+    ``ddg`` (each program owns its rows and channels) and writes its dbeta parts per K block to
+    ``db_tree`` ([chunks, HV, K / BK, 64]); pass 2 then skips its levels."""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    i_k = tl.program_id(2)
+    kb = i_k * BK
+    a = head_a_log(A_log, i_hv, HAS_A)
+    p_aqk = daqk + base * 4096
+    p_akk = dakk + base * 4096
+    r0, m0, o_k, q0, k0, g0, n0, b0 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
+                                               lower_bound, H, HV, K, 0, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
+                                               NEG_EIGVAL)
+    r1, m1, _, q1, k1, g1, n1, b1 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
+                                             lower_bound, H, HV, K, 1, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
+                                             NEG_EIGVAL)
+    r2, m2, _, q2, k2, g2, n2, b2 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
+                                             lower_bound, H, HV, K, 2, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
+                                             NEG_EIGVAL)
+    r3, m3, _, q3, k3, g3, n3, b3 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
+                                             lower_bound, H, HV, K, 3, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
+                                             NEG_EIGVAL)
+    last = (tl.arange(0, 16) == 15)[:, None]
+    # Row-side sums (from the sub-chunk start, inclusive) and column-side sums (after the row to the
+    # sub-chunk end, from the next rows' gates): all sums of same-sign gates of one sub-chunk.
+    f1, f2, f3 = tl.cumsum(g1, axis=0), tl.cumsum(g2, axis=0), tl.cumsum(g3, axis=0)
+    v0 = tl.cumsum(tl.where(last, 0.0, n0), axis=0, reverse=True)
+    v1 = tl.cumsum(tl.where(last, 0.0, n1), axis=0, reverse=True)
+    v2 = tl.cumsum(tl.where(last, 0.0, n2), axis=0, reverse=True)
+    # Level 16: pairs (1, 0) and (3, 2), factors inside the sub-chunks.
+    mq10, mk10 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 1, 0)
+    e1 = tl.exp(tl.minimum(f1, 0.0))
+    e0 = tl.exp(tl.minimum(v0, 0.0))
+    dq1, dk1, dk0, dr1, dc0, db1 = _block_pair(q1, k1, b1, e1, k0, e0, mq10, mk10, PAIR_PREC)
+    dg1 = tl.cumsum(dr1, axis=0, reverse=True)
+    dg0 = tl.cumsum(dc0, axis=0) - dc0
+    mq32, mk32 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 3, 2)
+    e3 = tl.exp(tl.minimum(f3, 0.0))
+    e2 = tl.exp(tl.minimum(v2, 0.0))
+    dq3, dk3, dk2, dr3, dc2, db3 = _block_pair(q3, k3, b3, e3, k2, e2, mq32, mk32, PAIR_PREC)
+    dg3 = tl.cumsum(dr3, axis=0, reverse=True)
+    dg2 = tl.cumsum(dc2, axis=0) - dc2
+    dq2 = tl.zeros([16, BK], dtype=tl.float32)
+    db2 = tl.zeros([16], dtype=tl.float32)
+    # Level 32: rows of sub-chunks 2, 3 against columns of 0, 1. Row factors from row 32 on, column factors
+    # after the column's row up to row 31.
+    e2 = tl.exp(tl.minimum(f2, 0.0))
+    e3 = tl.exp(tl.minimum(f3 + tl.sum(g2, axis=0)[None, :], 0.0))
+    e1 = tl.exp(tl.minimum(v1, 0.0))
+    e0 = tl.exp(tl.minimum(v0 + tl.sum(g1, axis=0)[None, :], 0.0))
+    mq20, mk20 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 2, 0)
+    mq21, mk21 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 2, 1)
+    mq30, mk30 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 3, 0)
+    mq31, mk31 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 3, 1)
+    c0 = k0 * e0
+    c1 = k1 * e1
+    rowq2, rowk2 = q2 * e2, k2 * e2
+    rowq3, rowk3 = q3 * e3, k3 * e3
+    rq2 = tl.dot(mq20, c0, input_precision=PAIR_PREC)
+    rq2 = tl.dot(mq21, c1, rq2, input_precision=PAIR_PREC)
+    rk2 = tl.dot(mk20, c0, input_precision=PAIR_PREC)
+    rk2 = tl.dot(mk21, c1, rk2, input_precision=PAIR_PREC)
+    rq3 = tl.dot(mq30, c0, input_precision=PAIR_PREC)
+    rq3 = tl.dot(mq31, c1, rq3, input_precision=PAIR_PREC)
+    rk3 = tl.dot(mk30, c0, input_precision=PAIR_PREC)
+    rk3 = tl.dot(mk31, c1, rk3, input_precision=PAIR_PREC)
+    wk2 = rowk2 * b2[:, None]
+    wk3 = rowk3 * b3[:, None]
+    cc0 = tl.dot(tl.trans(mq20), rowq2, input_precision=PAIR_PREC)
+    cc0 = tl.dot(tl.trans(mq30), rowq3, cc0, input_precision=PAIR_PREC)
+    cc0 = tl.dot(tl.trans(mk20), wk2, cc0, input_precision=PAIR_PREC)
+    cc0 = tl.dot(tl.trans(mk30), wk3, cc0, input_precision=PAIR_PREC)
+    cc1 = tl.dot(tl.trans(mq21), rowq2, input_precision=PAIR_PREC)
+    cc1 = tl.dot(tl.trans(mq31), rowq3, cc1, input_precision=PAIR_PREC)
+    cc1 = tl.dot(tl.trans(mk21), wk2, cc1, input_precision=PAIR_PREC)
+    cc1 = tl.dot(tl.trans(mk31), wk3, cc1, input_precision=PAIR_PREC)
+    t2 = rowk2 * rk2
+    t3 = rowk3 * rk3
+    dq2 += e2 * rq2
+    dq3 += e3 * rq3
+    dk2 += e2 * (b2[:, None] * rk2)
+    dk3 += e3 * (b3[:, None] * rk3)
+    dk0 += e0 * cc0
+    dk1 += e1 * cc1
+    db2 += tl.sum(t2, axis=1)
+    db3 += tl.sum(t3, axis=1)
+    # Gate gradients: row side to the gates from row 32 to the row (across sub-chunks 2 and 3), column
+    # side to those after the column's row up to row 31 (across 0 and 1).
+    dr2 = rowq2 * rq2 + b2[:, None] * t2
+    dr3 = rowq3 * rq3 + b3[:, None] * t3
+    dc0 = c0 * cc0
+    dc1 = c1 * cc1
+    dg3 += tl.cumsum(dr3, axis=0, reverse=True)
+    dg2 += tl.cumsum(dr2, axis=0, reverse=True) + tl.sum(dr3, axis=0)[None, :]
+    dg0 += tl.cumsum(dc0, axis=0) - dc0
+    dg1 += tl.cumsum(dc1, axis=0) - dc1 + tl.sum(dc0, axis=0)[None, :]
+    zero = tl.zeros([16, BK], dtype=tl.float32)
+    _add_rows(ddq, ddk, ddg, row0, r0, m0, o_k, i_hv, HV, K, zero, dk0, dg0)
+    _add_rows(ddq, ddk, ddg, row0, r1, m1, o_k, i_hv, HV, K, dq1, dk1, dg1)
+    _add_rows(ddq, ddk, ddg, row0, r2, m2, o_k, i_hv, HV, K, dq2, dk2, dg2)
+    _add_rows(ddq, ddk, ddg, row0, r3, m3, o_k, i_hv, HV, K, dq3, dk3, dg3)
+    p_db = db_tree + (base * tl.num_programs(2) + i_k) * 64 + tl.arange(0, 16)
+    tl.store(p_db, tl.zeros([16], dtype=tl.float32))
+    tl.store(p_db + 16, db1)
+    tl.store(p_db + 32, db2)
+    tl.store(p_db + 48, db3)
+
+
+@triton.jit
 def _chunk_prep_bwd_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info,
     dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
-    dq, dk, dg, dbeta, dA_part, dbias_part, dakk,
+    dq, dk, dg, dbeta, dA_part, dbias_part, dakk, db_tree,
     scale, lower_bound,
     H, HV, K,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0,
+    PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0, TREE_KERNEL_NK: tl.constexpr = 0,
 ):
     """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, the pairs by tree
-    levels; then the L2-norm backward."""
+    levels (unless ``_prep_bwd_tree_kernel`` took them: ``TREE_KERNEL_NK`` > 0 is its number of K
+    blocks, whose dbeta parts are summed here); then the L2-norm backward."""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     # ABLATE (profiling only, wrong results): bit 1 drops the tree levels (16 ... BT/2), 16 drops pass 3.
     r = tl.arange(0, BT)
@@ -335,6 +517,8 @@ def _chunk_prep_bwd_kernel(
     rq = tl.load(norms + base * 2 * BT + r)
     rk = tl.load(norms + base * 2 * BT + BT + r)
     db = tl.load(db_part + base * BT + r)
+    for i_k in tl.static_range(TREE_KERNEL_NK):
+        db += tl.load(db_tree + (base * TREE_KERNEL_NK + i_k) * BT + r)
     dq_diag = tl.load(p_aqk + r * BT + r, mask=m_r, other=0.0) * scale  # Aqk's diagonal, no decay
 
     # ---- pass 2: per K block ------------------------------------------------------------------------
@@ -369,7 +553,7 @@ def _chunk_prep_bwd_kernel(
         acc_k += tl.load(ddk + p_hk, mask=m_rk, other=0.0)
         d_g += tl.load(ddg + p_hk, mask=m_rk, other=0.0)
         # The pairs between sub-chunks, by tree levels BT/2 ... 16.
-        for lv in tl.static_range(0 if (ABLATE & 1) else BT.bit_length() - 5):
+        for lv in tl.static_range(0 if (ABLATE & 1) or TREE_KERNEL_NK > 0 else BT.bit_length() - 5):
             d_q, d_k, d_l, d_b = _tree_level(bq, bk, bb, bg, bgn, p_aqk, p_akk, r, n_rows, scale, BT, BK,
                                              BT >> (lv + 1), PAIR_PREC)
             acc_q += d_q
@@ -501,11 +685,23 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
         )
+        # Opt-in (untimed): the tree levels in a launch of their own on sub-chunk tiles (64-row chunks).
+        tree_nk, db_tree = 0, d
+        if BT == 64 and env("KIMI_LINEAR_KDA_PREP_BWD_TREE", "pass2") == "kernel":
+            tree_bk = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)), next_pow2(K)))
+            tree_nk = triton.cdiv(K, tree_bk)
+            db_tree = torch.empty(NC, HV, tree_nk, BT, device=dev, dtype=f32)
+            LAUNCHED["tree"] = _prep_bwd_tree_kernel[(NC, HV, tree_nk)](
+                q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2], db_tree,
+                float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags, PAIR_PREC=prec,
+                num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 4)), num_stages=1,
+            )
+        LAUNCHED["tree_kernel_nk"] = tree_nk
         LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
             q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1],
             diag[2], dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d,
-            dbias_part if dbias_part is not None else d, dakk, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK,
-            L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec, num_warps=warps, num_stages=stages,
+            dbias_part if dbias_part is not None else d, dakk, db_tree, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK,
+            L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec, num_warps=warps, num_stages=stages, TREE_KERNEL_NK=tree_nk,
             ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0)),
         )
     group = HV // H
