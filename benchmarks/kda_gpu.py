@@ -284,7 +284,8 @@ def _fwd_variants(prep, ref):
     # (Dropped after measuring slower: DIAG_FAST_BK 64, DIAG_FAST_WARPS 2, PREP_BK 16 and pipeline stages
     # in session 7; the whole-chunk kernel and w/u fused into the tree kernel in session 8, with their
     # switches; docs/benchmarks.md.)
-    for variant in ({"DIAG_SPAN": "-1"},):
+    for variant in ({"DIAG_SPAN": "-1"}, {"TREE": "subchunk"}, {"TREE": "subchunk", "TREE_WARPS": "8"},
+                    {"TREE": "subchunk", "TREE_WARPS": "2"}):
         tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
         # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
         # in this loop) kills every later launch, and the log then shows which one it was.

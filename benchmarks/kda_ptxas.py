@@ -67,6 +67,10 @@ def kernels():
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
+    if os.environ.get("KIMI_LINEAR_KDA_TREE") == "subchunk":  # opt-in: the tree levels on sub-chunk tiles
+        yield ("fwd tree on sub-chunks (opt-in)", chunk_fwd._chunk_tree_subchunk_kernel,
+               dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **gate),
+               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 4))
     yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
            dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1,
                 PREC="tf32", INV_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)

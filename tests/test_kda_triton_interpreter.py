@@ -58,12 +58,14 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-@pytest.mark.parametrize("tree", ["pass2", "kernel"])
-def test_varlen_forward_backward(tree, monkeypatch):
+@pytest.mark.parametrize("fwd_tree,bwd_tree", [("masked", "pass2"), ("subchunk", "kernel")])
+def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
-    mostly padding), GVA, -1000 gates: forward and every gradient against float64 (``tree``: the
-    backward's tree levels inside pass 2, or in the opt-in launch of their own)."""
-    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", tree)
+    mostly padding), GVA, -1000 gates: forward and every gradient against float64; the tree levels as
+    by default, or by the two opt-ins on 16-row sub-chunk tiles (``KIMI_LINEAR_KDA_TREE=subchunk``,
+    ``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``)."""
+    monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", fwd_tree)
+    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", bwd_tree)
     cu = [0, 5, 70, 150]
     inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="lower_bound", extreme_gate_frac=0.03, seed=9,
                         cu_seqlens=cu, requires_grad=True, dtype=torch.float64)
@@ -194,6 +196,42 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert wide == 0
     elif extreme < 1:
         assert 0 < wide < 1
+
+
+@pytest.mark.parametrize("tree", ["masked", "subchunk"])
+def test_prep_blocks_weak_decay(tree, monkeypatch):
+    """Aqk and T block by block (16 x 16) with weak decays (A_log = -8), where the blocks far from the
+    diagonal are not negligible, so an error there cannot hide under the near blocks in a whole-matrix
+    norm; the tree levels in the [64, 64] masked kernel or the opt-in sub-chunk one
+    (``KIMI_LINEAR_KDA_TREE=subchunk``)."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton import chunk_fwd
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
+    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", tree)
+    BT, T, H, K, V = 64, 128, 2, 20, 24
+    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=11, dtype=torch.float64)
+    inp.A_log = torch.full_like(inp.A_log, -8.0)
+    inp = inp.cast(torch.float32)
+    shapes = KDAShapes(1, T, H, H, K, V, 1)
+    info, _ = chunk_layout(shapes, None, BT, "cpu")
+    got = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, scale=K ** -0.5, shapes=shapes,
+                     gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias, lower_bound=None, l2norm=True,
+                     beta_sigmoid=True, neg_eigval=False, BT=BT, dtype=torch.float32, pad=True, store_t=True)
+    ref = _prep_reference(inp, BT)
+    want_kernel = chunk_fwd._chunk_tree_subchunk_kernel if tree == "subchunk" else chunk_fwd._chunk_tree_kernel
+    assert chunk_fwd.LAUNCHED["tree_fn"] is want_kernel
+    for name, x in (("aqk", got[4]), ("t", got[6])):
+        r = ref[name]
+        for i in range(4):
+            for j in range(4):
+                blk = (..., slice(16 * i, 16 * i + 16), slice(16 * j, 16 * j + 16))
+                if j > i:
+                    assert torch.all(x[blk] == 0), (name, i, j)
+                    continue
+                assert r[blk].abs().max() > 1e-3, (name, i, j)  # the block matters
+                assert rel_rms(x[blk], r[blk]) < TOL, (name, i, j, rel_rms(x[blk], r[blk]))
 
 
 @pytest.mark.parametrize("mode,want", [("0", (torch.float32, torch.float32)),

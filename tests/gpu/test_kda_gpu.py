@@ -94,7 +94,8 @@ def test_chunk_grid(T, K, V, gate):
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 @pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
-                                     "chunk32", "bwd_16bit_u32", "tree_kernel", "extreme_tree_kernel"])
+                                     "chunk32", "bwd_16bit_u32", "tree_kernel", "extreme_tree_kernel",
+                                     "tree_subchunk", "extreme_tree_subchunk"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
@@ -106,6 +107,8 @@ def test_chunk_variants(variant, gate, monkeypatch):
         monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32")
     if variant.endswith("tree_kernel"):  # opt-in: the backward's tree levels in a launch of their own
         monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel")
+    if variant.endswith("tree_subchunk"):  # opt-in: the forward's tree levels on 16-row sub-chunk tiles
+        monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", "subchunk")
     if variant == "no_l2norm":
         kw["l2norm_in_kernel"] = False
     if variant == "scale":

@@ -24,7 +24,10 @@
      even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
      i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B same-sign gates,
      so one masked tensor-core product per level. T follows by the same tree from the diagonal blocks.
-   Underflow to 0 is exact. (Sessions 6-8 tried a kernel taking whole chunks within the span limit in
+   Underflow to 0 is exact. Opt-in, untimed (``KIMI_LINEAR_KDA_TREE=subchunk``, 64-row chunks):
+   ``_chunk_tree_subchunk_kernel`` does the tree kernel's work on the four sub-chunks as [16, BK] tiles,
+   [16, 16] block products and T by block substitution (ptxas, session 8: no spills, 12 KB of shared
+   memory, against 84 / 112 B and 48 KB). (Sessions 6-8 tried a kernel taking whole chunks within the span limit in
    one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs 1.63 with stress gates, and forward
    + backward slower with both; removed.)
 
@@ -254,6 +257,142 @@ def _chunk_tree_kernel(
 
 
 @triton.jit
+def _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a, lower_bound, H, HV, K,
+               S: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Sub-chunk S of a 64-row chunk in the K block at kb: q and k (L2-normalised with the rows' factors
+    rq, rk), log decays, the inclusive sum of the gates from the sub-chunk start (row side of a tree
+    level) and the sum after the row to the sub-chunk end (column side; from the next rows' gates)."""
+    r = S * 16 + tl.arange(0, 16)
+    m_r = r < n_rows
+    o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
+    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+    bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    after = tl.cumsum(tl.where((tl.arange(0, 16) == 15)[:, None], 0.0, bgn), axis=0, reverse=True)
+    return bq, bk, bg, tl.cumsum(bg, axis=0), after
+
+
+@triton.jit
+def _sub_block_store(ptr, base, I: tl.constexpr, J: tl.constexpr, x):
+    """Store the [16, 16] block (rows of sub-chunk I, columns of J) of a chunk's [64, 64] matrix."""
+    a = tl.arange(0, 16)
+    tl.store(ptr + base * 4096 + (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :], x.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _sub_block_zeros(aqk_out, t_out, base, I: tl.constexpr, J: tl.constexpr):
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    _sub_block_store(aqk_out, base, I, J, z)
+    _sub_block_store(t_out, base, I, J, z)
+
+
+@triton.jit
+def _sub_block_load(ptr, base, I: tl.constexpr, J: tl.constexpr):
+    a = tl.arange(0, 16)
+    return tl.load(ptr + base * 4096 + (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :])
+
+
+@triton.jit
+def _chunk_tree_subchunk_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
+    scale, lower_bound,
+    H, HV, K,
+    BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+):
+    """Opt-in (``KIMI_LINEAR_KDA_TREE=subchunk``, 64-row chunks), in place of ``_chunk_tree_kernel``:
+    the same pairs and factors on the four 16-row sub-chunks as separate [16, BK] tiles. Level 16 is
+    the block pairs (1, 0) and (3, 2), level 32 the pairs {2, 3} x {0, 1}; each is a [16, BK] x [BK, 16]
+    product (not a [64, 64] one masked to an eighth or a quarter). T by block forward substitution from
+    the diagonal kernel's blocks D_s: T_ij = -D_i sum_{j <= m < i} A_im T_mj, the same products as the
+    tree's steps. Writes the off-diagonal blocks of Aqk and T (zeros above the diagonal)."""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    a = head_a_log(A_log, i_hv, HAS_A)
+    r0 = tl.arange(0, 16)
+    rq0, rk0, b0 = _row_scales(q, k, beta, row0, r0, r0 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    rq1, rk1, b1 = _row_scales(q, k, beta, row0, r0 + 16, r0 + 16 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    rq2, rk2, b2 = _row_scales(q, k, beta, row0, r0 + 32, r0 + 32 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    rq3, rk3, b3 = _row_scales(q, k, beta, row0, r0 + 48, r0 + 48 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    q10, k10, q32, k32 = z, z, z, z
+    q20, k20, q21, k21, q30, k30, q31, k31 = z, z, z, z, z, z, z, z
+    for kb in range(0, K, BK):
+        x0, y0, g0, f0, v0 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq0, rk0, a, lower_bound,
+                                        H, HV, K, 0, BK, GATE, HAS_A, HAS_BIAS)
+        x1, y1, g1, f1, v1 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq1, rk1, a, lower_bound,
+                                        H, HV, K, 1, BK, GATE, HAS_A, HAS_BIAS)
+        x2, y2, g2, f2, v2 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq2, rk2, a, lower_bound,
+                                        H, HV, K, 2, BK, GATE, HAS_A, HAS_BIAS)
+        x3, y3, g3, f3, v3 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq3, rk3, a, lower_bound,
+                                        H, HV, K, 3, BK, GATE, HAS_A, HAS_BIAS)
+        # Level 16: rows of 1 (3) from their sub-chunk start, columns of 0 (2) to their sub-chunk end.
+        e1 = tl.exp(tl.minimum(f1, 0.0))
+        c0 = tl.trans(y0 * tl.exp(tl.minimum(v0, 0.0)))
+        q10 = tl.dot(x1 * e1, c0, q10, input_precision=PREC)
+        k10 = tl.dot(y1 * e1, c0, k10, input_precision=PREC)
+        e3 = tl.exp(tl.minimum(f3, 0.0))
+        c2 = tl.trans(y2 * tl.exp(tl.minimum(v2, 0.0)))
+        q32 = tl.dot(x3 * e3, c2, q32, input_precision=PREC)
+        k32 = tl.dot(y3 * e3, c2, k32, input_precision=PREC)
+        # Level 32: rows of 2, 3 from row 32, columns of 0, 1 up to row 31 (sums of one half-chunk's gates).
+        e2 = tl.exp(tl.minimum(f2, 0.0))
+        e3 = tl.exp(tl.minimum(f3 + tl.sum(g2, axis=0)[None, :], 0.0))
+        c1 = tl.trans(y1 * tl.exp(tl.minimum(v1, 0.0)))
+        c0 = tl.trans(y0 * tl.exp(tl.minimum(v0 + tl.sum(g1, axis=0)[None, :], 0.0)))
+        xe2, ye2, xe3, ye3 = x2 * e2, y2 * e2, x3 * e3, y3 * e3
+        q20 = tl.dot(xe2, c0, q20, input_precision=PREC)
+        k20 = tl.dot(ye2, c0, k20, input_precision=PREC)
+        q21 = tl.dot(xe2, c1, q21, input_precision=PREC)
+        k21 = tl.dot(ye2, c1, k21, input_precision=PREC)
+        q30 = tl.dot(xe3, c0, q30, input_precision=PREC)
+        k30 = tl.dot(ye3, c0, k30, input_precision=PREC)
+        q31 = tl.dot(xe3, c1, q31, input_precision=PREC)
+        k31 = tl.dot(ye3, c1, k31, input_precision=PREC)
+    _sub_block_store(aqk_out, base, 1, 0, q10 * scale)
+    _sub_block_store(aqk_out, base, 3, 2, q32 * scale)
+    _sub_block_store(aqk_out, base, 2, 0, q20 * scale)
+    _sub_block_store(aqk_out, base, 2, 1, q21 * scale)
+    _sub_block_store(aqk_out, base, 3, 0, q30 * scale)
+    _sub_block_store(aqk_out, base, 3, 1, q31 * scale)
+    # T = (I + Akk)^-1 by blocks, Akk rows scaled by beta.
+    a10, a32 = k10 * b1[:, None], k32 * b3[:, None]
+    a20, a21 = k20 * b2[:, None], k21 * b2[:, None]
+    a30, a31 = k30 * b3[:, None], k31 * b3[:, None]
+    d0 = _sub_block_load(t_out, base, 0, 0)
+    d1 = _sub_block_load(t_out, base, 1, 1)
+    d2 = _sub_block_load(t_out, base, 2, 2)
+    d3 = _sub_block_load(t_out, base, 3, 3)
+    t10 = -tl.dot(d1, tl.dot(a10, d0, input_precision=INV_PREC), input_precision=INV_PREC)
+    t21 = -tl.dot(d2, tl.dot(a21, d1, input_precision=INV_PREC), input_precision=INV_PREC)
+    t32 = -tl.dot(d3, tl.dot(a32, d2, input_precision=INV_PREC), input_precision=INV_PREC)
+    s20 = tl.dot(a21, t10, tl.dot(a20, d0, input_precision=INV_PREC), input_precision=INV_PREC)
+    t20 = -tl.dot(d2, s20, input_precision=INV_PREC)
+    s31 = tl.dot(a32, t21, tl.dot(a31, d1, input_precision=INV_PREC), input_precision=INV_PREC)
+    t31 = -tl.dot(d3, s31, input_precision=INV_PREC)
+    s30 = tl.dot(a31, t10, tl.dot(a30, d0, input_precision=INV_PREC), input_precision=INV_PREC)
+    s30 = tl.dot(a32, t20, s30, input_precision=INV_PREC)
+    t30 = -tl.dot(d3, s30, input_precision=INV_PREC)
+    _sub_block_store(t_out, base, 1, 0, t10)
+    _sub_block_store(t_out, base, 2, 1, t21)
+    _sub_block_store(t_out, base, 3, 2, t32)
+    _sub_block_store(t_out, base, 2, 0, t20)
+    _sub_block_store(t_out, base, 3, 1, t31)
+    _sub_block_store(t_out, base, 3, 0, t30)
+    _sub_block_zeros(aqk_out, t_out, base, 0, 1)  # the blocks above the diagonal
+    _sub_block_zeros(aqk_out, t_out, base, 0, 2)
+    _sub_block_zeros(aqk_out, t_out, base, 0, 3)
+    _sub_block_zeros(aqk_out, t_out, base, 1, 2)
+    _sub_block_zeros(aqk_out, t_out, base, 1, 3)
+    _sub_block_zeros(aqk_out, t_out, base, 2, 3)
+
+
+@triton.jit
 def _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
                w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
                SK: tl.constexpr, SV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -472,7 +611,17 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
-        if BT > 16:
+        if BT == 64 and env("KIMI_LINEAR_KDA_TREE", "masked") == "subchunk":
+            # Opt-in (untimed): the tree levels on 16-row sub-chunk tiles.
+            sub = {key: val for key, val in inputs.items() if key != "SK"}  # (K blocks masked, not padded)
+            sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_TREE_BK", 32)), next_pow2(K))),
+                       num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 4)))
+            LAUNCHED["tree"] = _chunk_tree_subchunk_kernel[(NC, HV)](
+                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec, INV_PREC=prec,
+                **sub)
+            LAUNCHED["tree_fn"] = _chunk_tree_subchunk_kernel  # (tests check which ran)
+        elif BT > 16:
+            LAUNCHED["tree_fn"] = _chunk_tree_kernel
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
                 q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
                 BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
