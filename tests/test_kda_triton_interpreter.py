@@ -152,6 +152,21 @@ def _prep_reference(inp, BT):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
+def _softplus_prep(inp, BT, **kw):
+    """chunk_prep of one float32 sequence with the softplus gate, L2 norm and beta sigmoid in the kernels,
+    padded layout. Returns (outputs, chunk_info)."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
+    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
+
+    _, T, H, K = inp.q.shape
+    shapes = KDAShapes(1, T, H, H, K, inp.v.shape[-1], 1)
+    info, _ = chunk_layout(shapes, None, BT, "cpu")
+    return chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, scale=K ** -0.5, shapes=shapes,
+                      gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias, lower_bound=None, l2norm=True,
+                      beta_sigmoid=True, neg_eigval=False, BT=BT, pad=True, **kw), info
+
+
 PREP_CASES = [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 0.0), (32, 1.0)]
 
 
@@ -162,21 +177,14 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
     the default split of the sub-chunk pairs (tensor cores where the log-decay span is <= 120 nats, the
     exact column-by-column kernel for the rest), or every sub-chunk down the exact path; the share of wide
     sub-chunks is checked so each path is really taken."""
-    from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
-    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
-    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
 
     if path == "exact":
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)
-    shapes = KDAShapes(1, T, H, H, K, V, 1)
-    info, _ = chunk_layout(shapes, None, BT, "cpu")
-    got = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, scale=K ** -0.5, shapes=shapes,
-                     gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias, lower_bound=None, l2norm=True,
-                     beta_sigmoid=True, neg_eigval=False, BT=BT, dtype=torch.float32, pad=True, store_t=True)
+    got, _ = _softplus_prep(inp, BT, dtype=torch.float32, store_t=True)
     ref = _prep_reference(inp, BT)
     for name, x in zip(("w", "u", "qg", "kg", "aqk", "gc", "t"), got):
         r = ref[name]
@@ -204,21 +212,14 @@ def test_prep_blocks_weak_decay(tree, monkeypatch):
     diagonal are not negligible, so an error there cannot hide under the near blocks in a whole-matrix
     norm; the tree levels in the [64, 64] masked kernel or the opt-in sub-chunk one
     (``KIMI_LINEAR_KDA_TREE=subchunk``)."""
-    from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton import chunk_fwd
-    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
-    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
 
     monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", tree)
-    BT, T, H, K, V = 64, 128, 2, 20, 24
-    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=11, dtype=torch.float64)
+    BT = 64
+    inp = make_inputs(B=1, T=128, H=2, K=20, V=24, gate="softplus", seed=11, dtype=torch.float64)
     inp.A_log = torch.full_like(inp.A_log, -8.0)
     inp = inp.cast(torch.float32)
-    shapes = KDAShapes(1, T, H, H, K, V, 1)
-    info, _ = chunk_layout(shapes, None, BT, "cpu")
-    got = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, scale=K ** -0.5, shapes=shapes,
-                     gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias, lower_bound=None, l2norm=True,
-                     beta_sigmoid=True, neg_eigval=False, BT=BT, dtype=torch.float32, pad=True, store_t=True)
+    got, _ = _softplus_prep(inp, BT, dtype=torch.float32, store_t=True)
     ref = _prep_reference(inp, BT)
     want_kernel = chunk_fwd._chunk_tree_subchunk_kernel if tree == "subchunk" else chunk_fwd._chunk_tree_kernel
     assert chunk_fwd.LAUNCHED["tree_fn"] is want_kernel
@@ -242,23 +243,16 @@ def test_rebuild_storage(mode, want, monkeypatch):
     inputs, and chunk_prep honours a separate u type: the same values as an all-float32 run, bit for bit
     in float32 and within one bf16 unit in the last place in 16 bits (the interpreter's conversion does
     not round to nearest as the card's does). Rows past the sequence's end are scratch and not compared."""
-    from kimi_linear.ops.kda.checks import KDAShapes
     from kimi_linear.ops.kda.triton.chunk_bwd import recompute_dtypes
-    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout, chunk_prep
-    from kimi_linear.ops.kda.triton.utils import GATE_SOFTPLUS
 
     monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", mode)
     assert recompute_dtypes(torch.zeros(1, dtype=torch.bfloat16)) == want
     assert recompute_dtypes(torch.zeros(1)) == (torch.float32, torch.float32)  # float32 inputs: always
-    T, H, K, V, BT = 85, 2, 20, 24, 64
-    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=5, dtype=torch.float64).cast(torch.float32)
-    shapes = KDAShapes(1, T, H, H, K, V, 1)
-    info, _ = chunk_layout(shapes, None, BT, "cpu")
-    kw = dict(scale=K ** -0.5, shapes=shapes, gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias,
-              lower_bound=None, l2norm=True, beta_sigmoid=True, neg_eigval=False, BT=BT, pad=True)
-    full = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, dtype=torch.float32, **kw)
+    BT = 64
+    inp = make_inputs(B=1, T=85, H=2, K=20, V=24, gate="softplus", seed=5, dtype=torch.float64).cast(torch.float32)
+    full, info = _softplus_prep(inp, BT, dtype=torch.float32)
     dtype, u_dtype = want
-    mixed = chunk_prep(inp.q, inp.k, inp.v, inp.g, inp.beta, info, dtype=dtype, u_dtype=u_dtype, **kw)
+    mixed, _ = _softplus_prep(inp, BT, dtype=dtype, u_dtype=u_dtype)
     valid = torch.arange(BT)[None, :] < info[:, 1:].long()  # [chunks, rows]: rows past T are scratch
     for name, a, b in zip(("w", "u", "qg", "kg"), mixed, full):
         assert a.dtype == (u_dtype if name == "u" else dtype), name

@@ -72,24 +72,33 @@ LAUNCHED: dict = {}
 
 
 @triton.jit
-def _pairs(bq, bk, bb, ea, eb, mq, mk, PREC: tl.constexpr):
-    """Gradients of sum_ij mq_ij q_i.k_j P_ij + mk_ij b_i k_i.k_j P_ij with P_ij = ea_i * eb_j (per
-    channel; a tree level passes one factor array for both sides, as its rows and columns are disjoint).
+def _block_pair(bq_i, bk_i, bb_i, e_i, bk_j, e_j, mq, mk, PREC: tl.constexpr):
+    """Gradients of sum_ij mq_ij q_i.k_j P_ij + mk_ij b_i k_i.k_j P_ij with P_ij = e_i * e_j (per channel),
+    for a tile of rows i (q, k, beta, factors e_i) against a tile of columns j (k, factors e_j).
 
-    mq, mk are already masked to the pairs of this factoring. Returns dq, dk, the gradients of the row
-    and column exponents (d log ea_i as row, d log eb_j as column) and the Akk part of db.
+    mq, mk are already masked to the pairs of this factoring. Returns dq_i, the row and column parts of
+    dk (dk_i, dk_j), the gradients of the row and column exponents (d log e_i, d log e_j) and the Akk
+    part of db_i.
     """
-    row_q = bq * ea
-    row_k = bk * ea
-    col_k = bk * eb
+    row_q = bq_i * e_i
+    row_k = bk_i * e_i
+    col_k = bk_j * e_j
     rq = tl.dot(mq, col_k, input_precision=PREC)
     rk = tl.dot(mk, col_k, input_precision=PREC)
     cc = tl.dot(tl.trans(mq), row_q, input_precision=PREC)
-    cc = tl.dot(tl.trans(mk), row_k * bb[:, None], cc, input_precision=PREC)
+    cc = tl.dot(tl.trans(mk), row_k * bb_i[:, None], cc, input_precision=PREC)
     t = row_k * rk
-    d_q = ea * rq
-    d_k = ea * (bb[:, None] * rk) + eb * cc
-    return d_q, d_k, row_q * rq + bb[:, None] * t, col_k * cc, tl.sum(t, axis=1)
+    return (e_i * rq, e_i * (bb_i[:, None] * rk), e_j * cc, row_q * rq + bb_i[:, None] * t, col_k * cc,
+            tl.sum(t, axis=1))
+
+
+@triton.jit
+def _pairs(bq, bk, bb, ea, eb, mq, mk, PREC: tl.constexpr):
+    """``_block_pair`` with rows and columns from the same tile (a sub-chunk, or a chunk's tree level:
+    one factor array for both sides, as a level's rows and columns are disjoint). Returns dq, dk, the
+    row and column exponent gradients and the Akk part of db."""
+    d_q, d_ki, d_kj, d_row, d_col, d_b = _block_pair(bq, bk, bb, ea, bk, eb, mq, mk, PREC)
+    return d_q, d_ki + d_kj, d_row, d_col, d_b
 
 
 @triton.jit
@@ -341,22 +350,6 @@ def _block_pair_loads(p_aqk, p_akk, n_rows, scale, I: tl.constexpr, J: tl.conste
     off = (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :]
     m = ((I * 16 + a) < n_rows)[:, None]
     return tl.load(p_aqk + off, mask=m, other=0.0) * scale, tl.load(p_akk + off, mask=m, other=0.0)
-
-
-@triton.jit
-def _block_pair(bq_i, bk_i, bb_i, e_i, bk_j, e_j, mq, mk, PREC: tl.constexpr):
-    """``_pairs`` for a block of rows i against a separate block of columns j (factors e_i, e_j): dq_i,
-    dk_i, dk_j, the row and column exponent gradients, and the Akk part of db_i."""
-    row_q = bq_i * e_i
-    row_k = bk_i * e_i
-    col_k = bk_j * e_j
-    rq = tl.dot(mq, col_k, input_precision=PREC)
-    rk = tl.dot(mk, col_k, input_precision=PREC)
-    cc = tl.dot(tl.trans(mq), row_q, input_precision=PREC)
-    cc = tl.dot(tl.trans(mk), row_k * bb_i[:, None], cc, input_precision=PREC)
-    t = row_k * rk
-    return (e_i * rq, e_i * (bb_i[:, None] * rk), e_j * cc, row_q * rq + bb_i[:, None] * t, col_k * cc,
-            tl.sum(t, axis=1))
 
 
 @triton.jit
