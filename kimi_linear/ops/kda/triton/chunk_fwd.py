@@ -554,8 +554,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
 
     ``pad`` widens the K and V axes of the intermediates to powers of two (zeros past K and V), so the
     recurrence loads them without masks. ``aqk_dtype`` and ``u_dtype`` override the storage type of Aqk
-    (the forward keeps an fp32 Aqk for the backward) and of u. With ``t_given`` (T of an earlier call on the same inputs) only the w/u
-    launch runs, from that T, and Aqk is returned as None.
+    (the forward keeps an fp32 Aqk for the backward) and of u. With ``t_given`` (T of an earlier call on
+    the same inputs) only the w/u launch runs, from that T, and Aqk is returned as None.
     """
     import os
 

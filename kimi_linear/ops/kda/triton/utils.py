@@ -134,8 +134,9 @@ def subchunk_column(E, dec, bk, r, j: tl.constexpr):
 # Widest log-decay span (nats, per channel, over the pairs of a 16-row sub-chunk) that the kernels take
 # on tensor cores (``midpoint_factors``): factors exp(+-(G - mid)) stay within e^(+-60), far from fp32's
 # overflow (e^88.7) and, times q or k entries down to ~1e-12, from its smallest normal numbers (e^-87.3),
-# so nothing is lost to overflow or flushing. Wider sub-chunks take the exact column-by-column path. KIMI_LINEAR_KDA_DIAG_SPAN lowers the
-# limit (a negative value sends every sub-chunk down the exact path: tests and benchmarks).
+# so nothing is lost to overflow or flushing. Wider sub-chunks take the exact column-by-column path.
+# KIMI_LINEAR_KDA_DIAG_SPAN lowers the limit (a negative value sends every sub-chunk down the exact path:
+# tests and benchmarks).
 DIAG_SPAN_MAX = 120.0
 
 
