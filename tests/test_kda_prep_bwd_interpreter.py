@@ -90,6 +90,12 @@ def test_chunk64(gate, extreme):
     _run(T=73, H=1, BT=64, gate=gate, extreme=extreme, seed=1)
 
 
+def test_chunk64_weak_decay():
+    """Every log decay -0.002: the pairs far apart in a chunk (tree level 32) carry as much as the near
+    ones, so an error there cannot hide under them."""
+    _run(T=128, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-0.002, seed=6)
+
+
 @pytest.mark.parametrize("BT", [32, 128])
 def test_chunk_sizes(BT):
     """BT=32 and 128 (five and seven tree levels), K=40 (several K blocks)."""
@@ -157,8 +163,9 @@ def test_subchunk_paths(case, path, monkeypatch):
     dict(T=128, H=2, K=40, V=20, BT=64, gate="lower_bound", extreme=0.02, seed=2),  # two K blocks
     dict(T=70, H=1, BT=64, gate="softplus", extreme=1.0, seed=5),  # every raw gate +1000
     dict(T=128, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-1.9, seed=3),  # long spans, no underflow
+    dict(T=128, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-0.002, seed=6),  # weak decay: far pairs count
     dict(B=1, T=150, H=1, HV=2, BT=64, gate="softplus", cu_seqlens=[0, 5, 70, 150], seed=4),  # varlen
-], ids=["gva", "two_k_blocks", "all_extreme", "long_span", "varlen"])
+], ids=["gva", "two_k_blocks", "all_extreme", "long_span", "weak_decay", "varlen"])
 def test_tree_kernel(case, monkeypatch):
     """Opt-in ``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``: pass 2's tree levels in a launch of their own on
     16-row sub-chunk tiles; against float64, with the launch checked."""
