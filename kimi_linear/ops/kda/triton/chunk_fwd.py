@@ -53,7 +53,8 @@ import triton.language as tl
 from .utils import (
     INTERPRET, apply_beta, block_channels, chunk_program, chunk_rows, diag_span_max, dummy, head_a_log,
     inverse_step, load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program,
-    subchunk_column, subchunk_program, subchunk_takes_fast_path, tree_factor, tree_pairs, wide_flag,
+    subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles, tree_factor,
+    tree_pairs, wide_flag,
 )
 
 
@@ -257,26 +258,10 @@ def _chunk_tree_kernel(
 
 
 @triton.jit
-def _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a, lower_bound, H, HV, K,
-               S: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Sub-chunk S of a 64-row chunk in the K block at kb: q and k (L2-normalised with the rows' factors
-    rq, rk), log decays, the inclusive sum of the gates from the sub-chunk start (row side of a tree
-    level) and the sum after the row to the sub-chunk end (column side; from the next rows' gates)."""
-    r = S * 16 + tl.arange(0, 16)
-    m_r = r < n_rows
-    o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
-    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-    bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
-    after = tl.cumsum(tl.where((tl.arange(0, 16) == 15)[:, None], 0.0, bgn), axis=0, reverse=True)
-    return bq, bk, bg, tl.cumsum(bg, axis=0), after
-
-
-@triton.jit
 def _sub_block_store(ptr, base, I: tl.constexpr, J: tl.constexpr, x):
     """Store the [16, 16] block (rows of sub-chunk I, columns of J) of a chunk's [64, 64] matrix."""
-    a = tl.arange(0, 16)
-    tl.store(ptr + base * 4096 + (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :], x.to(ptr.dtype.element_ty))
+    off, _ = subchunk_block(I, J)
+    tl.store(ptr + base * 4096 + off, x.to(ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -288,8 +273,8 @@ def _sub_block_zeros(aqk_out, t_out, base, I: tl.constexpr, J: tl.constexpr):
 
 @triton.jit
 def _sub_block_load(ptr, base, I: tl.constexpr, J: tl.constexpr):
-    a = tl.arange(0, 16)
-    return tl.load(ptr + base * 4096 + (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :])
+    off, _ = subchunk_block(I, J)
+    return tl.load(ptr + base * 4096 + off)
 
 
 @triton.jit
@@ -323,14 +308,18 @@ def _chunk_tree_subchunk_kernel(
     q10, k10, q32, k32 = z, z, z, z
     q20, k20, q21, k21, q30, k30, q31, k31 = z, z, z, z, z, z, z, z
     for kb in range(0, K, BK):
-        x0, y0, g0, f0, v0 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq0, rk0, a, lower_bound,
-                                        H, HV, K, 0, BK, GATE, HAS_A, HAS_BIAS)
-        x1, y1, g1, f1, v1 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq1, rk1, a, lower_bound,
-                                        H, HV, K, 1, BK, GATE, HAS_A, HAS_BIAS)
-        x2, y2, g2, f2, v2 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq2, rk2, a, lower_bound,
-                                        H, HV, K, 2, BK, GATE, HAS_A, HAS_BIAS)
-        x3, y3, g3, f3, v3 = _sub_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq3, rk3, a, lower_bound,
-                                        H, HV, K, 3, BK, GATE, HAS_A, HAS_BIAS)
+        _, _, _, x0, y0, g0, f0, v0 = subchunk_tiles(
+            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq0, rk0, a, lower_bound, H, HV, K, 0, BK,
+            GATE, HAS_A, HAS_BIAS)
+        _, _, _, x1, y1, g1, f1, v1 = subchunk_tiles(
+            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq1, rk1, a, lower_bound, H, HV, K, 1, BK,
+            GATE, HAS_A, HAS_BIAS)
+        _, _, _, x2, y2, g2, f2, v2 = subchunk_tiles(
+            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq2, rk2, a, lower_bound, H, HV, K, 2, BK,
+            GATE, HAS_A, HAS_BIAS)
+        _, _, _, x3, y3, g3, f3, v3 = subchunk_tiles(
+            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq3, rk3, a, lower_bound, H, HV, K, 3, BK,
+            GATE, HAS_A, HAS_BIAS)
         # Level 16: rows of 1 (3) from their sub-chunk start, columns of 0 (2) to their sub-chunk end.
         e1 = tl.exp(tl.minimum(f1, 0.0))
         c0 = tl.trans(y0 * tl.exp(tl.minimum(v0, 0.0)))

@@ -64,7 +64,7 @@ import triton.language as tl
 from .utils import (
     INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy, head_a_log, load_gate,
     load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
-    subchunk_takes_fast_path, tree_factor, tree_pairs, wide_flag,
+    subchunk_block, subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -328,27 +328,22 @@ def _prep_bwd_diag_kernel(
 def _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K,
              S: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr,
              HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
-    """Sub-chunk S (rows 16 S ... 16 S + 15) of a 64-row chunk in the K block at kb: its rows, channels,
-    mask, q and k (L2-normalised), log decays, the next rows' log decays and the activated beta."""
-    r = S * 16 + tl.arange(0, 16)
+    """``subchunk_tiles`` of sub-chunk S with pass 1's L2-norm factors, and the rows' activated beta."""
+    rq = tl.load(norms + base * 128 + S * 16 + tl.arange(0, 16))
+    rk = tl.load(norms + base * 128 + 64 + S * 16 + tl.arange(0, 16))
+    r, m_rk, o_k, bq, bk, bg, fwd, after = subchunk_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a,
+                                                          lower_bound, H, HV, K, S, BK, GATE, HAS_A, HAS_BIAS)
     m_r = r < n_rows
-    rq = tl.load(norms + base * 128 + r)
-    rk = tl.load(norms + base * 128 + 64 + r)
-    o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
-    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-    bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
     bb = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
     bb = tl.where(m_r, apply_beta(bb, BETA_SIGMOID, NEG_EIGVAL), 0.0)
-    return r, m_rk, o_k, bq, bk, bg, bgn, bb
+    return r, m_rk, o_k, bq, bk, bg, fwd, after, bb
 
 
 @triton.jit
 def _block_pair_loads(p_aqk, p_akk, n_rows, scale, I: tl.constexpr, J: tl.constexpr):
     """scale dAqk and dAkk on the [16, 16] block of rows of sub-chunk I and columns of sub-chunk J (I > J)."""
-    a = tl.arange(0, 16)
-    off = (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :]
-    m = ((I * 16 + a) < n_rows)[:, None]
+    off, rows = subchunk_block(I, J)
+    m = (rows < n_rows)[:, None]
     return tl.load(p_aqk + off, mask=m, other=0.0) * scale, tl.load(p_akk + off, mask=m, other=0.0)
 
 
@@ -384,25 +379,20 @@ def _prep_bwd_tree_kernel(
     a = head_a_log(A_log, i_hv, HAS_A)
     p_aqk = daqk + base * 4096
     p_akk = dakk + base * 4096
-    r0, m0, o_k, q0, k0, g0, n0, b0 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
-                                               lower_bound, H, HV, K, 0, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
-                                               NEG_EIGVAL)
-    r1, m1, _, q1, k1, g1, n1, b1 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
-                                             lower_bound, H, HV, K, 1, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
-                                             NEG_EIGVAL)
-    r2, m2, _, q2, k2, g2, n2, b2 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
-                                             lower_bound, H, HV, K, 2, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
-                                             NEG_EIGVAL)
-    r3, m3, _, q3, k3, g3, n3, b3 = _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a,
-                                             lower_bound, H, HV, K, 3, BK, GATE, HAS_A, HAS_BIAS, BETA_SIGMOID,
-                                             NEG_EIGVAL)
-    last = (tl.arange(0, 16) == 15)[:, None]
-    # Row-side sums (from the sub-chunk start, inclusive) and column-side sums (after the row to the
-    # sub-chunk end, from the next rows' gates): all sums of same-sign gates of one sub-chunk.
-    f1, f2, f3 = tl.cumsum(g1, axis=0), tl.cumsum(g2, axis=0), tl.cumsum(g3, axis=0)
-    v0 = tl.cumsum(tl.where(last, 0.0, n0), axis=0, reverse=True)
-    v1 = tl.cumsum(tl.where(last, 0.0, n1), axis=0, reverse=True)
-    v2 = tl.cumsum(tl.where(last, 0.0, n2), axis=0, reverse=True)
+    r0, m0, o_k, q0, k0, g0, _, v0, b0 = _quarter(
+        q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K, 0, BK,
+        GATE, HAS_A, HAS_BIAS, BETA_SIGMOID, NEG_EIGVAL)
+    r1, m1, _, q1, k1, g1, f1, v1, b1 = _quarter(
+        q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K, 1, BK,
+        GATE, HAS_A, HAS_BIAS, BETA_SIGMOID, NEG_EIGVAL)
+    r2, m2, _, q2, k2, g2, f2, v2, b2 = _quarter(
+        q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K, 2, BK,
+        GATE, HAS_A, HAS_BIAS, BETA_SIGMOID, NEG_EIGVAL)
+    r3, m3, _, q3, k3, g3, f3, v3, b3 = _quarter(
+        q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K, 3, BK,
+        GATE, HAS_A, HAS_BIAS, BETA_SIGMOID, NEG_EIGVAL)
+    # f: row-side sums (from the sub-chunk start, inclusive), v: column-side sums (after the row to the
+    # sub-chunk end): all sums of same-sign gates of one sub-chunk.
     # Level 16: pairs (1, 0) and (3, 2), factors inside the sub-chunks.
     mq10, mk10 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 1, 0)
     e1 = tl.exp(tl.minimum(f1, 0.0))

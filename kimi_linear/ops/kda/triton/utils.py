@@ -222,6 +222,33 @@ def load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV,
 
 
 @triton.jit
+def subchunk_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a, lower_bound, H, HV, K,
+                   S: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+    """Sub-chunk S (rows 16 S ... 16 S + 15 of a chunk) in the K block at kb, for the kernels that hold a
+    64-row chunk as four [16, BK] tiles: rows r, channels o_k, the row x channel mask, q and k
+    (L2-normalised with the rows' factors rq, rk), log decays, and the two sums a tree level's factors
+    take inside the sub-chunk: from its start to the row (inclusive; the row side) and after the row to
+    its end (the column side; from the next rows' gates, not "total minus self")."""
+    r = S * 16 + tl.arange(0, 16)
+    m_r = r < n_rows
+    o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
+    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+    bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    after = tl.cumsum(tl.where((tl.arange(0, 16) == 15)[:, None], 0.0, bgn), axis=0, reverse=True)
+    return r, m_rk, o_k, bq, bk, bg, tl.cumsum(bg, axis=0), after
+
+
+@triton.jit
+def subchunk_block(I: tl.constexpr, J: tl.constexpr):
+    """Offsets of the [16, 16] block (rows of sub-chunk I, columns of sub-chunk J) of a 64-row chunk's
+    [64, 64] matrix, and its row indices."""
+    a = tl.arange(0, 16)
+    return (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :], I * 16 + a
+
+
+@triton.jit
 def inverse_step(Tm, L, PREC: tl.constexpr):
     """One tree step of T = (I + Akk)^-1: T_2B = T_B - T_B L_B T_B, with L_B the pairs of level B."""
     return Tm - tl.dot(Tm, tl.dot(L, Tm, input_precision=PREC), input_precision=PREC)
