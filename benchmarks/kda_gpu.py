@@ -12,6 +12,7 @@ fresh random non-zero inputs per case, bf16, H = 32, K = V = 128, gate / L2 norm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -275,36 +276,44 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
     return res
 
 
+@contextlib.contextmanager
+def _switches(prefix: str, variant: dict):
+    """Set a variant's KIMI_LINEAR_KDA_* switches for the block, yielding its result tag. The tag is printed
+    before the variant runs: one that faults the device (session 6: an illegal memory access in a variant
+    loop) kills every later launch, and the log then shows which one it was."""
+    tag = prefix + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
+    print(f"  (running {tag})", flush=True)
+    os.environ.update({"KIMI_LINEAR_KDA_" + key: val for key, val in variant.items()})
+    try:
+        yield tag
+    finally:
+        for key in variant:
+            os.environ.pop("KIMI_LINEAR_KDA_" + key)
+
+
 def _fwd_variants(prep, ref):
     """Opt-in launch variants of the forward prep, timed against the default, with their output agreement."""
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     res = {}
-    pre = "KIMI_LINEAR_KDA_"
     # (Dropped after measuring slower: DIAG_FAST_BK 64, DIAG_FAST_WARPS 2, PREP_BK 16 and pipeline stages
     # in session 7; the whole-chunk kernel and w/u fused into the tree kernel in session 8, with their
     # switches; docs/benchmarks.md.)
     for variant in ({"DIAG_SPAN": "-1"}, {"TREE": "subchunk"}, {"TREE": "subchunk", "TREE_WARPS": "8"},
                     {"TREE": "subchunk", "TREE_WARPS": "2"}):
-        tag = "prep_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
-        # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
-        # in this loop) kills every later launch, and the log then shows which one it was.
-        print(f"  (running {tag})", flush=True)
-        os.environ.update({pre + key: val for key, val in variant.items()})
         kernels = ("diag_fast", "diag", "tree", "wy")
         for name in kernels:  # so that only this variant's launches are reported below, none of an earlier one's
             chunk_fwd.LAUNCHED.pop(name, None)
-        try:
-            got = prep()
-            res[f"{tag}_ms"] = bench(prep)
-            res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
-            for name in kernels:
-                if chunk_fwd.LAUNCHED.get(name) is not None:
-                    res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED[name])
-        except Exception as e:  # noqa: BLE001
-            res[tag] = f"failed: {e!r}"
-        for key in variant:
-            os.environ.pop(pre + key)
+        with _switches("prep_", variant) as tag:
+            try:
+                got = prep()
+                res[f"{tag}_ms"] = bench(prep)
+                res[f"{tag}_vs_default"] = max(rel(x.float(), y.float()) for x, y in zip(got, ref))
+                for name in kernels:
+                    if chunk_fwd.LAUNCHED.get(name) is not None:
+                        res[f"{tag}_{name}_kernel"] = kernel_info(chunk_fwd.LAUNCHED[name])
+            except Exception as e:  # noqa: BLE001
+                res[tag] = f"failed: {e!r}"
     return res
 
 
@@ -346,25 +355,18 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
         res[f"bwd_prep_bwd_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
     # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
-    pre = "KIMI_LINEAR_KDA_"
     variants = [{"DIAG_SPAN": "-1"}, {"PREP_BWD_STAGES": "1"}, {"PREP_BWD_ABLATE": "1"}, {"PREP_BWD_TREE": "kernel"},
                 {"PREP_BWD_TREE": "kernel", "PREP_BWD_TREE_WARPS": "8"}] if variants else []
     for variant in variants:
-        tag = "bwd_prep_bwd_" + "_".join(f"{key.lower()}{val}" for key, val in variant.items())
-        # Announced before it runs: a variant that faults the device (session 6: an illegal memory access
-        # in this loop) kills every later launch, and the log then shows which one it was.
-        print(f"  (running {tag})", flush=True)
-        os.environ.update({pre + key: val for key, val in variant.items()})
-        try:
-            pb()
-            res[f"{tag}_ms"] = bench(pb)
-            if "PREP_BWD_TREE" in variant:  # registers and spills of the opt-in's two launches
-                for name in ("tree", "pairs"):
-                    res[f"{tag}_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
-        except Exception as e:  # noqa: BLE001
-            res[tag] = f"failed: {e!r}"
-        for key in variant:
-            os.environ.pop(pre + key)
+        with _switches("bwd_prep_bwd_", variant) as tag:
+            try:
+                pb()
+                res[f"{tag}_ms"] = bench(pb)
+                if "PREP_BWD_TREE" in variant:  # registers and spills of the opt-in's two launches
+                    for name in ("tree", "pairs"):
+                        res[f"{tag}_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
+            except Exception as e:  # noqa: BLE001
+                res[tag] = f"failed: {e!r}"
     return res
 
 

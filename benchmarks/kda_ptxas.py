@@ -77,13 +77,13 @@ def kernels():
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", **gate),
            prep_warps)
+    recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True)
+    recur_warps = _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=True,
-                STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
+           dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps)
     # The backward's rebuild of the chunk states: float32 intermediates (tf32 products), no output.
     yield ("bwd state rebuild", chunk_fwd._chunk_recur_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True, STORE_HT=False,
-                STORE_STATES=True, DOT_DTYPE=tl.float32, STORE_O=False), _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4))
+           dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.float32, STORE_O=False), recur_warps)
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8))
