@@ -292,15 +292,15 @@ def _switches(prefix: str, variant: dict):
 
 
 def _fwd_variants(prep, ref):
-    """Opt-in launch variants of the forward prep, timed against the default, with their output agreement."""
+    """Launch variants of the forward prep (opt-outs and other settings), timed against the default, with
+    their output agreement."""
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     res = {}
     # (Dropped after measuring slower: DIAG_FAST_BK 64, DIAG_FAST_WARPS 2, PREP_BK 16 and pipeline stages
     # in session 7; the whole-chunk kernel and w/u fused into the tree kernel in session 8, with their
     # switches; docs/benchmarks.md.)
-    for variant in ({"DIAG_SPAN": "-1"}, {"TREE": "subchunk"}, {"TREE": "subchunk", "TREE_WARPS": "8"},
-                    {"TREE": "subchunk", "TREE_WARPS": "2"}):
+    for variant in ({"DIAG_SPAN": "-1"}, {"TREE": "masked"}, {"TREE_WARPS": "4"}):
         kernels = ("diag_fast", "diag", "tree", "wy")
         for name in kernels:  # so that only this variant's launches are reported below, none of an earlier one's
             chunk_fwd.LAUNCHED.pop(name, None)
@@ -318,8 +318,8 @@ def _fwd_variants(prep, ref):
 
 
 def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants=True):
-    """Backward pieces (the recompute as chunk_kda_bwd does it; KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1 times
-    the 16-bit variant)."""
+    """Backward pieces (the recompute as chunk_kda_bwd does it, in the storage types that
+    KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT picks)."""
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd
     from kimi_linear.ops.kda.triton.chunk_fwd import chunk_prep, chunk_recur
 
@@ -351,20 +351,20 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     res["bwd_prep_bwd_ms"] = bench(pb)
     from kimi_linear.ops.kda.triton import prep_bwd
 
-    for name in ("wy", "diag_fast", "diag", "pairs"):
+    for name in ("wy", "diag_fast", "diag", "tree", "pairs"):
         res[f"bwd_prep_bwd_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
     # Launch variants, then leave-one-stage-out (KIMI_LINEAR_KDA_PREP_BWD_ABLATE bits, see prep_bwd.py:
-    # 1 the tree levels, i.e. the pairs between sub-chunks, 16 the L2-norm pass).
-    variants = [{"DIAG_SPAN": "-1"}, {"PREP_BWD_STAGES": "1"}, {"PREP_BWD_ABLATE": "1"}, {"PREP_BWD_TREE": "kernel"},
-                {"PREP_BWD_TREE": "kernel", "PREP_BWD_TREE_WARPS": "8"}] if variants else []
+    # 1 the tree levels inside pass 2, so with PREP_BWD_TREE=pass2; 16 the L2-norm pass).
+    variants = [{"DIAG_SPAN": "-1"}, {"PREP_BWD_STAGES": "1"}, {"PREP_BWD_TREE_WARPS": "4"},
+                {"PREP_BWD_TREE": "pass2", "PREP_BWD_WARPS": "4"},
+                {"PREP_BWD_TREE": "pass2", "PREP_BWD_WARPS": "4", "PREP_BWD_ABLATE": "1"}] if variants else []
     for variant in variants:
         with _switches("bwd_prep_bwd_", variant) as tag:
             try:
                 pb()
                 res[f"{tag}_ms"] = bench(pb)
-                if "PREP_BWD_TREE" in variant:  # registers and spills of the opt-in's two launches
-                    for name in ("tree", "pairs"):
-                        res[f"{tag}_{name}_kernel"] = kernel_info(prep_bwd.LAUNCHED.get(name))
+                if "PREP_BWD_TREE" in variant:  # registers and spills of pass 2 with its levels
+                    res[f"{tag}_pairs_kernel"] = kernel_info(prep_bwd.LAUNCHED.get("pairs"))
             except Exception as e:  # noqa: BLE001
                 res[tag] = f"failed: {e!r}"
     return res

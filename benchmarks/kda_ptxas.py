@@ -53,8 +53,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def kernels():
-    """(name, jit function, constexprs, num_warps[, num_stages]) per launch, mirroring the launchers'
-    defaults (one pipeline stage where none is given)."""
+    """(name, jit function, constexprs, num_warps[, num_stages[, float32 pointers]]) per launch, mirroring
+    the launchers' defaults (one pipeline stage where none is given)."""
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, recurrent
 
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
@@ -67,23 +67,29 @@ def kernels():
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
-    if os.environ.get("KIMI_LINEAR_KDA_TREE") == "subchunk":  # opt-in: the tree levels on sub-chunk tiles
-        yield ("fwd tree on sub-chunks (opt-in)", chunk_fwd._chunk_tree_subchunk_kernel,
+    if os.environ.get("KIMI_LINEAR_KDA_TREE", "subchunk") == "subchunk":  # the tree levels on sub-chunk tiles
+        yield ("fwd tree on sub-chunks", chunk_fwd._chunk_tree_subchunk_kernel,
                dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **gate),
-               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 4))
-    yield ("fwd tree", chunk_fwd._chunk_tree_kernel,
-           dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1,
-                PREC="tf32", INV_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
+               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 2))
+    else:  # KIMI_LINEAR_KDA_TREE=masked (what 32- and 128-row chunks run)
+        yield ("fwd tree (masked)", chunk_fwd._chunk_tree_kernel,
+               dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
+                    ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", **gate),
            prep_warps)
     recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True)
     recur_warps = _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4)
+    recur_stages = _env_int("KIMI_LINEAR_KDA_STAGES", 3)  # (chunk_fwd._recur_stages: 3 for 16-bit w, else 1)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
-           dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps)
-    # The backward's rebuild of the chunk states: float32 intermediates (tf32 products), no output.
+           dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
+           recur_stages)
+    # The backward's rebuild of the chunk states, no output: by default w, qg, kg in bf16 and u in float32
+    # (KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=u32); =0 all float32 (tf32 products), =1 all bf16.
+    mode = os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32")
     yield ("bwd state rebuild", chunk_fwd._chunk_recur_kernel,
-           dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.float32, STORE_O=False), recur_warps)
+           dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.float32 if mode == "0" else tl.bfloat16,
+                STORE_O=False), recur_warps, 1 if mode == "0" else recur_stages, {"u"} if mode == "u32" else set())
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8))
@@ -100,15 +106,15 @@ def kernels():
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
            _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
     tree_nk = 0
-    if os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_TREE") == "kernel":  # opt-in: the tree levels on their own
+    if os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel") == "kernel":  # the tree levels on their own
         tree_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)
         tree_nk = K // tree_bk
-        yield ("bwd tree levels (opt-in)", prep_bwd._prep_bwd_tree_kernel,
-               dict(BK=tree_bk, PAIR_PREC="tf32", **no_norm), _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 4))
+        yield ("bwd tree levels", prep_bwd._prep_bwd_tree_kernel,
+               dict(BK=tree_bk, PAIR_PREC="tf32", **no_norm), _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2))
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
            dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0),
                 TREE_KERNEL_NK=tree_nk, **gate),
-           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 4), bwd_stages)
+           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 8), bwd_stages)
     # Decode into a state pool in place, as launched at batch >= 8 (V slices of 32, 2 warps).
     yield ("decode", recurrent._recurrent_kda_kernel,
            dict(UNIT_STRIDES, BK=K, BV=_env_int("KIMI_LINEAR_KDA_DECODE_BV", 32), **gate, VARLEN=False, HAS_H0=True,
@@ -116,7 +122,9 @@ def kernels():
            _env_int("KIMI_LINEAR_KDA_DECODE_WARPS", 2))
 
 
-def signature(fn, consts):
+def signature(fn, consts, fp32_ptrs=frozenset()):
+    """Triton types of ``fn``'s arguments; ``fp32_ptrs``: pointers kept in float32 where their kind is
+    otherwise bf16 (the rebuild's u)."""
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -129,16 +137,18 @@ def signature(fn, consts):
             sig[name] = "*i32"
         elif name in INT8_PTRS:
             sig[name] = "*i8"
+        elif name in fp32_ptrs:
+            sig[name] = "*fp32"
         else:
             sig[name] = "*bf16" if name in BF16_PTRS or (name in BF16_FWD and consts.get("DOT_DTYPE", tl.float32) != tl.float32 or
                                                          name in BF16_FWD and "WY_PREC" in consts) else "*fp32"
     return sig
 
 
-def ptxas_report(fn, consts, warps, stages: int = 1, arch: str = "sm_90a") -> str:
+def ptxas_report(fn, consts, warps, stages: int = 1, fp32_ptrs=frozenset(), arch: str = "sm_90a") -> str:
     """Compile for Hopper and return ptxas -v's resource lines for the kernel."""
     consts = dict(consts)
-    sig = signature(fn, consts)
+    sig = signature(fn, consts, fp32_ptrs)
     # As the launcher specialises them on the card: pointers and the head / width arguments divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name].startswith("*") or name in INTS or name in STRIDES}
@@ -177,11 +187,11 @@ def main():
         key, _, val = item.partition("=")
         os.environ[key] = val
     print(f"triton {triton.__version__}, target sm_90a; K = V = {K}, BT = {BT}, bf16, softplus gate")
-    for name, fn, consts, warps, *stages in kernels():
+    for name, fn, consts, warps, *rest in kernels():
         if args.only and not any(w in name for w in args.only):
             continue
         try:
-            report = ptxas_report(fn, consts, warps, *stages)
+            report = ptxas_report(fn, consts, warps, *rest)
         except Exception as e:  # noqa: BLE001  (report and go on)
             report = f"failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}"
         print(f"{name:27s} {warps} warp(s): {report}", flush=True)

@@ -90,9 +90,12 @@ def test_chunk64(gate, extreme):
     _run(T=73, H=1, BT=64, gate=gate, extreme=extreme, seed=1)
 
 
-def test_chunk64_weak_decay():
+@pytest.mark.parametrize("tree", ["kernel", "pass2"])
+def test_chunk64_weak_decay(tree, monkeypatch):
     """Every log decay -0.002: the pairs far apart in a chunk (tree level 32) carry as much as the near
-    ones, so an error there cannot hide under them."""
+    ones, so an error there cannot hide under them; the tree levels in their own kernel (the default)
+    or inside pass 2 (``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2``, as at 32- and 128-row chunks)."""
+    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", tree)
     _run(T=128, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-0.002, seed=6)
 
 
@@ -167,8 +170,9 @@ def test_subchunk_paths(case, path, monkeypatch):
     dict(B=1, T=150, H=1, HV=2, BT=64, gate="softplus", cu_seqlens=[0, 5, 70, 150], seed=4),  # varlen
 ], ids=["gva", "two_k_blocks", "all_extreme", "long_span", "weak_decay", "varlen"])
 def test_tree_kernel(case, monkeypatch):
-    """Opt-in ``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``: pass 2's tree levels in a launch of their own on
-    16-row sub-chunk tiles; against float64, with the launch checked."""
+    """``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel`` (the default at 64-row chunks): pass 2's tree levels in a
+    launch of their own on 16-row sub-chunk tiles, here in K blocks of 16; against float64, with the
+    launch checked."""
     from kimi_linear.ops.kda.triton import prep_bwd
 
     monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel")

@@ -61,9 +61,9 @@ def test_chunk_forward_backward(gate):
 @pytest.mark.parametrize("fwd_tree,bwd_tree", [("masked", "pass2"), ("subchunk", "kernel")])
 def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
-    mostly padding), GVA, -1000 gates: forward and every gradient against float64; the tree levels as
-    by default, or by the two opt-ins on 16-row sub-chunk tiles (``KIMI_LINEAR_KDA_TREE=subchunk``,
-    ``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``)."""
+    mostly padding), GVA, -1000 gates: forward and every gradient against float64; the tree levels on
+    16-row sub-chunk tiles (the defaults at 64-row chunks) or as masked [64, 64] products
+    (``KIMI_LINEAR_KDA_TREE=masked``, ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2``, as at 32 and 128 rows)."""
     monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", fwd_tree)
     monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", bwd_tree)
     cu = [0, 5, 70, 150]
@@ -210,8 +210,8 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
 def test_prep_blocks_weak_decay(tree, monkeypatch):
     """Aqk and T block by block (16 x 16) with weak decays (A_log = -8), where the blocks far from the
     diagonal are not negligible, so an error there cannot hide under the near blocks in a whole-matrix
-    norm; the tree levels in the [64, 64] masked kernel or the opt-in sub-chunk one
-    (``KIMI_LINEAR_KDA_TREE=subchunk``)."""
+    norm; the tree levels in the sub-chunk kernel (the default) or the [64, 64] masked one
+    (``KIMI_LINEAR_KDA_TREE=masked``)."""
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", tree)
@@ -235,7 +235,8 @@ def test_prep_blocks_weak_decay(tree, monkeypatch):
                 assert rel_rms(x[blk], r[blk]) < TOL, (name, i, j, rel_rms(x[blk], r[blk]))
 
 
-@pytest.mark.parametrize("mode,want", [("0", (torch.float32, torch.float32)),
+@pytest.mark.parametrize("mode,want", [(None, (torch.bfloat16, torch.float32)),  # the default: u32
+                                       ("0", (torch.float32, torch.float32)),
                                        ("1", (torch.bfloat16, torch.bfloat16)),
                                        ("u32", (torch.bfloat16, torch.float32))])
 def test_rebuild_storage(mode, want, monkeypatch):
@@ -245,7 +246,10 @@ def test_rebuild_storage(mode, want, monkeypatch):
     not round to nearest as the card's does). Rows past the sequence's end are scratch and not compared."""
     from kimi_linear.ops.kda.triton.chunk_bwd import recompute_dtypes
 
-    monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", mode)
+    if mode is None:
+        monkeypatch.delenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", raising=False)
+    else:
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", mode)
     assert recompute_dtypes(torch.zeros(1, dtype=torch.bfloat16)) == want
     assert recompute_dtypes(torch.zeros(1)) == (torch.float32, torch.float32)  # float32 inputs: always
     BT = 64

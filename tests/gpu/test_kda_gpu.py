@@ -94,21 +94,21 @@ def test_chunk_grid(T, K, V, gate):
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 @pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
-                                     "chunk32", "bwd_16bit_u32", "tree_kernel", "extreme_tree_kernel",
-                                     "tree_subchunk", "extreme_tree_subchunk"])
+                                     "chunk32", "bwd_fp32", "tree_pass2", "extreme_tree_pass2",
+                                     "tree_masked", "extreme_tree_masked"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
         kw["extreme_gate_frac"] = 0.05
     if variant == "extreme_exact":  # every sub-chunk through the exact column-by-column kernels
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
-    if variant == "bwd_16bit_u32":  # opt-in: the backward's rebuild in 16 bits but u, on the case 16 bits fail
+    if variant == "bwd_fp32":  # opt-out: the backward's rebuild all in float32 (the default keeps only u so)
         kw["extreme_gate_frac"] = 0.05
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32")
-    if variant.endswith("tree_kernel"):  # opt-in: the backward's tree levels in a launch of their own
-        monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel")
-    if variant.endswith("tree_subchunk"):  # opt-in: the forward's tree levels on 16-row sub-chunk tiles
-        monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", "subchunk")
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "0")
+    if variant.endswith("tree_pass2"):  # opt-out: the backward's tree levels inside pass 2 (as at BT 32 / 128)
+        monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "pass2")
+    if variant.endswith("tree_masked"):  # opt-out: the forward's tree levels as masked [64, 64] products
+        monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", "masked")
     if variant == "no_l2norm":
         kw["l2norm_in_kernel"] = False
     if variant == "scale":

@@ -1,8 +1,9 @@
 """Chunked KDA backward.
 
 1. Recompute the chunk-local quantities (w, u, qg, kg, gC; Aqk and T unless the forward kept them) with
-   the prep kernels and the state entering every chunk with the recurrence kernel (``STORE_STATES``), in
-   float32 (the forward's 16-bit padded layout with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1``).
+   the prep kernels and the state entering every chunk with the recurrence kernel (``STORE_STATES``, float32
+   states). w, qg and kg are stored in the inputs' 16-bit type (the forward's padded layout), u in float32
+   (``recompute_dtypes``).
 2. ``_chunk_recur_bwd_kernel``: reverse sweep over each sequence's chunks, grid (V / BV, N * HV), with the
    state gradient dS ([K, BV], fp32) in registers. For a chunk with entering state h:
 
@@ -272,14 +273,15 @@ def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg,
 
 
 def recompute_dtypes(q):
-    """Storage types of the backward's rebuilt intermediates (w, qg, kg; u): float32, or the forward's own
-    16-bit type with ``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=1`` (opt-in: forward + backward 9.63 vs 10.57 ms at T=8K,
-    H=32 on an H200, but dA_log with -1000 gates reaches 1.8e-2 against float64, over the 1e-2 bound. The
-    16-bit storage of the rebuilt tensors, mostly u, is what moves it, together with the tf32 products:
-    tf32 state products on 16-bit storage gave the same 1.8e-2 on the card, while with exact products
-    the rounding alone moves it by 1.5e-3; session 8, docs/benchmarks.md). ``=u32`` (opt-in, untimed):
-    the same with u kept in float32 (with exact products, rounding w, qg and kg moves dA_log by 1.5e-4)."""
-    mode = os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "0")
+    """Storage types of the backward's rebuilt intermediates (w, qg, kg; u; the chunk states stay float32). By
+    default (``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=u32``) the forward's own 16-bit type with u in
+    float32: forward + backward 9.58 -> 8.69 ms at T=8K, H=32 on an H200 (session 9), worst gradient
+    error on the GPU suite dbeta 5.5e-3, dA_log 5.0e-3 with -1000 gates. ``=1`` stores u in 16 bits too
+    (a further ~1%), but dA_log with -1000 gates then reaches 1.8e-2 against float64, over the 1e-2
+    bound: u's rounding together with the tf32 state products (with exact products the rounding alone
+    moves it by 1.5e-3; session 8, docs/benchmarks.md). ``=0`` rebuilds everything in float32.
+    Float32 inputs always rebuild in float32."""
+    mode = os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32")
     if mode == "1":
         return storage_dtype(q), storage_dtype(q)
     if mode == "u32":
@@ -291,8 +293,8 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     """``kept``: (Aqk fp32, T) kept by the forward, or None to recompute them (the same numbers)."""
     shapes, BT = cfg.shapes, cfg.BT
     use_kernel = BT in (16, 32, 64, 128) and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD") != "autograd"
-    # w, u, qg, kg and the chunk states are rebuilt in float32 (16-bit intermediates need the padded layout,
-    # as in the forward: the unpadded one was wrong on triton 3.6 for K=60).
+    # 16-bit intermediates need the padded layout, as in the forward (the unpadded one was wrong on
+    # triton 3.6 for K=60).
     dtype, u_dtype = recompute_dtypes(q)
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,

@@ -24,10 +24,11 @@
      even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
      i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B same-sign gates,
      so one masked tensor-core product per level. T follows by the same tree from the diagonal blocks.
-   Underflow to 0 is exact. Opt-in, untimed (``KIMI_LINEAR_KDA_TREE=subchunk``, 64-row chunks):
-   ``_chunk_tree_subchunk_kernel`` does the tree kernel's work on the four sub-chunks as [16, BK] tiles,
-   [16, 16] block products and T by block substitution (ptxas, session 8: no spills, 12 KB of shared
-   memory, against 84 / 112 B and 48 KB). (Sessions 6-8 tried a kernel taking whole chunks within the span limit in
+   Underflow to 0 is exact. At 64-row chunks (the default) ``_chunk_tree_subchunk_kernel`` does this
+   work on the four sub-chunks as [16, BK] tiles instead: [16, 16] block products and T by block
+   substitution (ptxas, session 8: no spills, 12 KB of shared memory, against 84 / 112 B and 48 KB;
+   H200, session 9, T=8K: forward 1.50 vs 1.64 ms at 2 warps; ``KIMI_LINEAR_KDA_TREE=masked`` keeps
+   the masked kernel, which 32- and 128-row chunks use). (Sessions 6-8 tried a kernel taking whole chunks within the span limit in
    one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs 1.63 with stress gates, and forward
    + backward slower with both; removed.)
 
@@ -287,7 +288,7 @@ def _chunk_tree_subchunk_kernel(
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
-    """Opt-in (``KIMI_LINEAR_KDA_TREE=subchunk``, 64-row chunks), in place of ``_chunk_tree_kernel``:
+    """At 64-row chunks, in place of ``_chunk_tree_kernel`` (``KIMI_LINEAR_KDA_TREE=masked`` opts out):
     the same pairs and factors on the four 16-row sub-chunks as separate [16, BK] tiles. Level 16 is
     the block pairs (1, 0) and (3, 2), level 32 the pairs {2, 3} x {0, 1}; each is a [16, BK] x [BK, 16]
     product (not a [64, 64] one masked to an eighth or a quarter). T by block forward substitution from
@@ -600,11 +601,12 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
-        if BT == 64 and env("KIMI_LINEAR_KDA_TREE", "masked") == "subchunk":
-            # Opt-in (untimed): the tree levels on 16-row sub-chunk tiles.
+        if BT == 64 and env("KIMI_LINEAR_KDA_TREE", "subchunk") == "subchunk":
+            # The tree levels on 16-row sub-chunk tiles. H200, session 9, T=8K, forward: 1.50 ms at 2
+            # warps, 1.65 at 4, 1.58 at 1, 2.07 at 8; 1.77 with K blocks of 16 at 4 warps (masked: 1.64).
             sub = {key: val for key, val in inputs.items() if key != "SK"}  # (K blocks masked, not padded)
             sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_TREE_BK", 32)), next_pow2(K))),
-                       num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 4)))
+                       num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 2)))
             LAUNCHED["tree"] = _chunk_tree_subchunk_kernel[(NC, HV)](
                 q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec, INV_PREC=prec,
                 **sub)

@@ -21,12 +21,13 @@ Launches:
    diagonal kernel's parts, the pairs between sub-chunks by the forward's binary tree (levels 16 ...
    BT/2), the gate activation; then the L2-norm backward, which needs q.dq over the whole row.
 
-Opt-in, untimed (``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``, 64-row chunks): ``_prep_bwd_tree_kernel``
-(grid chunks x HV x K / BK, between 2 and 3) takes the tree levels on [16, BK] sub-chunk tiles, as
-[16, 16] block products, adding its parts to the sub-chunk kernels' buffers, and pass 2 skips them.
-ptxas (sm_90a, session 8): pass 2 then has 207 registers, no spills and 2808 SASS instructions (560 / 648
-B of spills and 6200 with the levels); the new kernel 255 registers, 40 / 40 B, 4336 (16 / 16 B and 3344
-at 8 warps). The ablation without the levels (chunk_prep_bwd 2.98 vs 5.53 ms at T=8K) bounds the gain.
+At 64-row chunks (the default; ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2`` opts out, and 32- and 128-row
+chunks keep the levels in pass 2) ``_prep_bwd_tree_kernel`` (grid chunks x HV x K / BK, between 2 and 3)
+takes the tree levels on [16, BK] sub-chunk tiles, as [16, 16] block products, adding its parts to the
+sub-chunk kernels' buffers, and pass 2 skips them. ptxas (sm_90a, session 9): pass 2 then has 128
+registers at 8 warps, no spills and 1696 SASS instructions (560 / 648 B of spills and 6200 with the
+levels at 4 warps). H200, session 9, T=8K, forward + backward: 9.77 -> 8.69 ms with the tree kernel at 4
+warps, 8.37 at 2, 7.98 with pass 2 at 8 warps and the forward's sub-chunk tree (trained-like gates).
 
 (Sessions 6-8 tried a whole-chunk branch of pass 2 for chunks whose log-decay span is within
 ``utils.DIAG_SPAN_MAX``, in one kernel with both branches and then as a launch of its own: chunk_prep_bwd
@@ -365,7 +366,7 @@ def _prep_bwd_tree_kernel(
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PAIR_PREC: tl.constexpr,
 ):
-    """Opt-in (``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel``, 64-row chunks): pass 2's tree levels in a launch
+    """At 64-row chunks (``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2`` opts out): pass 2's tree levels in a launch
     of their own, grid (chunks, HV, K / BK), on [16, BK] sub-chunk tiles. The pairs between sub-chunks
     as [16, 16] x [16, BK] block products: level 16 the pairs (1, 0) and (3, 2), level 32 the pairs of
     sub-chunks {2, 3} x {0, 1}, with the tree's factors (sums of the gates of one half-chunk only, so
@@ -623,9 +624,10 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if dt_bias is not None else None
     dakk = T if overwrite_t else torch.empty_like(T)  # dAkk of every chunk (written by pass 1)
     if NC > 0:
-        # Pass 2 (the per-K-block kernel): 4 warps at BT=64, 6.17 ms vs 7.21 with 8 at T=8K, H=32 on an
-        # H200 (session 6, levels 16 and 32; 8 warps had won in session 4 with six levels).
-        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 4), 128: (16, 8)}[BT]
+        # Pass 2 (the per-K-block kernel): at BT=64 without the tree levels (their own kernel), 8 warps:
+        # forward + backward 7.98 vs 8.21 ms at T=8K, H=32 on an H200 (session 9; K blocks of 32 at 4
+        # warps 7.99). With the levels, 4 warps had won (session 6: 6.17 vs 7.21 ms).
+        bk, warps = {16: (32, 4), 32: (16, 8), 64: (16, 8), 128: (16, 8)}[BT]
         BK = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BK", bk)), next_pow2(K)))
         BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_BV", 32)), next_pow2(V)))
         warps = int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_WARPS", warps))
@@ -668,16 +670,18 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
         )
-        # Opt-in (untimed): the tree levels in a launch of their own on sub-chunk tiles (64-row chunks).
+        # The tree levels in a launch of their own on sub-chunk tiles (64-row chunks). Session 9, H200,
+        # T=8K, forward + backward: 2 warps 8.37 ms, 4 warps 8.69, 1 warp 9.46 (8 warps: 10.79 vs 9.52
+        # at 4 with the float32 rebuild); K blocks of 16 10.21 and 64 8.41 at 4 warps, 64 at 2 9.38.
         tree_nk, db_tree = 0, d
-        if BT == 64 and env("KIMI_LINEAR_KDA_PREP_BWD_TREE", "pass2") == "kernel":
+        if BT == 64 and env("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel") == "kernel":
             tree_bk = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)), next_pow2(K)))
             tree_nk = triton.cdiv(K, tree_bk)
             db_tree = torch.empty(NC, HV, tree_nk, BT, device=dev, dtype=f32)
             LAUNCHED["tree"] = _prep_bwd_tree_kernel[(NC, HV, tree_nk)](
                 q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2], db_tree,
                 float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags, PAIR_PREC=prec,
-                num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 4)), num_stages=1,
+                num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2)), num_stages=1,
             )
         LAUNCHED["tree_kernel_nk"] = tree_nk
         LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
