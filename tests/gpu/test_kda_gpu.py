@@ -124,6 +124,15 @@ def test_chunk_variants(variant, gate, monkeypatch):
     check_fwd_bwd(f"variant {variant} {gate}", inp, chunk_size=32 if variant == "chunk32" else 64)
 
 
+@pytest.mark.parametrize("K,V", [(16, 16), (8, 24), (24, 8)])
+def test_narrow_heads(K, V):
+    """Heads narrower than the kernels' 32-wide V slices and K blocks, bf16, with the backward: the
+    launch widths clamp to the head (session 9 saw the reverse sweep fault the device with V slices of
+    16 under the 16-bit rebuild, so its slices no longer go below 32)."""
+    inp = cuda(make_inputs(B=2, T=130, H=2, K=K, V=V, gate="softplus", dtype=torch.float64, seed=K + V))
+    check_fwd_bwd(f"narrow K={K} V={V}", inp)
+
+
 @pytest.mark.parametrize("log_decay", [-7.8, -8.2])
 def test_span_limit(log_decay):
     """Every log decay -7.8 (a 16-row sub-chunk spans 117 nats: the tensor-core path at the edge of its

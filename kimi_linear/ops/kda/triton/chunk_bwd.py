@@ -144,7 +144,9 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
     # V slices of 32 and 8 warps: session 7, H200, T=8K, H=32, forward + backward 10.88 ms vs 11.12 with
     # 4 warps (init-like gates; 11.42 vs 11.66 stress), 12.26 / 11.67 at slices of 16 / 64
     # (docs/results/kda_bwd_variants_h200_session7.log).
-    BV = max(16, min(int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_BV", 32)), next_pow2(V)))
+    # Never below 32 (narrow heads are masked): slices of 16 faulted the device (illegal memory access)
+    # on the H200 with the 16-bit rebuild, session 9, where session 7's float32 rebuild had run them.
+    BV = max(32, min(int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_BV", 32)), next_pow2(V)))
     do = do.contiguous()
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
     v_new = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
