@@ -58,20 +58,30 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-@pytest.mark.parametrize("fwd_tree,bwd_tree", [("masked", "pass2"), ("subchunk", "kernel")])
+@pytest.mark.parametrize("fwd_tree,bwd_tree", [("masked", "pass2"), (None, None)])
 def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
     mostly padding), GVA, -1000 gates: forward and every gradient against float64; the tree levels on
     16-row sub-chunk tiles (the defaults at 64-row chunks) or as masked [64, 64] products
-    (``KIMI_LINEAR_KDA_TREE=masked``, ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2``, as at 32 and 128 rows)."""
-    monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", fwd_tree)
-    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", bwd_tree)
+    (``KIMI_LINEAR_KDA_TREE=masked``, ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2``, as at 32 and 128 rows);
+    checks which kernels ran."""
+    from kimi_linear.ops.kda.triton import chunk_fwd, prep_bwd
+
+    for name, val in (("KIMI_LINEAR_KDA_TREE", fwd_tree), ("KIMI_LINEAR_KDA_PREP_BWD_TREE", bwd_tree)):
+        if val is None:  # the defaults
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, val)
     cu = [0, 5, 70, 150]
     inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="lower_bound", extreme_gate_frac=0.03, seed=9,
                         cu_seqlens=cu, requires_grad=True, dtype=torch.float64)
     o_err, s_err, errs = _fp32_vs_float64(inp64, seed=1)
     assert o_err < TOL and s_err < TOL
     assert max(errs) < TOL, errs
+    masked = fwd_tree == "masked"
+    assert chunk_fwd.LAUNCHED["tree_fn"] is (chunk_fwd._chunk_tree_kernel if masked else
+                                             chunk_fwd._chunk_tree_subchunk_kernel)
+    assert (prep_bwd.LAUNCHED["tree_kernel_nk"] == 0) == masked
 
 
 @pytest.mark.parametrize("C,cu", [(16, [0, 1, 16, 50]), (128, [0, 130, 300, 301])])
