@@ -245,6 +245,17 @@ def test_prep_blocks_weak_decay(tree, monkeypatch):
                 assert rel_rms(x[blk], r[blk]) < TOL, (name, i, j, rel_rms(x[blk], r[blk]))
 
 
+@pytest.mark.parametrize("name", ["KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "KIMI_LINEAR_KDA_TREE",
+                                  "KIMI_LINEAR_KDA_PREP_BWD_TREE", "KIMI_LINEAR_KDA_STORE"])
+def test_unknown_switch_value(name, monkeypatch):
+    """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
+    monkeypatch.setenv(name, "bogus")
+    x = torch.randn(1, 70, 2, 16, requires_grad=True)
+    with pytest.raises(ValueError, match=name):
+        o, s = chunk_kda(x, x, x, -torch.rand(1, 70, 2, 16), torch.rand(1, 70, 2), output_final_state=True)
+        (o.sum() + s.sum()).backward()
+
+
 @pytest.mark.parametrize("mode,want", [(None, (torch.bfloat16, torch.float32)),  # the default: u32
                                        ("0", (torch.float32, torch.float32)),
                                        ("1", (torch.bfloat16, torch.bfloat16)),

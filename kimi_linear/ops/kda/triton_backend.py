@@ -9,14 +9,12 @@ raw inputs plus the resolved ``scale``, the ``KDAShapes`` and the flags. The chu
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .triton.chunk_bwd import chunk_kda_bwd
 from .triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur, storage_dtype
 from .triton.recurrent import recurrent_kda_fwd
-from .triton.utils import gate_code
+from .triton.utils import env_choice, gate_code
 
 # Internal chunk length of the Triton kernels. Results do not depend on it except for the layout of
 # the interior states, which follow the caller's chunk_size.
@@ -42,7 +40,7 @@ def keep_for_backward() -> bool:
     """Whether the forward keeps Aqk (fp32) and T for the backward, which then skips recomputing them:
     512 B per token and value head held from forward to backward. KIMI_LINEAR_KDA_BWD_RECOMPUTE=full
     recomputes instead (the numbers are the same either way)."""
-    return os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE", "partial") != "full"
+    return env_choice("KIMI_LINEAR_KDA_BWD_RECOMPUTE", "partial", ("partial", "full")) == "partial"
 
 
 def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False):

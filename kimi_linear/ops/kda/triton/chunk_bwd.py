@@ -33,7 +33,7 @@ import triton.language as tl
 from ..gate import kda_gate
 from .chunk_fwd import chunk_prep, chunk_recur, storage_dtype
 from .prep_bwd import chunk_prep_bwd
-from .utils import INTERPRET, chunk_program, chunk_rows, dummy, next_pow2, sequence_program
+from .utils import INTERPRET, chunk_program, chunk_rows, dummy, env_choice, next_pow2, sequence_program
 
 
 @triton.jit
@@ -278,12 +278,12 @@ def recompute_dtypes(q):
     """Storage types of the backward's rebuilt intermediates (w, qg, kg; u; the chunk states stay float32). By
     default (``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=u32``) the forward's own 16-bit type with u in
     float32: forward + backward 9.58 -> 8.69 ms at T=8K, H=32 on an H200 (session 9), worst gradient
-    error on the GPU suite dbeta 5.5e-3, dA_log 5.0e-3 with -1000 gates. ``=1`` stores u in 16 bits too
+    error on the GPU suite dbeta 6.0e-3 (kg's rounding, read by the reverse sweep), dA_log 5.0e-3. ``=1`` stores u in 16 bits too
     (a further ~1%), but dA_log with -1000 gates then reaches 1.8e-2 against float64, over the 1e-2
     bound: u's rounding together with the tf32 state products (with exact products the rounding alone
     moves it by 1.5e-3; session 8, docs/benchmarks.md). ``=0`` rebuilds everything in float32.
     Float32 inputs always rebuild in float32."""
-    mode = os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32")
+    mode = env_choice("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32", ("u32", "0", "1"))
     if mode == "1":
         return storage_dtype(q), storage_dtype(q)
     if mode == "u32":
@@ -294,7 +294,8 @@ def recompute_dtypes(q):
 def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq, kept=None):
     """``kept``: (Aqk fp32, T) kept by the forward, or None to recompute them (the same numbers)."""
     shapes, BT = cfg.shapes, cfg.BT
-    use_kernel = BT in (16, 32, 64, 128) and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD") != "autograd"
+    use_kernel = BT in (16, 32, 64, 128) and env_choice("KIMI_LINEAR_KDA_PREP_BWD", "kernel",
+                                                        ("kernel", "autograd")) == "kernel"
     # 16-bit intermediates need the padded layout, as in the forward (the unpadded one was wrong on
     # triton 3.6 for K=60).
     dtype, u_dtype = recompute_dtypes(q)

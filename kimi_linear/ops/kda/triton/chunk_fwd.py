@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_channels, chunk_program, chunk_rows, diag_span_max, dummy, head_a_log,
+    INTERPRET, apply_beta, block_channels, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, head_a_log,
     inverse_step, load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program,
     subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles, tree_factor,
     tree_pairs, wide_flag,
@@ -529,9 +529,8 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
     layout gave wrong bf16 results on triton 3.6 for K=60 / V=100; padded to powers of two, the GPU
     suite passes.)
     """
-    import os
-
-    if os.environ.get("KIMI_LINEAR_KDA_STORE", "16bit") == "16bit" and x.dtype in (torch.bfloat16, torch.float16):
+    store = env_choice("KIMI_LINEAR_KDA_STORE", "16bit", ("16bit", "fp32"))
+    if store == "16bit" and x.dtype in (torch.bfloat16, torch.float16):
         return x.dtype
     return torch.float32
 
@@ -601,7 +600,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
-        if BT == 64 and env("KIMI_LINEAR_KDA_TREE", "subchunk") == "subchunk":
+        if BT == 64 and env_choice("KIMI_LINEAR_KDA_TREE", "subchunk", ("subchunk", "masked")) == "subchunk":
             # The tree levels on 16-row sub-chunk tiles. H200, session 9, T=8K, forward: 1.50 ms at 2
             # warps, 1.65 at 4, 1.58 at 1, 2.07 at 8; 1.77 with K blocks of 16 at 4 warps (masked: 1.64).
             sub = {key: val for key, val in inputs.items() if key != "SK"}  # (K blocks masked, not padded)

@@ -63,8 +63,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy, head_a_log, load_gate,
-    load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
+    INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy, env_choice, head_a_log,
+    load_gate, load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
     subchunk_block, subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
@@ -674,7 +674,7 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         # T=8K, forward + backward: 2 warps 8.37 ms, 4 warps 8.69, 1 warp 9.46 (8 warps: 10.79 vs 9.52
         # at 4 with the float32 rebuild); K blocks of 16 10.21 and 64 8.41 at 4 warps, 64 at 2 9.38.
         tree_nk, db_tree = 0, d
-        if BT == 64 and env("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel") == "kernel":
+        if BT == 64 and env_choice("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel", ("kernel", "pass2")) == "kernel":
             tree_bk = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)), next_pow2(K)))
             tree_nk = triton.cdiv(K, tree_bk)
             db_tree = torch.empty(NC, HV, tree_nk, BT, device=dev, dtype=f32)

@@ -25,6 +25,15 @@ def gate_code(use_gate_in_kernel: bool, lower_bound) -> int:
     return GATE_SOFTPLUS if lower_bound is None else GATE_LOWER
 
 
+def env_choice(name: str, default: str, choices: tuple) -> str:
+    """A mode switch read from the environment at launch time; an unknown value is an error naming the
+    variable and its choices (not a silent fall back to some other path)."""
+    val = os.environ.get(name, default)
+    if val not in choices:
+        raise ValueError(f"{name}={val!r}: expected one of {', '.join(map(repr, choices))}")
+    return val
+
+
 def next_pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
