@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -84,12 +85,14 @@ def kernels():
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
-    # The backward's rebuild of the chunk states, no output: by default w, qg, kg in bf16 and u in float32
-    # (KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=u32); =0 all float32 (tf32 products), =1 all bf16.
-    mode = os.environ.get("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32")
+    # The backward's rebuild of the chunk states, no output, in the storage types the backward picks for
+    # bf16 inputs (by default w, qg, kg in bf16 and u in float32; all float32: tf32 products, one stage).
+    w_dtype, u_dtype = chunk_bwd.recompute_dtypes(torch.zeros(1, dtype=torch.bfloat16))
+    rebuild_16 = w_dtype != torch.float32
     yield ("bwd state rebuild", chunk_fwd._chunk_recur_kernel,
-           dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.float32 if mode == "0" else tl.bfloat16,
-                STORE_O=False), recur_warps, 1 if mode == "0" else recur_stages, {"u"} if mode == "u32" else set())
+           dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.bfloat16 if rebuild_16 else tl.float32,
+                STORE_O=False), recur_warps, recur_stages if rebuild_16 else 1,
+           {"u"} if rebuild_16 and u_dtype == torch.float32 else set())
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
            dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8))

@@ -275,14 +275,14 @@ def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg,
 
 
 def recompute_dtypes(q):
-    """Storage types of the backward's rebuilt intermediates (w, qg, kg; u; the chunk states stay float32). By
-    default (``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=u32``) the forward's own 16-bit type with u in
-    float32: forward + backward 9.58 -> 8.69 ms at T=8K, H=32 on an H200 (session 9), worst gradient
-    error on the GPU suite dbeta 6.0e-3 (kg's rounding, read by the reverse sweep), dA_log 5.0e-3. ``=1`` stores u in 16 bits too
-    (a further ~1%), but dA_log with -1000 gates then reaches 1.8e-2 against float64, over the 1e-2
-    bound: u's rounding together with the tf32 state products (with exact products the rounding alone
-    moves it by 1.5e-3; session 8, docs/benchmarks.md). ``=0`` rebuilds everything in float32.
-    Float32 inputs always rebuild in float32."""
+    """Storage types of the backward's rebuilt intermediates (w, qg, kg; u; the chunk states stay
+    float32). By default (``KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT=u32``) the forward's own 16-bit type with
+    u in float32: forward + backward 9.58 -> 8.69 ms at T=8K, H=32 on an H200 (session 9), worst gradient
+    error on the GPU suite dbeta 6.0e-3 (kg's rounding, read by the reverse sweep), dA_log 5.0e-3.
+    ``=1`` stores u in 16 bits too (a further ~1%), but dA_log with -1000 gates then reaches 1.8e-2
+    against float64, over the 1e-2 bound: u's rounding together with the tf32 state products (with
+    exact products the rounding alone moves it by 1.5e-3; session 8, docs/benchmarks.md). ``=0``
+    rebuilds everything in float32. Float32 inputs always rebuild in float32."""
     mode = env_choice("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "u32", ("u32", "0", "1"))
     if mode == "1":
         return storage_dtype(q), storage_dtype(q)

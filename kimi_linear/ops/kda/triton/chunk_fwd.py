@@ -28,9 +28,9 @@
    work on the four sub-chunks as [16, BK] tiles instead: [16, 16] block products and T by block
    substitution (ptxas, session 8: no spills, 12 KB of shared memory, against 84 / 112 B and 48 KB;
    H200, session 9, T=8K: forward 1.50 vs 1.64 ms at 2 warps; ``KIMI_LINEAR_KDA_TREE=masked`` keeps
-   the masked kernel, which 32- and 128-row chunks use). (Sessions 6-8 tried a kernel taking whole chunks within the span limit in
-   one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs 1.63 with stress gates, and forward
-   + backward slower with both; removed.)
+   the masked kernel, which 32- and 128-row chunks use). (Sessions 6-8 tried a kernel taking whole
+   chunks within the span limit in one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs
+   1.63 with stress gates, and forward + backward slower with both; removed.)
 
    Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC). History (T=8K, H=32, H200, docs/benchmarks.md):
    session 3 had three launches with the in-sub-chunk pairs one by one (2.2 ms); session 4 one tree
@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_channels, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, head_a_log,
-    inverse_step, load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, sequence_program,
+    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, head_a_log, inverse_step,
+    load_qkg_block, load_qkg_next, midpoint_factors, next_pow2, sequence_program,
     subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles, tree_factor,
     tree_pairs, wide_flag,
 )
@@ -239,11 +239,8 @@ def _chunk_tree_kernel(
     A_qk = tl.zeros([BT, BT], dtype=tl.float32)
     A_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(0, SK, BK):
-        o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
-        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
-                             GATE, HAS_A, HAS_BIAS)
+        _, _, _, _, bq, bk, bg, bgn = load_qkg_next(q, k, g, dt_bias, kb, row0, r, m_r, n_rows, i_h, i_hv, rq, rk,
+                                                    a, lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
         # ABLATE (profiling only, wrong results): bit 1 drops the dot levels, bit 2 the inverse's steps.
         for lv in tl.static_range(4, 4 if (ABLATE & 1) else LEVELS):
             A_qk, A_kk = _level_products(bq, bk, tree_factor(bg, bgn, r, BT, BK, 1 << lv),
@@ -383,12 +380,27 @@ def _chunk_tree_subchunk_kernel(
 
 
 @triton.jit
-def _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
-               w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
-               SK: tl.constexpr, SV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, WY_PREC: tl.constexpr):
-    """From a chunk's T: w = T (beta k e^G), u = T (beta v), qg, kg, gC. Decays relative to the chunk start
-    (e^G) and to its end (e^(G_C - G)) are direct sums, so all <= 1."""
+def _chunk_wy_kernel(
+    q, k, v, g, beta, A_log, dt_bias, chunk_info, t_in,
+    w_out, u_out, qg_out, kg_out, gc_out,
+    scale, lower_bound,
+    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
+):
+    """Second half of the split prep, grid (chunks, HV): from the stored T, w = T (beta k e^G),
+    u = T (beta v), qg, kg, gC. Decays relative to the chunk start (e^G) and to its end (e^(G_C - G)) are
+    direct sums, so all <= 1. (Session 7 fused this into the tree kernel, which saved the second pass over
+    q and k for the row norms and the load of T, but the tree kernel's extra registers cost more: prep
+    1.54 vs 1.42 ms at T=8K, H200.)"""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    r = tl.arange(0, BT)
+    m_r = r < n_rows
+    a = head_a_log(A_log, i_hv, HAS_A)
+    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
     for kb in range(0, SK, BK):
         o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
                                                H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
@@ -410,31 +422,6 @@ def _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta,
         b_u = tl.dot(Tm, bv * b_beta[:, None], input_precision=WY_PREC)
         tl.store(u_out + base * BT * SV + r[:, None] * SV + o_v[None, :], b_u.to(u_out.dtype.element_ty),
                  mask=(r < BT)[:, None] & (o_v < SV)[None, :])
-
-
-@triton.jit
-def _chunk_wy_kernel(
-    q, k, v, g, beta, A_log, dt_bias, chunk_info, t_in,
-    w_out, u_out, qg_out, kg_out, gc_out,
-    scale, lower_bound,
-    H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
-):
-    """Second half of the split prep, grid (chunks, HV): ``_wy_from_t`` from the stored T. (Session 7
-    fused this into the tree kernel, which saved the second pass over q and k for the row norms and the
-    load of T, but the tree kernel's extra registers cost more: prep 1.54 vs 1.42 ms at T=8K, H200.)"""
-    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    r = tl.arange(0, BT)
-    m_r = r < n_rows
-    a = head_a_log(A_log, i_hv, HAS_A)
-    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
-                                 L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
-    _wy_from_t(Tm, q, k, v, g, dt_bias, row0, r, m_r, i_h, i_hv, rq, rk, b_beta, a, base,
-               w_out, u_out, qg_out, kg_out, gc_out, scale, lower_bound, H, HV, K, V,
-               SK, SV, BT, BK, BV, GATE, HAS_A, HAS_BIAS, WY_PREC)
 
 
 @triton.jit

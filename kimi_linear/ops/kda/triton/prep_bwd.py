@@ -64,7 +64,7 @@ import triton.language as tl
 
 from .utils import (
     INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy, env_choice, head_a_log,
-    load_gate, load_next_gate, load_qkg, load_qkg_block, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
+    load_gate, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
     subchunk_block, subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
@@ -510,11 +510,9 @@ def _chunk_prep_bwd_kernel(
     sdq = tl.zeros([BT], dtype=tl.float32)
     sdk = tl.zeros([BT], dtype=tl.float32)
     for kb in range(0, K, BK):
-        o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
-        bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                               H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-        bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K,
-                             GATE, HAS_A, HAS_BIAS)
+        o_k, m_k, m_rk, bias, bq, bk, bg, bgn = load_qkg_next(q, k, g, dt_bias, kb, row0, r, m_r, n_rows, i_h,
+                                                              i_hv, rq, rk, a, lower_bound, H, HV, K, BK, GATE,
+                                                              HAS_A, HAS_BIAS)
 
         # Terms without pairwise decays. Exponent gradients of G_i reach g_m for m <= i; kg's decay to
         # the chunk end reaches g_m for m > i.

@@ -231,6 +231,18 @@ def load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV,
 
 
 @triton.jit
+def load_qkg_next(q, k, g, dt_bias, kb, row0, r, m_r, n_rows, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
+                  BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The K block at kb of rows r (valid where m_r) for the tree factors: ``block_channels``' channels,
+    masks and dt_bias, ``load_qkg``'s q, k and log decays, and ``load_next_gate``'s next rows' decays."""
+    o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
+    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
+                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
+    bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    return o_k, m_k, m_rk, bias, bq, bk, bg, bgn
+
+
+@triton.jit
 def subchunk_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a, lower_bound, H, HV, K,
                    S: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr,
                    HAS_BIAS: tl.constexpr):
@@ -240,11 +252,8 @@ def subchunk_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a, low
     take inside the sub-chunk: from its start to the row (inclusive; the row side) and after the row to
     its end (the column side; from the next rows' gates, not "total minus self")."""
     r = S * 16 + tl.arange(0, 16)
-    m_r = r < n_rows
-    o_k, m_k, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
-    bq, bk, bg = load_qkg(q, k, g, row0, i_h, i_hv, o_k, m_rk, rq, rk, a, bias, lower_bound,
-                          H, HV, K, GATE, HAS_A, HAS_BIAS, r)
-    bgn = load_next_gate(g, row0, r, n_rows, i_hv, o_k, m_k, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+    o_k, _, m_rk, _, bq, bk, bg, bgn = load_qkg_next(q, k, g, dt_bias, kb, row0, r, r < n_rows, n_rows, i_h, i_hv,
+                                                     rq, rk, a, lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
     after = tl.cumsum(tl.where((tl.arange(0, 16) == 15)[:, None], 0.0, bgn), axis=0, reverse=True)
     return r, m_rk, o_k, bq, bk, bg, tl.cumsum(bg, axis=0), after
 
