@@ -91,11 +91,11 @@ def kernels():
     rebuild_16 = w_dtype != torch.float32
     yield ("bwd state rebuild", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.bfloat16 if rebuild_16 else tl.float32,
-                STORE_O=False), recur_warps, recur_stages if rebuild_16 else 1,
+                STORE_O=False, STORE_VNEW=True), recur_warps, recur_stages if rebuild_16 else 1,
            {"u"} if rebuild_16 and u_dtype == torch.float32 else set())
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
-           _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8))
+           dict(SK=K, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
+           _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 1))
     yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     bwd_stages = _env_int("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2)

@@ -245,8 +245,35 @@ def test_prep_blocks_weak_decay(tree, monkeypatch):
                 assert rel_rms(x[blk], r[blk]) < TOL, (name, i, j, rel_rms(x[blk], r[blk]))
 
 
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+def test_gate_activated_once(gate, monkeypatch):
+    """The in-kernel gate activated once for every chunk-local kernel (``KIMI_LINEAR_KDA_GATE_PASS=once``,
+    the default) or in-register by each (``fused``): the same output and gradients, -1000 gates
+    included. (The interpreter runs the same float32 operations either way, so they agree to rounding.)"""
+    from kimi_linear.ops.kda.triton.utils import activate_gate, gate_code
+    from kimi_linear.ops.kda.gate import kda_gate
+
+    results = {}
+    for mode in ("once", "fused"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_GATE_PASS", mode)
+        x = make_inputs(B=1, T=85, H=1, HV=2, K=20, V=24, gate=gate, extreme_gate_frac=0.03, seed=4,
+                        requires_grad=True, dtype=torch.float64).cast(torch.float32)
+        o, s = x.call(chunk_kda)
+        gen = torch.Generator().manual_seed(0)
+        loss = (o * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()
+        results[mode] = [o, s, *torch.autograd.grad(loss, x.tensors())]
+    for a, b in zip(results["once"], results["fused"]):
+        assert rel_rms(a, b) < 1e-6
+    # The activation kernel against the PyTorch gate.
+    lb = -5.0 if gate == "lower_bound" else None
+    got = activate_gate(x.g.detach(), x.A_log, x.dt_bias, lb, gate_code(True, lb))
+    want = kda_gate(x.g.detach(), x.A_log, x.dt_bias, lb)
+    assert got.dtype == torch.float32 and rel_rms(got, want) < 1e-6
+
+
 @pytest.mark.parametrize("name", ["KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "KIMI_LINEAR_KDA_TREE",
-                                  "KIMI_LINEAR_KDA_PREP_BWD_TREE", "KIMI_LINEAR_KDA_STORE"])
+                                  "KIMI_LINEAR_KDA_PREP_BWD_TREE", "KIMI_LINEAR_KDA_STORE",
+                                  "KIMI_LINEAR_KDA_GATE_PASS"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")
@@ -327,8 +354,12 @@ def test_sweep_reads_padded_layout():
                           gate=GATE_SOFTPLUS, A_log=inp.A_log, dt_bias=inp.dt_bias, lower_bound=None, l2norm=True,
                           beta_sigmoid=True, neg_eigval=False, BT=BT, dtype=torch.float32, pad=pad)
         assert (outs[0].shape[-1], outs[1].shape[-1]) == ((32, 32) if pad else (K, V))
+        v_new = torch.empty(info.shape[0], H, BT, V)
         _, _, states = chunk_recur(*outs, info, seq, shapes=shapes, initial_state=inp.initial_state,
-                                   out=torch.empty(1, T, H, V), store_final=False, store_states=True, BT=BT)
-        results.append(chunk_recur_bwd(*outs, info, seq, states, None, do, shapes=shapes, BT=BT))
+                                   out=torch.empty(1, T, H, V), store_final=False, store_states=True, BT=BT,
+                                   v_new=v_new)
+        w, _, qg, kg, aqk, gc = outs
+        results.append(chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, None, do, shapes=shapes,
+                                       BT=BT))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)

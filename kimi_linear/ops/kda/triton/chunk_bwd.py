@@ -1,15 +1,15 @@
 """Chunked KDA backward.
 
 1. Recompute the chunk-local quantities (w, u, qg, kg, gC; Aqk and T unless the forward kept them) with
-   the prep kernels and the state entering every chunk with the recurrence kernel (``STORE_STATES``, float32
-   states). w, qg and kg are stored in the inputs' 16-bit type (the forward's padded layout), u in float32
-   (``recompute_dtypes``).
+   the prep kernels, and with the recurrence kernel the state h entering every chunk (``STORE_STATES``,
+   float32) and v_new = u - w h (``STORE_VNEW``, float32). w, qg and kg are stored in the inputs' 16-bit
+   type (the forward's padded layout), u in float32 (``recompute_dtypes``).
 2. ``_chunk_recur_bwd_kernel``: reverse sweep over each sequence's chunks, grid (V / BV, N * HV), with the
-   state gradient dS ([K, BV], fp32) in registers. For a chunk with entering state h:
+   state gradient dS ([K, BV], fp32) in registers. For a chunk:
 
-       v_new = u - w h,   dv_new = Aqk^T do + kg dS,   dS <- exp(gC) * dS + qg^T do - w^T dv_new
+       dv_new = Aqk^T do + kg dS,   dS <- exp(gC) * dS + qg^T do - w^T dv_new
 
-   It stores dv_new (= du), v_new and dS per chunk (each V slice its own part; dS after the first chunk is
+   It stores dv_new (= du) and dS per chunk (each V slice its own part; dS after the first chunk is
    dh0). ``_chunk_bwd_grads_kernel`` then forms, chunk-parallel over full V rows,
    dqg = do h^T, dkg = v_new dS^T, dw = -dv_new h^T, dAqk = do v_new^T, dgC = exp(gC) * rowsum(h * dS).
    (The earlier single sweep summed those over V slices with fp32 atomics: 36 ms of sweep at T=32K, H=32
@@ -33,20 +33,23 @@ import triton.language as tl
 from ..gate import kda_gate
 from .chunk_fwd import chunk_prep, chunk_recur, storage_dtype
 from .prep_bwd import chunk_prep_bwd
-from .utils import INTERPRET, chunk_program, chunk_rows, dummy, env_choice, next_pow2, sequence_program
+from .utils import (
+    INTERPRET, activate_gate, chunk_program, chunk_rows, dummy, env_choice, gate_once, next_pow2, sequence_program,
+)
 
 
 @triton.jit
 def _chunk_recur_bwd_kernel(
-    w, u, kg, aqk, gc, qg, chunk_info, seq_chunks, states, dht, do,
-    du, v_new_out, ds_out, dh0,
-    HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
+    w, kg, aqk, gc, qg, chunk_info, seq_chunks, dht, do,
+    du, ds_out, dh0,
+    HV, K, V, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
 ):
-    """Reverse sweep, grid (V / BV, N * HV): only the dependent chain. Per chunk it stores dv (= du),
-    v_new and the state gradient dS entering the sweep step (the gradient of the state after the chunk);
+    """Reverse sweep, grid (V / BV, N * HV): only the dependent chain. Per chunk it stores dv (= du) and
+    the state gradient dS entering the sweep step (the gradient of the state after the chunk);
     ``_chunk_bwd_grads_kernel`` turns those into the other gradients chunk-parallel. Every store is
-    exclusive to its V slice (no atomics)."""
+    exclusive to its V slice (no atomics). v_new comes from the state rebuild (``chunk_recur`` with
+    ``v_new``), so the sweep neither loads the chunk states nor u."""
     i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -63,23 +66,19 @@ def _chunk_recur_bwd_kernel(
         c = c1 - 1 - i
         base = (c * HV + i_hv).to(tl.int64)
         p_kv = (base * K + o_k[:, None]) * V + o_v[None, :]
-        h = tl.load(states + p_kv, mask=m_kv, other=0.0)
         tl.store(ds_out + p_kv, dS, mask=m_kv)
-        # w, qg, kg, u, gC in the (possibly padded, SK / SV wide) layout of the prep kernels.
+        # w, qg, kg, gC in the (possibly padded, SK wide) layout of the prep kernels.
         p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
         b_w = tl.load(w + p_k, mask=m_rk, other=0.0).to(tl.float32)
         b_qg = tl.load(qg + p_k, mask=m_rk, other=0.0).to(tl.float32)
         b_kg = tl.load(kg + base * BT * SK + o_k[None, :] * BT + r[:, None], mask=m_rk, other=0.0).to(tl.float32)
-        p_u = base * BT * V + r[:, None] * V + o_v[None, :]
-        b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
         b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :]).to(tl.float32)
         b_gc = tl.load(gc + base * SK + o_k, mask=m_k, other=0.0)
         row0, n_rows = chunk_rows(chunk_info, c)
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
                        mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        tl.store(v_new_out + p_u, b_u - tl.dot(b_w, h), mask=m_v[None, :])
         dv = tl.dot(tl.trans(b_a), b_do) + tl.dot(b_kg, dS)
-        tl.store(du + p_u, dv, mask=m_v[None, :])
+        tl.store(du + base * BT * V + r[:, None] * V + o_v[None, :], dv, mask=m_v[None, :])
         dS = dS * tl.exp(b_gc)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), dv)
     tl.store(dh0 + p_s, dS, mask=m_kv)
 
@@ -133,9 +132,10 @@ def _chunk_bwd_grads_kernel(
         tl.store(daqk + base * BT * BT + r[:, None] * BT + r[None, :], acc_a)
 
 
-def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes, BT):
-    """Reverse sweep then the chunk-parallel gradients. Returns (du, dqg, dkg, dw, dAqk, dgC, dh0), fp32.
-    The per-chunk state gradients take a buffer as large as ``states`` (fp32 [chunks, HV, K, V])."""
+def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, shapes, BT):
+    """Reverse sweep then the chunk-parallel gradients, from the rebuilt intermediates, the chunk states
+    and v_new of the state rebuild (``chunk_recur`` with ``v_new``). Returns (du, dqg, dkg, dw, dAqk, dgC,
+    dh0), fp32. The per-chunk state gradients take a buffer as large as ``states`` (fp32 [chunks, HV, K, V])."""
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     NC = info.shape[0]
     dev = w.device
@@ -149,14 +149,14 @@ def chunk_recur_bwd(w, u, qg, kg, aqk, gc, info, seq, states, dht, do, *, shapes
     BV = max(32, min(int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_BV", 32)), next_pow2(V)))
     do = do.contiguous()
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
-    v_new = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
     ds = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32)
     _chunk_recur_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
-        w, u, kg, aqk, gc, qg, info, seq, states, dht if dht is not None else dummy(dev), do,
-        du, v_new, ds, dh0,
-        HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)), num_stages=1,
+        w, kg, aqk, gc, qg, info, seq, dht if dht is not None else dummy(dev), do,
+        du, ds, dh0,
+        HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
+        num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)),
+        num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 1)),
     )
     dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=f32)
     dkg = torch.empty_like(dqg)
@@ -299,27 +299,30 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     # 16-bit intermediates need the padded layout, as in the forward (the unpadded one was wrong on
     # triton 3.6 for K=60).
     dtype, u_dtype = recompute_dtypes(q)
+    # The activated gate, once for the rebuild and the prep backward's launches before pass 2.
+    g_act = activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate) if gate_once(cfg.gate) else None
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
         neg_eigval=cfg.neg_eigval, BT=BT, dtype=dtype, pad=dtype != torch.float32, store_t=use_kernel,
-        t_given=None if kept is None else kept[1], aqk_dtype=torch.float32, u_dtype=u_dtype,
+        t_given=None if kept is None else kept[1], aqk_dtype=torch.float32, u_dtype=u_dtype, g_act=g_act,
     )
     w, u, qg, kg, aqk, gc = outs[:6]
     if kept is not None:
         aqk = kept[0]
     tinv = outs[6] if use_kernel else None
+    v_new = torch.empty(info.shape[0], shapes.HV, BT, shapes.V, device=q.device, dtype=torch.float32)
     _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=None,
-                               store_final=False, store_states=True, BT=BT)
+                               store_final=False, store_states=True, BT=BT, v_new=v_new)
     du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(
-        w, u, qg, kg, aqk, gc, info, seq, states, None if dht is None else dht.contiguous(), do,
+        w, qg, kg, aqk, gc, info, seq, states, v_new, None if dht is None else dht.contiguous(), do,
         shapes=shapes, BT=BT,
     )
-    del w, u, qg, kg, aqk, gc, states
+    del w, u, qg, kg, aqk, gc, states, v_new
     if use_kernel:
         # A kept T must survive a second backward (retain_graph), so it is not reused as scratch.
         grads = chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, info, tinv, dw, du, dqg, dkg, daqk, dgc, cfg=cfg,
-                               overwrite_t=kept is None)
+                               overwrite_t=kept is None, g_act=g_act)
     else:
         grads = _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg, daqk, dgc, cfg)
     return (*grads, (dh0 if h0 is not None else None))

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, head_a_log, inverse_step,
+    INTERPRET, activate_gate, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_once, head_a_log, inverse_step,
     load_qkg_block, load_qkg_next, midpoint_factors, next_pow2, sequence_program,
     subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles, tree_factor,
     tree_pairs, wide_flag,
@@ -426,11 +426,11 @@ def _chunk_wy_kernel(
 
 @triton.jit
 def _chunk_recur_kernel(
-    w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, h0, ht, states, o,
+    w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, h0, ht, states, o, v_new_out,
     HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    STORE_O: tl.constexpr = True,
+    STORE_O: tl.constexpr = True, STORE_VNEW: tl.constexpr = False,
 ):
     i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
@@ -462,6 +462,8 @@ def _chunk_recur_kernel(
         b_gc = tl.load(gc + base * SK + o_k, mask=m_ks, other=0.0)
         Sd = S.to(DOT_DTYPE)
         v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
+        if STORE_VNEW:  # (for the backward's reverse sweep and gradient kernel; [chunk, head, row, V] fp32)
+            tl.store(v_new_out + (base * BT + r[:, None]) * V + o_v[None, :], v_new, mask=m_v[None, :])
         vd = v_new.to(DOT_DTYPE)
         if STORE_O:
             b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
@@ -524,16 +526,24 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None, u_dtype=None):
+               t_given=None, u_dtype=None, g_act=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
     ``pad`` widens the K and V axes of the intermediates to powers of two (zeros past K and V), so the
     recurrence loads them without masks. ``aqk_dtype`` and ``u_dtype`` override the storage type of Aqk
     (the forward keeps an fp32 Aqk for the backward) and of u. With ``t_given`` (T of an earlier call on
-    the same inputs) only the w/u launch runs, from that T, and Aqk is returned as None.
+    the same inputs) only the w/u launch runs, from that T, and Aqk is returned as None. With an in-kernel
+    gate and ``gate_once`` the kernels read the activated gate (``g_act``, or ``activate_gate``'s here)
+    instead of activating the raw one each.
     """
     import os
+
+    if gate_once(gate):
+        # H200, session 10, T=8K, H=32: the in-register activation cost the forward's prep kernels 0.21 ms
+        # (and the forward + backward 0.6 ms) against a pre-activated gate.
+        g = g_act if g_act is not None else activate_gate(g, A_log, dt_bias, lower_bound, gate)
+        gate, A_log, dt_bias = 0, None, None
 
     H, HV, K, V = shapes.H, shapes.HV, shapes.K, shapes.V
     NC = chunk_info.shape[0]
@@ -632,10 +642,11 @@ def _recur_stages(dtype, BK: int) -> int:
 
 
 def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
-                store_final, store_states, BT):
+                store_final, store_states, BT, v_new=None):
     """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None); with
     ``out=None`` no output is computed (the backward's state rebuild; session 8, H200, T=8K: forward +
-    backward 10.57 vs 10.79 ms)."""
+    backward 10.57 vs 10.79 ms). ``v_new`` (fp32 [chunks, HV, BT, V]) also receives u - w S of every
+    chunk (the rebuild stores it for the backward's sweep)."""
     import os
 
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
@@ -650,9 +661,10 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     LAUNCHED["recur"] = _chunk_recur_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
         initial_state if initial_state is not None else d, ht if ht is not None else d,
-        states if states is not None else d, out if out is not None else d,
+        states if states is not None else d, out if out is not None else d, v_new if v_new is not None else d,
         HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None,
         STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype, STORE_O=out is not None,
+        STORE_VNEW=v_new is not None,
         num_warps=int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)),
         num_stages=_recur_stages(w.dtype, BK),
     )

@@ -63,8 +63,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy, env_choice, head_a_log,
-    load_gate, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
+    INTERPRET, activate_gate, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy,
+    env_choice, gate_once, head_a_log, load_gate, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2, subchunk_column, subchunk_program,
     subchunk_block, subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
@@ -598,13 +598,15 @@ def _chunk_prep_bwd_kernel(
 
 
 def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg, dkg, daqk, dgc, *, cfg,
-                   overwrite_t=False):
+                   overwrite_t=False, g_act=None):
     """Gradients of the raw inputs of the prep kernel (see the module docstring).
 
     Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K]; beta [B, T, HV]; chunk_info int32 [NC, 2];
     T, daqk [NC, HV, BT, BT]; dw, dqg, dkg [NC, HV, BT, K]; du [NC, HV, BT, V]; dgc [NC, HV, K] (all fp32).
     BT must be a power of two in 16 ... 128 (128 is heavy on registers). ``overwrite_t`` reuses T's
-    storage as the kernel's dAkk scratch (T is garbage afterwards).
+    storage as the kernel's dAkk scratch (T is garbage afterwards). With an in-kernel gate and
+    ``chunk_fwd.gate_once``, pass 1 and the pair kernels read the activated gate (``g_act``, or
+    ``activate_gate``'s here); pass 2 activates the raw one itself, for the activation's derivative.
     Returns (dq, dk, dv, dg, dbeta, dA_log or None, ddt_bias or None).
     """
     shapes, BT = cfg.shapes, cfg.BT
@@ -636,6 +638,11 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         lb = float(cfg.lower_bound) if cfg.lower_bound is not None else 0.0
         flags = dict(GATE=cfg.gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
                      BETA_SIGMOID=cfg.beta_sigmoid, NEG_EIGVAL=cfg.neg_eigval)
+        # The launches before pass 2 only need the activated gate.
+        g_pre, a_pre, bias_pre, flags_pre = g, a_log, bias, flags
+        if gate_once(cfg.gate):
+            g_pre = g_act if g_act is not None else activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate)
+            a_pre, bias_pre, flags_pre = d, d, dict(flags, GATE=0, HAS_A=False, HAS_BIAS=False)
         norms = torch.empty(NC, HV, 2, BT, device=dev, dtype=f32)  # L2-norm factors of q and k
         db_part = torch.empty(NC, HV, BT, device=dev, dtype=f32)
         # Two pipeline stages in passes 1 and 2 (prefetch of the next K block): session 7, H200, T=8K,
@@ -643,8 +650,8 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         # backward 11.12 vs 11.33 ms; three stages 13.0 ms.
         stages = 1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2))
         LAUNCHED["wy"] = _prep_bwd_wy_kernel[(NC, HV)](
-            q, k, v, g, beta, a_log, bias, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part,
-            lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags, num_warps=4, num_stages=stages,
+            q, k, v, g_pre, beta, a_pre, bias_pre, chunk_info, T, dw, du, dk32, dv, dakk, norms, db_part,
+            lb, H, HV, K, V, BT=BT, BK=BK, BV=BV, L2NORM=cfg.l2norm, **flags_pre, num_warps=4, num_stages=stages,
         )
         # The sub-chunk kernels' dq, dk, dg: tensor cores where the log-decay span allows, then the exact
         # column-by-column kernel for the rest. One warp each, K blocks of 32. H200, T=8K: exact kernel
@@ -656,16 +663,16 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
         env = os.environ.get
         LAUNCHED["diag_fast"] = _prep_bwd_diag_fast_kernel[grid](
-            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2], wide,
-            float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT,
-            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32)), next_pow2(K))), **flags,
+            q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2],
+            wide, float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT,
+            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32)), next_pow2(K))), **flags_pre,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1)), num_stages=1,
         )
         LAUNCHED["diag_wide"] = wide
         LAUNCHED["diag"] = _prep_bwd_diag_kernel[grid](
-            q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2], wide,
-            float(cfg.scale), lb, H, HV, K, BT=BT,
-            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags,
+            q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2],
+            wide, float(cfg.scale), lb, H, HV, K, BT=BT,
+            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags_pre,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
         )
         # The tree levels in a launch of their own on sub-chunk tiles (64-row chunks). Session 9, H200,
@@ -677,8 +684,8 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
             tree_nk = triton.cdiv(K, tree_bk)
             db_tree = torch.empty(NC, HV, tree_nk, BT, device=dev, dtype=f32)
             LAUNCHED["tree"] = _prep_bwd_tree_kernel[(NC, HV, tree_nk)](
-                q, k, g, beta, a_log, bias, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2], db_tree,
-                float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags, PAIR_PREC=prec,
+                q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2],
+                db_tree, float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags_pre, PAIR_PREC=prec,
                 num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2)), num_stages=1,
             )
         LAUNCHED["tree_kernel_nk"] = tree_nk

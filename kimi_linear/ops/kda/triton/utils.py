@@ -341,3 +341,50 @@ def apply_beta(b, SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
         if NEG_EIGVAL:
             b = b * 2.0
     return b
+
+
+@triton.jit
+def _gate_kernel(g, A_log, dt_bias, out, lower_bound, n_rows, HV, K,
+                 BR: tl.constexpr, BK: tl.constexpr,
+                 GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The activated log decay of BR rows ([token, value head] pairs) of the raw gate, in float32: the
+    same ``apply_gate`` the other kernels run in-register."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_k = tl.arange(0, BK)
+    m = (rows < n_rows)[:, None] & (o_k < K)[None, :]
+    hv = rows % HV
+    p = rows.to(tl.int64)[:, None] * K + o_k[None, :]
+    x = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
+    a = tl.zeros([BR], dtype=tl.float32)
+    if HAS_A:
+        a = tl.load(A_log + hv, mask=rows < n_rows, other=0.0).to(tl.float32)
+    bias = tl.zeros([BR, BK], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(dt_bias + hv[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(out + p, apply_gate(x, a[:, None], bias, lower_bound, GATE, HAS_A, HAS_BIAS), mask=m)
+
+
+def gate_once(gate: int) -> bool:
+    """Whether the in-kernel gate is activated once, by ``activate_gate``, for all chunk-local kernels
+    (``KIMI_LINEAR_KDA_GATE_PASS=once``, the default) rather than in-register by each of them (``fused``).
+    The backward's pass 2 always activates it itself: it needs the activation's derivative."""
+    mode = env_choice("KIMI_LINEAR_KDA_GATE_PASS", "once", ("once", "fused"))  # (checked even when unused)
+    return gate != 0 and mode == "once"
+
+
+def activate_gate(g, A_log, dt_bias, lower_bound, gate):
+    """The activated log decay of the raw gate g ([B, T, HV, K]) as a float32 tensor of g's shape."""
+    B, T, HV, K = g.shape
+    out = torch.empty(g.shape, device=g.device, dtype=torch.float32)
+    n_rows = B * T * HV
+    if n_rows == 0:
+        return out
+    d = dummy(g.device)
+    BK = next_pow2(K)
+    BR = max(1, 4096 // BK)
+    _gate_kernel[(triton.cdiv(n_rows, BR),)](
+        g, A_log if A_log is not None else d, dt_bias if dt_bias is not None else d, out,
+        float(lower_bound) if lower_bound is not None else 0.0, n_rows, HV, K, BR=BR, BK=BK,
+        GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, num_warps=4,
+    )
+    return out
