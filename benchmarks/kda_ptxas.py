@@ -54,31 +54,37 @@ def _env_int(name: str, default: int) -> int:
 
 
 def kernels():
-    """(name, jit function, constexprs, num_warps[, num_stages[, float32 pointers]]) per launch, mirroring
+    """(name, jit function, constexprs, num_warps[, num_stages[, pointer types]]) per launch, mirroring
     the launchers' defaults (one pipeline stage where none is given)."""
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, recurrent
+    from kimi_linear.ops.kda.triton.utils import gate_once, norm_once
 
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
+    # The chunk-local launches before the backward's pass 2 read the gate activated once, in float32
+    # (``gate_once``); the forward's read the L2-norm factors computed once (``norm_once``).
+    pre_gate = dict(gate, GATE=0, HAS_A=False, HAS_BIAS=False) if gate_once(1) else gate
+    g32 = {"g": "*fp32"} if gate_once(1) else {}
+    fwd_gate = dict(pre_gate, L2NORM=2 if norm_once() else True)
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
     prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
     prep_bv = _env_int("KIMI_LINEAR_KDA_PREP_BV", 64)
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
-           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32", **gate),
-           _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1))
+           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32",
+                **fwd_gate), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, g32)
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
-           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **gate),
-           _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1))
+           dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **fwd_gate),
+           _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1), 1, g32)
     if os.environ.get("KIMI_LINEAR_KDA_TREE", "subchunk") == "subchunk":  # the tree levels on sub-chunk tiles
         yield ("fwd tree on sub-chunks", chunk_fwd._chunk_tree_subchunk_kernel,
-               dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **gate),
-               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 2))
+               dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **fwd_gate),
+               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 2), 1, g32)
     else:  # KIMI_LINEAR_KDA_TREE=masked (what 32- and 128-row chunks run)
         yield ("fwd tree (masked)", chunk_fwd._chunk_tree_kernel,
                dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
-                    ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **gate), prep_warps)
+                    ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **fwd_gate), prep_warps, 1, g32)
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", **gate),
-           prep_warps)
+           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", **fwd_gate),
+           prep_warps, 1, g32)
     recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True)
     recur_warps = _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4)
     recur_stages = _env_int("KIMI_LINEAR_KDA_STAGES", 3)  # (chunk_fwd._recur_stages: 3 for 16-bit w, else 1)
@@ -92,28 +98,33 @@ def kernels():
     yield ("bwd state rebuild", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.bfloat16 if rebuild_16 else tl.float32,
                 STORE_O=False, STORE_VNEW=True), recur_warps, recur_stages if rebuild_16 else 1,
-           {"u"} if rebuild_16 and u_dtype == torch.float32 else set())
+           {"u": "*fp32"} if rebuild_16 and u_dtype == torch.float32 else {})
+    # The sweep reads the rebuilt w, qg, kg in their storage type (the float32 Aqk kept by the forward).
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
-           dict(SK=K, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True),
-           _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 1))
+           dict(SK=K, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True,
+                DOT16={"tf32": 0, "do16": 1, "16bit": 2}[os.environ.get("KIMI_LINEAR_KDA_SWEEP_DOT", "do16")]
+                if rebuild_16 else 0),
+           _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 2),
+           {name: "*bf16" for name in ("w", "qg", "kg")} if rebuild_16 else {})
     yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     bwd_stages = _env_int("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
-           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **gate), 4, bwd_stages)
-    no_norm = {k: v for k, v in gate.items() if k != "L2NORM"}
+           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **pre_gate), 4, bwd_stages, g32)
+    no_norm = {k: v for k, v in pre_gate.items() if k != "L2NORM"}
     yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
-           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1))
+           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1), 1, g32)
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
-           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1))
+           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1), 1, g32)
     tree_nk = 0
     if os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel") == "kernel":  # the tree levels on their own
         tree_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)
         tree_nk = K // tree_bk
         yield ("bwd tree levels", prep_bwd._prep_bwd_tree_kernel,
-               dict(BK=tree_bk, PAIR_PREC="tf32", **no_norm), _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2))
+               dict(BK=tree_bk, PAIR_PREC="tf32", **no_norm), _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2), 1,
+               g32)
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
            dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0),
                 TREE_KERNEL_NK=tree_nk, **gate),
@@ -125,12 +136,14 @@ def kernels():
            _env_int("KIMI_LINEAR_KDA_DECODE_WARPS", 2))
 
 
-def signature(fn, consts, fp32_ptrs=frozenset()):
-    """Triton types of ``fn``'s arguments; ``fp32_ptrs``: pointers kept in float32 where their kind is
-    otherwise bf16 (the rebuild's u)."""
+def signature(fn, consts, ptr_types=None):
+    """Triton types of ``fn``'s arguments; ``ptr_types``: pointer types that differ from their kind's
+    (the rebuild's float32 u and 16-bit w, the float32 activated gate)."""
     sig = {}
     for name in fn.arg_names:
-        if name in consts:
+        if ptr_types and name in ptr_types:
+            sig[name] = ptr_types[name]
+        elif name in consts:
             sig[name] = "constexpr"
         elif name in INTS or name in PLAIN_INTS.get(fn.__name__, ()) or name in STRIDES:
             sig[name] = "i32"
@@ -140,18 +153,16 @@ def signature(fn, consts, fp32_ptrs=frozenset()):
             sig[name] = "*i32"
         elif name in INT8_PTRS:
             sig[name] = "*i8"
-        elif name in fp32_ptrs:
-            sig[name] = "*fp32"
         else:
             sig[name] = "*bf16" if name in BF16_PTRS or (name in BF16_FWD and consts.get("DOT_DTYPE", tl.float32) != tl.float32 or
                                                          name in BF16_FWD and "WY_PREC" in consts) else "*fp32"
     return sig
 
 
-def ptxas_report(fn, consts, warps, stages: int = 1, fp32_ptrs=frozenset(), arch: str = "sm_90a") -> str:
+def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str = "sm_90a") -> str:
     """Compile for Hopper and return ptxas -v's resource lines for the kernel."""
     consts = dict(consts)
-    sig = signature(fn, consts, fp32_ptrs)
+    sig = signature(fn, consts, ptr_types)
     # As the launcher specialises them on the card: pointers and the head / width arguments divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name].startswith("*") or name in INTS or name in STRIDES}

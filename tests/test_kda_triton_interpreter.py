@@ -245,17 +245,20 @@ def test_prep_blocks_weak_decay(tree, monkeypatch):
                 assert rel_rms(x[blk], r[blk]) < TOL, (name, i, j, rel_rms(x[blk], r[blk]))
 
 
-@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
-def test_gate_activated_once(gate, monkeypatch):
-    """The in-kernel gate activated once for every chunk-local kernel (``KIMI_LINEAR_KDA_GATE_PASS=once``,
-    the default) or in-register by each (``fused``): the same output and gradients, -1000 gates
-    included. (The interpreter runs the same float32 operations either way, so they agree to rounding.)"""
-    from kimi_linear.ops.kda.triton.utils import activate_gate, gate_code
-    from kimi_linear.ops.kda.gate import kda_gate
+@pytest.mark.parametrize("switch,gate", [("KIMI_LINEAR_KDA_GATE_PASS", "softplus"),
+                                         ("KIMI_LINEAR_KDA_GATE_PASS", "lower_bound"),
+                                         ("KIMI_LINEAR_KDA_NORM_PASS", "softplus")])
+def test_gate_and_norms_once(switch, gate, monkeypatch):
+    """The in-kernel gate activated, and the L2-norm factors computed, once for the chunk-local kernels
+    (``=once``, the defaults) or in-register by each of them (``=fused``): the same output and gradients,
+    -1000 gates included (the interpreter runs the same float32 operations either way, up to the order
+    of the norms' sums). And the two pre-passes against PyTorch."""
+    from kimi_linear.ops.kda.gate import kda_gate, l2norm
+    from kimi_linear.ops.kda.triton.utils import activate_gate, gate_code, qk_norms
 
     results = {}
     for mode in ("once", "fused"):
-        monkeypatch.setenv("KIMI_LINEAR_KDA_GATE_PASS", mode)
+        monkeypatch.setenv(switch, mode)
         x = make_inputs(B=1, T=85, H=1, HV=2, K=20, V=24, gate=gate, extreme_gate_frac=0.03, seed=4,
                         requires_grad=True, dtype=torch.float64).cast(torch.float32)
         o, s = x.call(chunk_kda)
@@ -264,16 +267,18 @@ def test_gate_activated_once(gate, monkeypatch):
         results[mode] = [o, s, *torch.autograd.grad(loss, x.tensors())]
     for a, b in zip(results["once"], results["fused"]):
         assert rel_rms(a, b) < 1e-6
-    # The activation kernel against the PyTorch gate.
     lb = -5.0 if gate == "lower_bound" else None
     got = activate_gate(x.g.detach(), x.A_log, x.dt_bias, lb, gate_code(True, lb))
-    want = kda_gate(x.g.detach(), x.A_log, x.dt_bias, lb)
-    assert got.dtype == torch.float32 and rel_rms(got, want) < 1e-6
+    assert got.dtype == torch.float32 and rel_rms(got, kda_gate(x.g.detach(), x.A_log, x.dt_bias, lb)) < 1e-6
+    q, k = x.q.detach(), x.k.detach()
+    norms = qk_norms(q, k)
+    assert norms.shape == (*q.shape[:3], 2) and norms.dtype == torch.float32
+    assert rel_rms(q * norms[..., :1], l2norm(q)) < 1e-6 and rel_rms(k * norms[..., 1:], l2norm(k)) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "KIMI_LINEAR_KDA_TREE",
                                   "KIMI_LINEAR_KDA_PREP_BWD_TREE", "KIMI_LINEAR_KDA_STORE",
-                                  "KIMI_LINEAR_KDA_GATE_PASS"])
+                                  "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

@@ -43,7 +43,7 @@ def _chunk_recur_bwd_kernel(
     w, kg, aqk, gc, qg, chunk_info, seq_chunks, dht, do,
     du, ds_out, dh0,
     HV, K, V, SK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, DOT16: tl.constexpr = 0,
 ):
     """Reverse sweep, grid (V / BV, N * HV): only the dependent chain. Per chunk it stores dv (= du) and
     the state gradient dS entering the sweep step (the gradient of the state after the chunk);
@@ -69,17 +69,21 @@ def _chunk_recur_bwd_kernel(
         tl.store(ds_out + p_kv, dS, mask=m_kv)
         # w, qg, kg, gC in the (possibly padded, SK wide) layout of the prep kernels.
         p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
-        b_w = tl.load(w + p_k, mask=m_rk, other=0.0).to(tl.float32)
-        b_qg = tl.load(qg + p_k, mask=m_rk, other=0.0).to(tl.float32)
-        b_kg = tl.load(kg + base * BT * SK + o_k[None, :] * BT + r[:, None], mask=m_rk, other=0.0).to(tl.float32)
-        b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :]).to(tl.float32)
+        # DOT16: the products on 16-bit tensor cores in w's type: 1 those with do (Aqk and qg rounded for
+        # them), 2 all of them (dS and dv rounded too); 0 tf32 on float32 operands.
+        DT: tl.constexpr = w.dtype.element_ty if DOT16 == 2 else tl.float32
+        DO_DT: tl.constexpr = w.dtype.element_ty if DOT16 >= 1 else tl.float32
+        b_w = tl.load(w + p_k, mask=m_rk, other=0.0).to(DT)
+        b_qg = tl.load(qg + p_k, mask=m_rk, other=0.0).to(DO_DT)
+        b_kg = tl.load(kg + base * BT * SK + o_k[None, :] * BT + r[:, None], mask=m_rk, other=0.0).to(DT)
+        b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :]).to(DO_DT)
         b_gc = tl.load(gc + base * SK + o_k, mask=m_k, other=0.0)
         row0, n_rows = chunk_rows(chunk_info, c)
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
-                       mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        dv = tl.dot(tl.trans(b_a), b_do) + tl.dot(b_kg, dS)
+                       mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(DO_DT)
+        dv = tl.dot(tl.trans(b_a), b_do) + tl.dot(b_kg, dS.to(DT))
         tl.store(du + base * BT * V + r[:, None] * V + o_v[None, :], dv, mask=m_v[None, :])
-        dS = dS * tl.exp(b_gc)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), dv)
+        dS = dS * tl.exp(b_gc)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), dv.to(DT))
     tl.store(dh0 + p_s, dS, mask=m_kv)
 
 
@@ -146,6 +150,9 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     # (docs/results/kda_bwd_variants_h200_session7.log).
     # Never below 32 (narrow heads are masked): slices of 16 faulted the device (illegal memory access)
     # on the H200 with the 16-bit rebuild, session 9, where session 7's float32 rebuild had run them.
+    # Products with do in 16 bits and 2 stages: session 10, forward + backward 6.93 vs 7.18 ms (tf32, 1
+    # stage); all products in 16 bits 6.79 ms but dbeta's worst suite error 7.8e-3 instead of 6.0e-3;
+    # 4 warps lost (1.011), as did 2 stages in tf32 at 4 warps (1.021).
     BV = max(32, min(int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_BV", 32)), next_pow2(V)))
     do = do.contiguous()
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
@@ -155,8 +162,10 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
         w, kg, aqk, gc, qg, info, seq, dht if dht is not None else dummy(dev), do,
         du, ds, dh0,
         HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
+        DOT16=0 if w.dtype == f32 else {"tf32": 0, "do16": 1, "16bit": 2}[
+            env_choice("KIMI_LINEAR_KDA_SWEEP_DOT", "do16", ("tf32", "do16", "16bit"))],
         num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)),
-        num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 1)),
+        num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 2)),
     )
     dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=f32)
     dkg = torch.empty_like(dqg)

@@ -1,7 +1,9 @@
 """Chunked KDA forward: chunk-local prep (four launches) and a sequential recurrence.
 
-1. Prep, chunk-parallel. From the raw inputs of one chunk (L2 norm, gate, beta sigmoid applied
-   in-register), with G the within-chunk inclusive cumulative log decay:
+1. Prep, chunk-parallel. From the inputs of one chunk (beta sigmoid applied in-register; the gate's
+   activation and the L2-norm factors from the float32 pre-passes ``utils.activate_gate`` and
+   ``utils.qk_norms``, or in-register with ``KIMI_LINEAR_KDA_GATE_PASS`` / ``_NORM_PASS=fused``), with G
+   the within-chunk inclusive cumulative log decay:
 
        Aqk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)     (j <= i)
        Akk[i, j] = beta_i * sum_d k_id k_jd exp(G_id - G_jd)    (j < i),   T = (I + Akk)^-1
@@ -52,7 +54,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, activate_gate, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_once, head_a_log, inverse_step,
+    INTERPRET, activate_gate, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_once, norm_once, qk_norms, head_a_log, inverse_step,
     load_qkg_block, load_qkg_next, midpoint_factors, next_pow2, sequence_program,
     subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles, tree_factor,
     tree_pairs, wide_flag,
@@ -60,11 +62,16 @@ from .utils import (
 
 
 @triton.jit
-def _row_norms(q, k, row0, r, m_r, i_h, H, K, BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
-    """Per-row L2-norm factors of q and k over all K channels (1 without the in-kernel norm)."""
+def _row_norms(q, k, norms, row0, r, m_r, i_h, H, K, BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
+    """Per-row L2-norm factors of q and k over all K channels: 1 without the in-kernel norm (L2NORM 0),
+    computed here (1) or read from ``norms`` ([token, head, 2], ``utils.qk_norms``; 2)."""
     rq = tl.full([BT], 1.0, dtype=tl.float32)
     rk = tl.full([BT], 1.0, dtype=tl.float32)
-    if L2NORM:
+    if L2NORM == 2:
+        p_n = norms + ((row0 + r) * H + i_h) * 2
+        rq = tl.load(p_n, mask=m_r, other=1.0)
+        rk = tl.load(p_n + 1, mask=m_r, other=1.0)
+    elif L2NORM:
         sq = tl.zeros([BT], dtype=tl.float32)
         sk = tl.zeros([BT], dtype=tl.float32)
         for kb in range(0, K, BK):
@@ -81,10 +88,10 @@ def _row_norms(q, k, row0, r, m_r, i_h, H, K, BT: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
-def _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr, BK: tl.constexpr,
+def _row_scales(q, k, beta, norms, row0, r, m_r, i_h, i_hv, H, HV, K, BT: tl.constexpr, BK: tl.constexpr,
                 L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
-    """Per-row L2-norm factors of q and k and the activated beta."""
-    rq, rk = _row_norms(q, k, row0, r, m_r, i_h, H, K, BT, BK, L2NORM)
+    """Per-row L2-norm factors of q and k (``_row_norms``) and the activated beta."""
+    rq, rk = _row_norms(q, k, norms, row0, r, m_r, i_h, H, K, BT, BK, L2NORM)
     b_beta = tl.load(beta + (row0 + r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
     b_beta = tl.where(m_r, apply_beta(b_beta, BETA_SIGMOID, NEG_EIGVAL), 0.0)
     return rq, rk, b_beta
@@ -131,7 +138,7 @@ def _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lo
 
 @triton.jit
 def _chunk_diag_fast_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
+    q, k, g, beta, norms, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
     scale, lower_bound, span_max,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
@@ -147,7 +154,7 @@ def _chunk_diag_fast_kernel(
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
     if subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
                                 BK, GATE, HAS_A, HAS_BIAS):
-        rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+        rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                               lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
@@ -156,7 +163,7 @@ def _chunk_diag_fast_kernel(
 
 @triton.jit
 def _chunk_diag_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
+    q, k, g, beta, norms, A_log, dt_bias, chunk_info, aqk_out, t_out, wide,
     scale, lower_bound,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr,
@@ -175,7 +182,7 @@ def _chunk_diag_kernel(
     """
     if tl.load(wide_flag(wide)) != 0:
         i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-        rq, rk, b_beta = _row_scales(q, k, beta, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+        rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk = tl.zeros([16, 16], dtype=tl.float32)
         A_kk = tl.zeros([16, 16], dtype=tl.float32)
@@ -207,7 +214,7 @@ def _level_products(bq, bk, f, keep, A_qk, A_kk, PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_tree_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
+    q, k, g, beta, norms, A_log, dt_bias, chunk_info, aqk_out, t_out,
     scale, lower_bound,
     H, HV, K, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, LEVELS: tl.constexpr,
@@ -234,7 +241,7 @@ def _chunk_tree_kernel(
     r = tl.arange(0, BT)
     m_r = r < n_rows
     a = head_a_log(A_log, i_hv, HAS_A)
-    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+    rq, rk, b_beta = _row_scales(q, k, beta, norms, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     A_qk = tl.zeros([BT, BT], dtype=tl.float32)
     A_kk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -277,7 +284,7 @@ def _sub_block_load(ptr, base, I: tl.constexpr, J: tl.constexpr):
 
 @triton.jit
 def _chunk_tree_subchunk_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, aqk_out, t_out,
+    q, k, g, beta, norms, A_log, dt_bias, chunk_info, aqk_out, t_out,
     scale, lower_bound,
     H, HV, K,
     BK: tl.constexpr,
@@ -294,13 +301,13 @@ def _chunk_tree_subchunk_kernel(
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     a = head_a_log(A_log, i_hv, HAS_A)
     r0 = tl.arange(0, 16)
-    rq0, rk0, b0 = _row_scales(q, k, beta, row0, r0, r0 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+    rq0, rk0, b0 = _row_scales(q, k, beta, norms, row0, r0, r0 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
                                L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    rq1, rk1, b1 = _row_scales(q, k, beta, row0, r0 + 16, r0 + 16 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+    rq1, rk1, b1 = _row_scales(q, k, beta, norms, row0, r0 + 16, r0 + 16 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
                                L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    rq2, rk2, b2 = _row_scales(q, k, beta, row0, r0 + 32, r0 + 32 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+    rq2, rk2, b2 = _row_scales(q, k, beta, norms, row0, r0 + 32, r0 + 32 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
                                L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    rq3, rk3, b3 = _row_scales(q, k, beta, row0, r0 + 48, r0 + 48 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+    rq3, rk3, b3 = _row_scales(q, k, beta, norms, row0, r0 + 48, r0 + 48 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
                                L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     z = tl.zeros([16, 16], dtype=tl.float32)
     q10, k10, q32, k32 = z, z, z, z
@@ -381,7 +388,7 @@ def _chunk_tree_subchunk_kernel(
 
 @triton.jit
 def _chunk_wy_kernel(
-    q, k, v, g, beta, A_log, dt_bias, chunk_info, t_in,
+    q, k, v, g, beta, norms, A_log, dt_bias, chunk_info, t_in,
     w_out, u_out, qg_out, kg_out, gc_out,
     scale, lower_bound,
     H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
@@ -398,7 +405,7 @@ def _chunk_wy_kernel(
     r = tl.arange(0, BT)
     m_r = r < n_rows
     a = head_a_log(A_log, i_hv, HAS_A)
-    rq, rk, b_beta = _row_scales(q, k, beta, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
+    rq, rk, b_beta = _row_scales(q, k, beta, norms, row0, r, m_r, i_h, i_hv, H, HV, K, BT, BK,
                                  L2NORM, BETA_SIGMOID, NEG_EIGVAL)
     Tm = tl.load(t_in + base * BT * BT + r[:, None] * BT + r[None, :])
     for kb in range(0, SK, BK):
@@ -526,7 +533,7 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None, u_dtype=None, g_act=None):
+               t_given=None, u_dtype=None, g_act=None, norms=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
@@ -535,7 +542,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     (the forward keeps an fp32 Aqk for the backward) and of u. With ``t_given`` (T of an earlier call on
     the same inputs) only the w/u launch runs, from that T, and Aqk is returned as None. With an in-kernel
     gate and ``gate_once`` the kernels read the activated gate (``g_act``, or ``activate_gate``'s here)
-    instead of activating the raw one each.
+    instead of activating the raw one each; with the in-kernel L2 norm and ``norm_once`` they read the
+    norm factors (``norms``, or ``qk_norms``' here) instead of computing them each.
     """
     import os
 
@@ -582,7 +590,12 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     a_log = A_log if A_log is not None else d
     bias = dt_bias if dt_bias is not None else d
     lb = float(lower_bound) if lower_bound is not None else 0.0
-    inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2norm,
+    # The L2-norm factors once for every launch (``norm_once``), else per kernel.
+    nrm = d
+    if norm_once() and l2norm:  # (the switch checked even when unused)
+        nrm = norms if norms is not None else qk_norms(q, k)
+    inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
+                  L2NORM=(2 if nrm is not d else 1) if l2norm else 0,
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
     if t_given is None:
         # Pairs inside 16-row sub-chunks (CUDA cores), then the pairs between them (tensor cores). The
@@ -591,11 +604,11 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         grid = (NC * (BT // 16), HV)
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
         LAUNCHED["diag_fast"] = _chunk_diag_fast_kernel[grid](
-            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, diag_span_max(), H, HV, K,
+            q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, diag_span_max(), H, HV, K,
             BT=BT, PREC=prec, INV_PREC=prec, **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
         LAUNCHED["diag_wide"] = wide  # (benchmarks and tests read the share of wide sub-chunks)
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
-            q, k, g, beta, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
+            q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
             BT=BT, INV_PREC=prec, **dict(inputs, BK=DIAG_BK, num_warps=diag_warps))
         if BT == 64 and env_choice("KIMI_LINEAR_KDA_TREE", "subchunk", ("subchunk", "masked")) == "subchunk":
             # The tree levels on 16-row sub-chunk tiles. H200, session 9, T=8K, forward: 1.50 ms at 2
@@ -604,17 +617,17 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
             sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_TREE_BK", 32)), next_pow2(K))),
                        num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 2)))
             LAUNCHED["tree"] = _chunk_tree_subchunk_kernel[(NC, HV)](
-                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec, INV_PREC=prec,
+                q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec, INV_PREC=prec,
                 **sub)
             LAUNCHED["tree_fn"] = _chunk_tree_subchunk_kernel  # (tests check which ran)
         elif BT > 16:
             LAUNCHED["tree_fn"] = _chunk_tree_kernel
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
-                q, k, g, beta, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
+                q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
                 BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
                 ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)), **inputs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
-        q, k, v, g, beta, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
+        q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, **inputs)
     return outs
 

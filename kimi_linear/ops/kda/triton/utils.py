@@ -388,3 +388,37 @@ def activate_gate(g, A_log, dt_bias, lower_bound, gate):
         GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _qk_norms_kernel(q, k, out, n_rows, K, BR: tl.constexpr, BK: tl.constexpr):
+    """L2-norm factors 1 / sqrt(sum x^2 + 1e-6) of BR rows ([token, head] pairs) of q and k, float32,
+    stored as out[row] = (q factor, k factor)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_k = tl.arange(0, BK)
+    m_r = rows < n_rows
+    m = m_r[:, None] & (o_k < K)[None, :]
+    p = rows.to(tl.int64)[:, None] * K + o_k[None, :]
+    bq = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+    bk = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + rows.to(tl.int64) * 2, 1.0 / tl.sqrt(tl.sum(bq * bq, axis=1) + 1e-6), mask=m_r)
+    tl.store(out + rows.to(tl.int64) * 2 + 1, 1.0 / tl.sqrt(tl.sum(bk * bk, axis=1) + 1e-6), mask=m_r)
+
+
+def norm_once() -> bool:
+    """Whether the in-kernel L2 norm's factors are computed once, by ``qk_norms``, for the forward's
+    chunk-local launches (``KIMI_LINEAR_KDA_NORM_PASS=once``, the default) rather than by each of them
+    (``fused``)."""
+    return env_choice("KIMI_LINEAR_KDA_NORM_PASS", "once", ("once", "fused")) == "once"
+
+
+def qk_norms(q, k):
+    """The L2-norm factors of q and k ([B, T, H, K]) as a float32 [B, T, H, 2] tensor."""
+    B, T, H, K = q.shape
+    out = torch.empty(B, T, H, 2, device=q.device, dtype=torch.float32)
+    n_rows = B * T * H
+    if n_rows:
+        BK = next_pow2(K)
+        BR = max(1, 2048 // BK)
+        _qk_norms_kernel[(triton.cdiv(n_rows, BR),)](q, k, out, n_rows, K, BR=BR, BK=BK, num_warps=4)
+    return out
