@@ -95,7 +95,8 @@ def test_chunk_grid(T, K, V, gate):
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 @pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
                                      "chunk32", "bwd_fp32", "tree_pass2", "extreme_tree_pass2",
-                                     "tree_masked", "extreme_tree_masked"])
+                                     "tree_masked", "extreme_tree_masked", "extreme_fused_passes", "sweep_tf32",
+                                     "sweep_16bit"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
@@ -109,6 +110,12 @@ def test_chunk_variants(variant, gate, monkeypatch):
         monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "pass2")
     if variant.endswith("tree_masked"):  # opt-out: the forward's tree levels as masked [64, 64] products
         monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", "masked")
+    if variant == "extreme_fused_passes":  # opt-out: gate activation and L2-norm factors inside each kernel
+        monkeypatch.setenv("KIMI_LINEAR_KDA_GATE_PASS", "fused")
+        monkeypatch.setenv("KIMI_LINEAR_KDA_NORM_PASS", "fused")
+    if variant.startswith("sweep_"):  # the reverse sweep's products: all tf32 (opt-out), all 16-bit (opt-in)
+        monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP_DOT", variant.split("_")[1])
+        kw["extreme_gate_frac"] = 0.05
     if variant == "no_l2norm":
         kw["l2norm_in_kernel"] = False
     if variant == "scale":
