@@ -258,21 +258,23 @@ def breakdown(T, gate, dist="stress", parts=("bwd",)):
         res.update(_fwd_variants(prep, ref))
     if "bwd" in parts:
         res.update(_bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, "variants" in parts))
-    if "kernels" in parts:  # every kernel of chunk_kda's forward, then of forward + backward, by name
-        try:
-            res["fwd_kernels_us"] = kernel_times(lambda: chunk_kda(*ts, **kw))
-            ts2, kw2, leaves = inputs(1, T, gate, grad=True, dist=dist)
-            do = torch.randn_like(v)
+    if "kernels" in parts:  # every kernel of chunk_kda's forward, then of forward + backward, by name; fla's too
+        impls = [("", chunk_kda, kw)] + ([("fla_", fla_chunk_kda, fla_kw(kw, gate))] if fla is not None else [])
+        for prefix, fn, fkw in impls:
+            try:
+                res[f"{prefix}fwd_kernels_us"] = kernel_times(lambda: fn(*ts, **fkw))
+                ts2, _, leaves = inputs(1, T, gate, grad=True, dist=dist)
+                do = torch.randn_like(v)
 
-            def fb():
-                o2, s2 = chunk_kda(*ts2, **kw2)
-                torch.autograd.backward([o2, s2], [do, torch.ones_like(s2)])
-                for x in leaves:
-                    x.grad = None
+                def fb():
+                    o2, s2 = fn(*ts2, **dict(fkw, A_log=leaves[5], dt_bias=leaves[6], initial_state=leaves[7]))
+                    torch.autograd.backward([o2, s2], [do, torch.ones_like(s2)])
+                    for x in leaves:
+                        x.grad = None
 
-            res["fwd_bwd_kernels_us"] = kernel_times(fb)
-        except Exception as e:  # noqa: BLE001  (keep the timings above)
-            res["kernels"] = f"failed: {e!r}"
+                res[f"{prefix}fwd_bwd_kernels_us"] = kernel_times(fb)
+            except Exception as e:  # noqa: BLE001  (keep the timings above)
+                res[f"{prefix}kernels"] = f"failed: {e!r}"
     return res
 
 
@@ -386,9 +388,12 @@ def main():
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-launch breakdown and prep variants")
     ap.add_argument("--breakdown-t", type=int, default=32768, help="sequence length of the per-launch breakdown")
     ap.add_argument("--breakdown-parts", nargs="+", default=["bwd"], help="bwd: the backward's pieces; variants: prep and prep_bwd launch variants; kernels: "
-                         "per-kernel device times (torch.profiler) of the forward and forward + backward")
+                         "per-kernel device times (torch.profiler) of the forward and forward + backward, ours and "
+                         "fla's")
     ap.add_argument("--breakdown-dists", nargs="+", default=["stress", "init"])
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--rows", nargs="+", default=["b1", "b8", "varlen"], choices=["b1", "b8", "varlen"],
+                    help="table rows per gate case: B=1 at each length, B=8 at 4K, the varlen batch (--quick: b1)")
     ap.add_argument("--gates", nargs="+", default=["softplus", "lower_bound", "softplus-init"],
                     help="gate cases: softplus / lower_bound with the stress parameters, softplus-init with "
                          "initialisation-like ones (see inputs())")
@@ -415,13 +420,14 @@ def main():
     rows = []
     for case in args.gates:
         gate, dist = (case.split("-") + ["stress"])[:2]
-        for T in Ts:
+        for T in Ts if "b1" in args.rows else ():
             rows.append(time_case(f"B=1 T={T // 1024}K {case}", 1, T, gate,
                                   do_bwd=not args.no_bwd and T <= args.max_bwd_t, dist=dist))
             print(rows[-1], flush=True)
-        if not args.quick:
+        if not args.quick and "b8" in args.rows:
             rows.append(time_case(f"B=8 T=4K {case}", 8, 4096, gate, do_bwd=not args.no_bwd, dist=dist))
             print(rows[-1], flush=True)
+        if not args.quick and "varlen" in args.rows:
             cu = [0, 1, 15, 1000, 4096, 4200, 9000, 16384, 20000, 32768]
             rows.append(time_case(f"varlen 9 seqs (32K) {case}", 1, cu[-1], gate, cu=cu, do_bwd=not args.no_bwd,
                                   dist=dist))
