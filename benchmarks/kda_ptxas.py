@@ -102,8 +102,7 @@ def kernels():
     # The sweep reads the rebuilt w, qg, kg in their storage type (the float32 Aqk kept by the forward).
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
            dict(SK=K, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True,
-                DOT16={"tf32": 0, "do16": 1, "16bit": 2}[os.environ.get("KIMI_LINEAR_KDA_SWEEP_DOT", "do16")]
-                if rebuild_16 else 0),
+                DOT16=chunk_bwd.sweep_dot16(w_dtype)),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 2),
            {name: "*bf16" for name in ("w", "qg", "kg")} if rebuild_16 else {})
     yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)

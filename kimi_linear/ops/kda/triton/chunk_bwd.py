@@ -136,6 +136,13 @@ def _chunk_bwd_grads_kernel(
         tl.store(daqk + base * BT * BT + r[:, None] * BT + r[None, :], acc_a)
 
 
+def sweep_dot16(w_dtype) -> int:
+    """The reverse sweep's DOT16 for rebuilt w of type ``w_dtype`` (``KIMI_LINEAR_KDA_SWEEP_DOT``): 0 tf32
+    products, 1 those with do in 16 bits (the default), 2 all in 16 bits; always 0 for float32 w."""
+    mode = env_choice("KIMI_LINEAR_KDA_SWEEP_DOT", "do16", ("tf32", "do16", "16bit"))
+    return 0 if w_dtype == torch.float32 else {"tf32": 0, "do16": 1, "16bit": 2}[mode]
+
+
 def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, shapes, BT):
     """Reverse sweep then the chunk-parallel gradients, from the rebuilt intermediates, the chunk states
     and v_new of the state rebuild (``chunk_recur`` with ``v_new``). Returns (du, dqg, dkg, dw, dAqk, dgC,
@@ -162,8 +169,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
         w, kg, aqk, gc, qg, info, seq, dht if dht is not None else dummy(dev), do,
         du, ds, dh0,
         HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        DOT16=0 if w.dtype == f32 else {"tf32": 0, "do16": 1, "16bit": 2}[
-            env_choice("KIMI_LINEAR_KDA_SWEEP_DOT", "do16", ("tf32", "do16", "16bit"))],
+        DOT16=sweep_dot16(w.dtype),
         num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)),
         num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 2)),
     )

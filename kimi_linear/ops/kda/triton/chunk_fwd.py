@@ -54,10 +54,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, activate_gate, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_once, norm_once, qk_norms, head_a_log, inverse_step,
-    load_qkg_block, load_qkg_next, midpoint_factors, next_pow2, sequence_program,
-    subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles, tree_factor,
-    tree_pairs, wide_flag,
+    INTERPRET, activate_gate, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_once,
+    head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
+    norm_once, qk_norms, sequence_program, subchunk_block, subchunk_column, subchunk_program,
+    subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
 
@@ -82,8 +82,8 @@ def _row_norms(q, k, norms, row0, r, m_r, i_h, H, K, BT: tl.constexpr, BK: tl.co
             bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
             sq += tl.sum(bq * bq, axis=1)
             sk += tl.sum(bk * bk, axis=1)
-        rq = 1.0 / tl.sqrt(sq + 1e-6)
-        rk = 1.0 / tl.sqrt(sk + 1e-6)
+        rq = l2_norm_factor(sq)
+        rk = l2_norm_factor(sk)
     return rq, rk
 
 
@@ -590,12 +590,11 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     a_log = A_log if A_log is not None else d
     bias = dt_bias if dt_bias is not None else d
     lb = float(lower_bound) if lower_bound is not None else 0.0
-    # The L2-norm factors once for every launch (``norm_once``), else per kernel.
-    nrm = d
+    # The L2-norm factors once for every launch (``norm_once``: L2NORM 2, read), else per kernel (1).
+    l2, nrm = int(l2norm), d
     if norm_once() and l2norm:  # (the switch checked even when unused)
-        nrm = norms if norms is not None else qk_norms(q, k)
-    inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
-                  L2NORM=(2 if nrm is not d else 1) if l2norm else 0,
+        l2, nrm = 2, norms if norms is not None else qk_norms(q, k)
+    inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2,
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
     if t_given is None:
         # Pairs inside 16-row sub-chunks (CUDA cores), then the pairs between them (tensor cores). The
@@ -617,8 +616,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
             sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_TREE_BK", 32)), next_pow2(K))),
                        num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 2)))
             LAUNCHED["tree"] = _chunk_tree_subchunk_kernel[(NC, HV)](
-                q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec, INV_PREC=prec,
-                **sub)
+                q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec,
+                INV_PREC=prec, **sub)
             LAUNCHED["tree_fn"] = _chunk_tree_subchunk_kernel  # (tests check which ran)
         elif BT > 16:
             LAUNCHED["tree_fn"] = _chunk_tree_kernel

@@ -51,6 +51,12 @@ def dummy(device) -> torch.Tensor:
 
 
 @triton.jit
+def l2_norm_factor(sum_sq):
+    """The L2-norm factor 1 / sqrt(sum x^2 + 1e-6) of a row (FLA's form: eps inside the root)."""
+    return 1.0 / tl.sqrt(sum_sq + 1e-6)
+
+
+@triton.jit
 def load_bias(dt_bias, i_hv, K, o_k, m_k, BK: tl.constexpr, HAS_BIAS: tl.constexpr):
     """dt_bias[i_hv, o_k] in fp32 (zeros without a bias)."""
     bias = tl.zeros([BK], dtype=tl.float32)
@@ -392,7 +398,7 @@ def activate_gate(g, A_log, dt_bias, lower_bound, gate):
 
 @triton.jit
 def _qk_norms_kernel(q, k, out, n_rows, K, BR: tl.constexpr, BK: tl.constexpr):
-    """L2-norm factors 1 / sqrt(sum x^2 + 1e-6) of BR rows ([token, head] pairs) of q and k, float32,
+    """L2-norm factors (``l2_norm_factor``) of BR rows ([token, head] pairs) of q and k, float32,
     stored as out[row] = (q factor, k factor)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     o_k = tl.arange(0, BK)
@@ -401,8 +407,8 @@ def _qk_norms_kernel(q, k, out, n_rows, K, BR: tl.constexpr, BK: tl.constexpr):
     p = rows.to(tl.int64)[:, None] * K + o_k[None, :]
     bq = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
     bk = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
-    tl.store(out + rows.to(tl.int64) * 2, 1.0 / tl.sqrt(tl.sum(bq * bq, axis=1) + 1e-6), mask=m_r)
-    tl.store(out + rows.to(tl.int64) * 2 + 1, 1.0 / tl.sqrt(tl.sum(bk * bk, axis=1) + 1e-6), mask=m_r)
+    tl.store(out + rows.to(tl.int64) * 2, l2_norm_factor(tl.sum(bq * bq, axis=1)), mask=m_r)
+    tl.store(out + rows.to(tl.int64) * 2 + 1, l2_norm_factor(tl.sum(bk * bk, axis=1)), mask=m_r)
 
 
 def norm_once() -> bool:
