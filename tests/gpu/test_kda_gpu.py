@@ -96,7 +96,7 @@ def test_chunk_grid(T, K, V, gate):
 @pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
                                      "chunk32", "bwd_fp32", "tree_pass2", "extreme_tree_pass2",
                                      "tree_masked", "extreme_tree_masked", "extreme_fused_passes", "sweep_tf32",
-                                     "sweep_16bit"])
+                                     "sweep_16bit", "grads_bk32"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
@@ -113,6 +113,8 @@ def test_chunk_variants(variant, gate, monkeypatch):
     if variant == "extreme_fused_passes":  # opt-out: gate activation and L2-norm factors inside each kernel
         monkeypatch.setenv("KIMI_LINEAR_KDA_GATE_PASS", "fused")
         monkeypatch.setenv("KIMI_LINEAR_KDA_NORM_PASS", "fused")
+    if variant == "grads_bk32":  # the gradient kernel in several K blocks (K = 64: one block by default)
+        monkeypatch.setenv("KIMI_LINEAR_KDA_GRADS_BK", "32")
     if variant.startswith("sweep_"):  # the reverse sweep's products: all tf32 (opt-out), all 16-bit (opt-in)
         monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP_DOT", variant.split("_")[1])
         kw["extreme_gate_frac"] = 0.05

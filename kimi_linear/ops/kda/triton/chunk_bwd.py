@@ -138,9 +138,25 @@ def _chunk_bwd_grads_kernel(
 
 def sweep_dot16(w_dtype) -> int:
     """The reverse sweep's DOT16 for rebuilt w of type ``w_dtype`` (``KIMI_LINEAR_KDA_SWEEP_DOT``): 0 tf32
-    products, 1 those with do in 16 bits (the default), 2 all in 16 bits; always 0 for float32 w."""
+    products, 1 those with do in 16 bits (the default), 2 all in 16 bits; always 0 for float32 w.
+    (Session 11 tried a fourth form, the dependent chain's products as bf16 head + tail pairs: 0.9% faster
+    with tf32's errors, but triton 3.6 compiled it to out-of-bounds shared-memory reads at K = 32 and 60
+    (compute-sanitizer), so it was removed.)"""
     mode = env_choice("KIMI_LINEAR_KDA_SWEEP_DOT", "do16", ("tf32", "do16", "16bit"))
     return 0 if w_dtype == torch.float32 else {"tf32": 0, "do16": 1, "16bit": 2}[mode]
+
+
+def grads_launch(K: int, V: int):
+    """K block, V block, warps and stages of ``_chunk_bwd_grads_kernel``
+    (``KIMI_LINEAR_KDA_GRADS_BK`` / ``_GRADS_BV`` / ``_GRADS_WARPS`` / ``_GRADS_STAGES``). Each program
+    reads dv and v_new of its chunk once per K block, so wider K blocks read them fewer times: H200,
+    session 11, T=8K, forward + backward 6.72 vs 6.95 ms with the whole K = 128 at 8 warps (K blocks of
+    32 at 4 warps before; 64 at 8 warps 6.95, one stage 6.79, V blocks of 16 6.89)."""
+    env = os.environ.get
+    GK = max(16, min(int(env("KIMI_LINEAR_KDA_GRADS_BK", 128)), next_pow2(K)))
+    GV = max(16, min(int(env("KIMI_LINEAR_KDA_GRADS_BV", 32)), next_pow2(V)))
+    warps = int(env("KIMI_LINEAR_KDA_GRADS_WARPS", 8 if GK > 64 else 4))
+    return GK, GV, warps, int(env("KIMI_LINEAR_KDA_GRADS_STAGES", 2))
 
 
 def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, shapes, BT):
@@ -178,12 +194,11 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     dw = torch.empty_like(dqg)
     daqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=f32)
     dgc = torch.empty(NC, HV, K, device=dev, dtype=f32)
-    GK = max(16, min(32, next_pow2(K)))
-    GV = max(16, min(32, next_pow2(V)))
+    GK, GV, g_warps, g_stages = grads_launch(K, V)
     if NC > 0:
         _chunk_bwd_grads_kernel[(NC, HV, triton.cdiv(K, GK))](
             gc, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=gc.shape[-1], BT=BT, BK=GK, BV=GV,
-            num_warps=4, num_stages=2 if not INTERPRET else 1,
+            num_warps=g_warps, num_stages=1 if INTERPRET else g_stages,
         )
     return du, dqg, dkg, dw, daqk, dgc, dh0
 
