@@ -614,7 +614,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
             # warps, 1.65 at 4, 1.58 at 1, 2.07 at 8; 1.77 with K blocks of 16 at 4 warps (masked: 1.64).
             sub = {key: val for key, val in inputs.items() if key != "SK"}  # (K blocks masked, not padded)
             sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_TREE_BK", 32)), next_pow2(K))),
-                       num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 2)))
+                       num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 2)),
+                       num_stages=int(env("KIMI_LINEAR_KDA_TREE_STAGES", 1)))
             LAUNCHED["tree"] = _chunk_tree_subchunk_kernel[(NC, HV)](
                 q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec,
                 INV_PREC=prec, **sub)
@@ -627,7 +628,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
                 ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)), **inputs)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
-        BT=BT, SV=SV, BV=BV, WY_PREC=prec, **inputs)
+        BT=BT, SV=SV, BV=BV, WY_PREC=prec, **dict(inputs, num_stages=int(env("KIMI_LINEAR_KDA_WY_STAGES", 1))))
     return outs
 
 
