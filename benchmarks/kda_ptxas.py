@@ -105,7 +105,9 @@ def kernels():
                 DOT16=chunk_bwd.sweep_dot16(w_dtype)),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 2),
            {name: "*bf16" for name in ("w", "qg", "kg")} if rebuild_16 else {})
-    yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=32, BV=32), 4)
+    g_bk, g_bv, g_warps, g_stages = chunk_bwd.grads_launch(K, K)
+    yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=g_bk, BV=g_bv), g_warps,
+           g_stages)
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     bwd_stages = _env_int("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
