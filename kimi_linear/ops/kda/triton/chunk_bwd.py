@@ -140,8 +140,8 @@ def sweep_dot16(w_dtype) -> int:
     """The reverse sweep's DOT16 for rebuilt w of type ``w_dtype`` (``KIMI_LINEAR_KDA_SWEEP_DOT``): 0 tf32
     products, 1 those with do in 16 bits (the default), 2 all in 16 bits; always 0 for float32 w.
     (Session 11 tried a fourth form, the dependent chain's products as bf16 head + tail pairs: 0.9% faster
-    with tf32's errors, but triton 3.6 compiled it to out-of-bounds shared-memory reads at K = 32 and 60
-    (compute-sanitizer), so it was removed.)"""
+    with tf32's errors, but triton 3.6 compiled it to out-of-bounds shared-memory reads (compute-sanitizer,
+    K = 60, V = 100; the GPU grid failed with it), so it was removed.)"""
     mode = env_choice("KIMI_LINEAR_KDA_SWEEP_DOT", "do16", ("tf32", "do16", "16bit"))
     return 0 if w_dtype == torch.float32 else {"tf32": 0, "do16": 1, "16bit": 2}[mode]
 
