@@ -335,15 +335,17 @@ def _bwd_pieces(q, k, v, g, beta, kw, info, seq, shapes, common, lb, T, variants
     kept_t = outs[6].clone()
     res["bwd_wy_from_kept_t_ms"] = bench(  # the default: T and Aqk kept by the forward, only w/u rebuilt
         lambda: chunk_prep(q, k, v, g, beta, info, BT=64, t_given=kept_t, **rec))
-    v_new = torch.empty(info.shape[0], H, 64, D, device=q.device)
+    handoff = chunk_bwd.handoff_dtypes(q)  # the backward's hand-off storage types, as chunk_kda_bwd picks them
+    v_new = torch.empty(info.shape[0], H, 64, D, device=q.device, dtype=handoff["vnew"])
     states_fn = lambda: chunk_recur(*outs[:6], info, seq, shapes=shapes, initial_state=kw["initial_state"],  # noqa: E731
-                                    out=None, store_final=False, store_states=True, BT=64, v_new=v_new)
+                                    out=None, store_final=False, store_states=True, BT=64, v_new=v_new,
+                                    states_dtype=handoff["states"])
     states = states_fn()[2]
     res["bwd_recompute_states_ms"] = bench(states_fn)
     do = torch.randn_like(v)
     w_, _, qg_, kg_, aqk_, gc_ = outs[:6]
     sweep = lambda: chunk_bwd.chunk_recur_bwd(w_, qg_, kg_, aqk_, gc_, info, seq, states, v_new, None, do,  # noqa: E731
-                                              shapes=shapes, BT=64)
+                                              shapes=shapes, BT=64, handoff=handoff)
     grads = sweep()
     res["bwd_sweep_ms"] = bench(sweep)  # the reverse sweep and the gradient kernel
     du, dqg, dkg, dw, daqk, dgc, _ = grads

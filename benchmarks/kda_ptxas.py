@@ -77,7 +77,7 @@ def kernels():
     if os.environ.get("KIMI_LINEAR_KDA_TREE", "subchunk") == "subchunk":  # the tree levels on sub-chunk tiles
         yield ("fwd tree on sub-chunks", chunk_fwd._chunk_tree_subchunk_kernel,
                dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **fwd_gate),
-               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 2), 1, g32)
+               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 2), _env_int("KIMI_LINEAR_KDA_TREE_STAGES", 2), g32)
     else:  # KIMI_LINEAR_KDA_TREE=masked (what 32- and 128-row chunks run)
         yield ("fwd tree (masked)", chunk_fwd._chunk_tree_kernel,
                dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
@@ -95,23 +95,33 @@ def kernels():
     # bf16 inputs (by default w, qg, kg in bf16 and u in float32; all float32: tf32 products, one stage).
     w_dtype, u_dtype = chunk_bwd.recompute_dtypes(torch.zeros(1, dtype=torch.bfloat16))
     rebuild_16 = w_dtype != torch.float32
+    # The backward's hand-offs between launches (states, dS, v_new, du, dqg / dkg / dw) in their storage types.
+    handoff = chunk_bwd.handoff_dtypes(torch.zeros(1, dtype=torch.bfloat16))
+    ho = {name: "*bf16" if dt == torch.bfloat16 else "*fp32" for name, dt in handoff.items()}
+    rebuild_ptrs = {"states": ho["states"], "v_new_out": ho["vnew"]}
+    if rebuild_16 and u_dtype == torch.float32:
+        rebuild_ptrs["u"] = "*fp32"
     yield ("bwd state rebuild", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=False, STORE_STATES=True, DOT_DTYPE=tl.bfloat16 if rebuild_16 else tl.float32,
-                STORE_O=False, STORE_VNEW=True), recur_warps, recur_stages if rebuild_16 else 1,
-           {"u": "*fp32"} if rebuild_16 and u_dtype == torch.float32 else {})
+                STORE_O=False, STORE_VNEW=True), recur_warps, recur_stages if rebuild_16 else 1, rebuild_ptrs)
     # The sweep reads the rebuilt w, qg, kg in their storage type (the float32 Aqk kept by the forward).
     yield ("bwd reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
            dict(SK=K, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True,
                 DOT16=chunk_bwd.sweep_dot16(w_dtype)),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 2),
-           {name: "*bf16" for name in ("w", "qg", "kg")} if rebuild_16 else {})
+           dict({name: "*bf16" for name in ("w", "qg", "kg")} if rebuild_16 else {}, du=ho["du"], ds_out=ho["ds"]))
     g_bk, g_bv, g_warps, g_stages = chunk_bwd.grads_launch(K, K)
-    yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel, dict(SK=K, BT=BT, BK=g_bk, BV=g_bv), g_warps,
-           g_stages)
+    b16 = {name: ho[name] == "*bf16" for name in ho}
+    yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel,
+           dict(SK=K, BT=BT, BK=g_bk, BV=g_bv, Q16=int(b16["states"]), K16=int(b16["vnew"] and b16["ds"]),
+                W16=int(b16["du"] and b16["states"]), A16=int(b16["vnew"])), g_warps, g_stages,
+           dict(states=ho["states"], ds=ho["ds"], dv=ho["du"], v_new=ho["vnew"], do="*bf16",
+                **{name: ho["grads"] for name in ("dqg", "dkg", "dw")}))
     bwd_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_BK", 16)
     bwd_stages = _env_int("KIMI_LINEAR_KDA_PREP_BWD_STAGES", 2)
     yield ("bwd prep pass 1 (w/u)", prep_bwd._prep_bwd_wy_kernel,
-           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **pre_gate), 4, bwd_stages, g32)
+           dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **pre_gate), 4, bwd_stages,
+           dict(g32, dw=ho["grads"], du=ho["du"]))
     no_norm = {k: v for k, v in pre_gate.items() if k != "L2NORM"}
     yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
            dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
@@ -128,8 +138,10 @@ def kernels():
                g32)
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
            dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0),
-                TREE_KERNEL_NK=tree_nk, **gate),
-           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 8), bwd_stages)
+                TREE_KERNEL_NK=tree_nk, FINAL_OUT=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "1") == "1"),
+                **gate),
+           _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 8), bwd_stages,
+           dict(dqg=ho["grads"], dkg=ho["grads"], dq_out="*bf16", dk_out="*bf16"))
     # Decode into a state pool in place, as launched at batch >= 8 (V slices of 32, 2 warps).
     yield ("decode", recurrent._recurrent_kda_kernel,
            dict(UNIT_STRIDES, BK=K, BV=_env_int("KIMI_LINEAR_KDA_DECODE_BV", 32), **gate, VARLEN=False, HAS_H0=True,

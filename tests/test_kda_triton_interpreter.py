@@ -339,6 +339,55 @@ def test_backward_keeps_forward_intermediates(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(results["partial"], results["full"]))
 
 
+@pytest.mark.parametrize("raw,want", [(None, ""), ("all", "all"), ("none", ""), ("ds,du", "ds,du"),
+                                     ("states+ grads", "states,grads")])
+def test_handoff_switch(raw, want, monkeypatch):
+    """KIMI_LINEAR_KDA_BWD_HANDOFF names the backward hand-offs kept in bf16 for 16-bit inputs (none by
+    default); float32 inputs hand over float32; an unknown name is an error naming the variable."""
+    from kimi_linear.ops.kda.triton.chunk_bwd import HANDOFFS, handoff_dtypes
+
+    if raw is None:
+        monkeypatch.delenv("KIMI_LINEAR_KDA_BWD_HANDOFF", raising=False)
+    else:
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_HANDOFF", raw)
+    names = HANDOFFS if want == "all" else tuple(filter(None, want.split(",")))
+    for dt in (torch.bfloat16, torch.float16):
+        got = handoff_dtypes(torch.zeros(1, dtype=dt))
+        assert got == {x: torch.bfloat16 if x in names else torch.float32 for x in HANDOFFS}
+    assert set(handoff_dtypes(torch.zeros(1)).values()) == {torch.float32}
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_HANDOFF", "states,dv")
+    with pytest.raises(ValueError, match="KIMI_LINEAR_KDA_BWD_HANDOFF.*dv"):
+        handoff_dtypes(torch.zeros(1, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("H,HV,l2norm", [(2, 2, True), (1, 2, False)])
+def test_backward_16bit_handoffs(H, HV, l2norm, monkeypatch):
+    """fp16 inputs, forward + backward with the backward's hand-offs (states, dS, v_new, du, dqg / dkg /
+    dw) in 16 bits against the same run with them in float32, and both against float64. float16 stands
+    in for the card's bf16 (bf16 products are wrong in the interpreter). Covers the gradient kernel's
+    16-bit products, pass 1 / 2 reading 16-bit hand-offs, and pass 2 / 3 writing dq, dk in the inputs'
+    type (H == HV) or through the float32 GVA sum (HV > H)."""
+    from kimi_linear.ops.kda.triton import chunk_bwd
+
+    monkeypatch.setattr(chunk_bwd, "HANDOFF_16BIT", torch.float16)
+    inp64 = make_inputs(B=1, T=90, H=H, HV=HV, K=20, V=24, gate="softplus", extreme_gate_frac=0.02, seed=4,
+                        l2norm_in_kernel=l2norm, requires_grad=True, dtype=torch.float64)
+    ref_o, ref_s = reference(inp64)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(ref_o.shape, generator=gen, dtype=torch.float64)
+    gref = torch.autograd.grad((ref_o * do).sum() + ref_s.sum(), inp64.tensors())
+    x = inp64.cast(torch.float16)
+    runs = {}
+    for mode in ("none", "all"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_HANDOFF", mode)
+        o, s = x.call(chunk_kda)
+        runs[mode] = torch.autograd.grad((o.float() * do.float()).sum() + s.float().sum(), x.tensors())
+    for a, b, ref in zip(runs["all"], runs["none"], gref):
+        assert a.dtype == b.dtype
+        # fp16 inputs: errors of ~1e-3 against float64; the 16-bit hand-offs move them by far less.
+        assert rel_rms(a, b) < 2e-3 and rel_rms(a, ref) < 5e-3, (rel_rms(a, b), rel_rms(a, ref))
+
+
 def test_sweep_reads_padded_layout():
     """The reverse sweep and the gradient kernel give the same results from the padded intermediates
     (K, V widened to powers of two: the layout of 16-bit recomputes) as from the unpadded ones."""

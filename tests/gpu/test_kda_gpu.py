@@ -52,7 +52,7 @@ def cuda(inp: KDAInputs) -> KDAInputs:
                                       inp.initial_state)), kw)
 
 
-def check_fwd_bwd(case, inp64: KDAInputs, dtype=BF16, grads=True, ref_fn=None, chunk_size=64):
+def check_fwd_bwd(case, inp64: KDAInputs, dtype=BF16, grads=True, ref_fn=None, chunk_size=64, grad_tol=GRAD_TOL):
     """inp64: float64 CUDA inputs with requires_grad. Compares chunk_kda in `dtype` against float64."""
     x = inp64.cast(dtype)  # bf16 q/k/v/g/beta, fp32 state and gate parameters
     for t in x.tensors():
@@ -75,7 +75,7 @@ def check_fwd_bwd(case, inp64: KDAInputs, dtype=BF16, grads=True, ref_fn=None, c
         for n, a, b in zip(names, got, gref):
             errs[n] = rel_rms(a, b)
     _log(case, **errs)
-    bad = {k: v for k, v in errs.items() if v > (OUT_TOL if k in ("o", "ht") else GRAD_TOL)}
+    bad = {k: v for k, v in errs.items() if v > (OUT_TOL if k in ("o", "ht") else grad_tol)}
     assert not bad, f"{case}: {bad} (all: {errs})"
     return o, s
 
@@ -96,7 +96,7 @@ def test_chunk_grid(T, K, V, gate):
 @pytest.mark.parametrize("variant", ["extreme", "extreme_exact", "beta01", "no_l2norm", "scale", "no_state",
                                      "chunk32", "bwd_fp32", "tree_pass2", "extreme_tree_pass2",
                                      "tree_masked", "extreme_tree_masked", "extreme_fused_passes", "sweep_tf32",
-                                     "sweep_16bit", "grads_bk32"])
+                                     "sweep_16bit", "grads_bk32", "extreme_handoff16", "final_cast"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
@@ -115,6 +115,14 @@ def test_chunk_variants(variant, gate, monkeypatch):
         monkeypatch.setenv("KIMI_LINEAR_KDA_NORM_PASS", "fused")
     if variant == "grads_bk32":  # the gradient kernel in several K blocks (K = 64: one block by default)
         monkeypatch.setenv("KIMI_LINEAR_KDA_GRADS_BK", "32")
+    grad_tol = GRAD_TOL
+    if variant == "extreme_handoff16":  # opt-in: the backward's hand-offs between launches in bf16
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_HANDOFF", "all")
+        # Not held to the issue's 1e-2: dA_log reaches 2.6e-2 with these -1000 gates (session 12). The
+        # bound checks that the opt-in stays at its documented precision.
+        grad_tol = 5e-2
+    if variant == "final_cast":  # opt-out: dq, dk through float32 buffers and a cast (what GVA groups take)
+        monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "0")
     if variant.startswith("sweep_"):  # the reverse sweep's products: all tf32 (opt-out), all 16-bit (opt-in)
         monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP_DOT", variant.split("_")[1])
         kw["extreme_gate_frac"] = 0.05
@@ -130,7 +138,7 @@ def test_chunk_variants(variant, gate, monkeypatch):
     if variant == "beta01":  # post-sigmoid beta pushed to 1e-4 and 1 - 1e-4
         inp.beta = torch.where(torch.rand(inp.beta.shape) < 0.5, 1e-4, 1 - 1e-4).to(inp.beta.dtype)
     inp = cuda(inp)
-    check_fwd_bwd(f"variant {variant} {gate}", inp, chunk_size=32 if variant == "chunk32" else 64)
+    check_fwd_bwd(f"variant {variant} {gate}", inp, chunk_size=32 if variant == "chunk32" else 64, grad_tol=grad_tol)
 
 
 @pytest.mark.parametrize("K,V", [(16, 16), (8, 24), (24, 8)])

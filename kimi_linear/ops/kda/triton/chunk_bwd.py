@@ -66,7 +66,7 @@ def _chunk_recur_bwd_kernel(
         c = c1 - 1 - i
         base = (c * HV + i_hv).to(tl.int64)
         p_kv = (base * K + o_k[:, None]) * V + o_v[None, :]
-        tl.store(ds_out + p_kv, dS, mask=m_kv)
+        tl.store(ds_out + p_kv, dS.to(ds_out.dtype.element_ty), mask=m_kv)
         # w, qg, kg, gC in the (possibly padded, SK wide) layout of the prep kernels.
         p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
         # DOT16: the products on 16-bit tensor cores in w's type: 1 those with do (Aqk and qg rounded for
@@ -82,9 +82,18 @@ def _chunk_recur_bwd_kernel(
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
                        mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(DO_DT)
         dv = tl.dot(tl.trans(b_a), b_do) + tl.dot(b_kg, dS.to(DT))
-        tl.store(du + base * BT * V + r[:, None] * V + o_v[None, :], dv, mask=m_v[None, :])
+        tl.store(du + base * BT * V + r[:, None] * V + o_v[None, :], dv.to(du.dtype.element_ty), mask=m_v[None, :])
         dS = dS * tl.exp(b_gc)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), dv.to(DT))
     tl.store(dh0 + p_s, dS, mask=m_kv)
+
+
+@triton.jit
+def _dot_nt(a, b, acc, SIXTEEN: tl.constexpr):
+    """acc + a b^T: on 16-bit tensor cores when both operands are stored in the same 16-bit type
+    (``SIXTEEN``), else tf32 on float32 copies."""
+    if SIXTEEN:
+        return tl.dot(a, tl.trans(b), acc)
+    return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
 
 
 @triton.jit
@@ -93,10 +102,14 @@ def _chunk_bwd_grads_kernel(
     dqg, dkg, dw, daqk, dgc,
     HV, K, V, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    Q16: tl.constexpr = 0, K16: tl.constexpr = 0, W16: tl.constexpr = 0, A16: tl.constexpr = 0,
 ):
     """Chunk-parallel, grid (chunks, HV, K / BK), for a chunk with entering state h and state gradient dS:
 
         dqg = do h^T,  dkg = v_new dS^T,  dw = -dv h^T,  dAqk = do v_new^T,  dgC = exp(gC) rowsum(h * dS)
+
+    Q16 / K16 / W16 / A16: the product of dqg / dkg / dw / dAqk on 16-bit tensor cores (both operands
+    handed over in the same 16-bit type, ``handoff_dtypes``). dqg, dkg, dw are stored in their buffers' type.
     """
     i_c, i_hv, _, row0, n_rows, base = chunk_program(chunk_info, HV, HV)
     i_k = tl.program_id(2)
@@ -116,21 +129,21 @@ def _chunk_bwd_grads_kernel(
         h = tl.load(states + p_kv, mask=m_kv, other=0.0)
         b_ds = tl.load(ds + p_kv, mask=m_kv, other=0.0)
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
-                       mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                       mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0)
         p_u = base * BT * V + r[:, None] * V + o_v[None, :]
         b_dv = tl.load(dv + p_u, mask=m_v[None, :], other=0.0)
         b_vn = tl.load(v_new + p_u, mask=m_v[None, :], other=0.0)
-        acc_q += tl.dot(b_do, tl.trans(h))
-        acc_k += tl.dot(b_vn, tl.trans(b_ds))
-        acc_w -= tl.dot(b_dv, tl.trans(h))
-        acc_g += tl.sum(h * b_ds, axis=1)
+        acc_q = _dot_nt(b_do, h, acc_q, Q16)
+        acc_k = _dot_nt(b_vn, b_ds, acc_k, K16)
+        acc_w = _dot_nt(b_dv, h, acc_w, W16)
+        acc_g += tl.sum(h.to(tl.float32) * b_ds.to(tl.float32), axis=1)
         if i_k == 0:
-            acc_a += tl.dot(b_do, tl.trans(b_vn))
+            acc_a = _dot_nt(b_do, b_vn, acc_a, A16)
     p_k = base * BT * K + r[:, None] * K + o_k[None, :]
     m_rk = (r < BT)[:, None] & m_k[None, :]
-    tl.store(dqg + p_k, acc_q, mask=m_rk)
-    tl.store(dkg + p_k, acc_k, mask=m_rk)
-    tl.store(dw + p_k, acc_w, mask=m_rk)
+    tl.store(dqg + p_k, acc_q.to(dqg.dtype.element_ty), mask=m_rk)
+    tl.store(dkg + p_k, acc_k.to(dkg.dtype.element_ty), mask=m_rk)
+    tl.store(dw + p_k, (-acc_w).to(dw.dtype.element_ty), mask=m_rk)
     tl.store(dgc + base * K + o_k, acc_g * tl.exp(tl.load(gc + base * SK + o_k, mask=m_k, other=0.0)), mask=m_k)
     if i_k == 0:
         tl.store(daqk + base * BT * BT + r[:, None] * BT + r[None, :], acc_a)
@@ -146,6 +159,11 @@ def sweep_dot16(w_dtype) -> int:
     return 0 if w_dtype == torch.float32 else {"tf32": 0, "do16": 1, "16bit": 2}[mode]
 
 
+def _same16(a, b) -> int:
+    """1 when a product of a and b can run on 16-bit tensor cores as stored (both the same 16-bit type)."""
+    return int(a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16))
+
+
 def grads_launch(K: int, V: int):
     """K block, V block, warps and stages of ``_chunk_bwd_grads_kernel``
     (``KIMI_LINEAR_KDA_GRADS_BK`` / ``_GRADS_BV`` / ``_GRADS_WARPS`` / ``_GRADS_STAGES``). Each program
@@ -159,10 +177,34 @@ def grads_launch(K: int, V: int):
     return GK, GV, warps, int(env("KIMI_LINEAR_KDA_GRADS_STAGES", 2))
 
 
-def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, shapes, BT):
+HANDOFFS = ("states", "ds", "vnew", "du", "grads")
+HANDOFF_16BIT = torch.bfloat16  # (the interpreter tests set float16: bf16 products are wrong there)
+
+
+def handoff_dtypes(q) -> dict:
+    """Storage type of each float32-or-16-bit tensor the backward hands from one launch to the next
+    (``KIMI_LINEAR_KDA_BWD_HANDOFF``: a list of the names below stored in bf16, separated by ``,`` or
+    ``+``, or ``all`` / ``none``, the default): ``states`` the rebuilt chunk states, ``ds`` the sweep's per-chunk state gradients, ``vnew``
+    v_new of the rebuild, ``du`` the sweep's dv, ``grads`` the gradient kernel's dqg, dkg, dw. bf16 also
+    for fp16 inputs: state gradients summed over a long sequence can pass fp16's 65504. Float32 inputs
+    always hand over float32. The sweep's dS and the states themselves stay float32 in registers; only
+    the copies between launches are rounded."""
+    raw = os.environ.get("KIMI_LINEAR_KDA_BWD_HANDOFF", "none").strip()
+    names = HANDOFFS if raw == "all" else () if raw in ("none", "") else tuple(
+        x.strip() for x in raw.replace("+", ",").split(","))
+    bad = [x for x in names if x not in HANDOFFS]
+    if bad:
+        raise ValueError(f"KIMI_LINEAR_KDA_BWD_HANDOFF: unknown name(s) {bad}; expected a comma list of "
+                         f"{', '.join(HANDOFFS)}, or all / none")
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    return {x: HANDOFF_16BIT if half and x in names else torch.float32 for x in HANDOFFS}
+
+
+def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, shapes, BT, handoff=None):
     """Reverse sweep then the chunk-parallel gradients, from the rebuilt intermediates, the chunk states
     and v_new of the state rebuild (``chunk_recur`` with ``v_new``). Returns (du, dqg, dkg, dw, dAqk, dgC,
-    dh0), fp32. The per-chunk state gradients take a buffer as large as ``states`` (fp32 [chunks, HV, K, V])."""
+    dh0): du, dqg, dkg, dw in the types of ``handoff`` (``handoff_dtypes``; float32 if None), the rest
+    float32. The per-chunk state gradients take a buffer as large as ``states`` ([chunks, HV, K, V])."""
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     NC = info.shape[0]
     dev = w.device
@@ -178,8 +220,9 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     # 4 warps lost (1.011), as did 2 stages in tf32 at 4 warps (1.021).
     BV = max(32, min(int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_BV", 32)), next_pow2(V)))
     do = do.contiguous()
-    du = torch.empty(NC, HV, BT, V, device=dev, dtype=f32)
-    ds = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
+    handoff = handoff or {x: f32 for x in HANDOFFS}
+    du = torch.empty(NC, HV, BT, V, device=dev, dtype=handoff["du"])
+    ds = torch.empty(NC, HV, K, V, device=dev, dtype=handoff["ds"])
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32)
     _chunk_recur_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
         w, kg, aqk, gc, qg, info, seq, dht if dht is not None else dummy(dev), do,
@@ -189,7 +232,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
         num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)),
         num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 2)),
     )
-    dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=f32)
+    dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=handoff["grads"])
     dkg = torch.empty_like(dqg)
     dw = torch.empty_like(dqg)
     daqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=f32)
@@ -198,6 +241,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     if NC > 0:
         _chunk_bwd_grads_kernel[(NC, HV, triton.cdiv(K, GK))](
             gc, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=gc.shape[-1], BT=BT, BK=GK, BV=GV,
+            Q16=_same16(do, states), K16=_same16(v_new, ds), W16=_same16(du, states), A16=_same16(do, v_new),
             num_warps=g_warps, num_stages=1 if INTERPRET else g_stages,
         )
     return du, dqg, dkg, dw, daqk, dgc, dh0
@@ -295,7 +339,7 @@ def _prep_bwd_autograd(q, k, v, g, beta, A_log, dt_bias, info, dw, du, dqg, dkg,
         with torch.enable_grad():
             xs = [lf[idx] for lf in leaves]
             outs = prep_torch(*xs, valid, a_leaf, b_leaf, cfg)
-            grads = [dw[c0:c1], du[c0:c1], dqg[c0:c1], dkg[c0:c1], daqk[c0:c1], dgc[c0:c1]]
+            grads = [x[c0:c1].float() for x in (dw, du, dqg, dkg, daqk, dgc)]
             torch.autograd.backward(outs, grads)
     dq, dk, dv, dg, dbeta = (lf.grad.reshape(x.shape).to(x.dtype) if lf.grad is not None else torch.zeros_like(x)
                              for lf, x in zip(leaves, (q, k, v, g, beta)))
@@ -341,12 +385,14 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     if kept is not None:
         aqk = kept[0]
     tinv = outs[6] if use_kernel else None
-    v_new = torch.empty(info.shape[0], shapes.HV, BT, shapes.V, device=q.device, dtype=torch.float32)
+    handoff = handoff_dtypes(q)
+    v_new = torch.empty(info.shape[0], shapes.HV, BT, shapes.V, device=q.device, dtype=handoff["vnew"])
     _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=None,
-                               store_final=False, store_states=True, BT=BT, v_new=v_new)
+                               store_final=False, store_states=True, BT=BT, v_new=v_new,
+                               states_dtype=handoff["states"])
     du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(
         w, qg, kg, aqk, gc, info, seq, states, v_new, None if dht is None else dht.contiguous(), do,
-        shapes=shapes, BT=BT,
+        shapes=shapes, BT=BT, handoff=handoff,
     )
     del w, u, qg, kg, aqk, gc, states, v_new
     if use_kernel:

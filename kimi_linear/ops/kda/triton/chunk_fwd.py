@@ -457,7 +457,7 @@ def _chunk_recur_kernel(
     for c in range(c0, c1):
         base = (c * HV + i_hv).to(tl.int64)
         if STORE_STATES:
-            tl.store(states + (base * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
+            tl.store(states + (base * K + o_k[:, None]) * V + o_v[None, :], S.to(states.dtype.element_ty), mask=m_kv)
         p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
         b_w = tl.load(w + p_k, mask=m_ks[None, :], other=0.0)
         if STORE_O:  # (the backward's state rebuild needs no output; loads kept in this order, as measured)
@@ -469,8 +469,9 @@ def _chunk_recur_kernel(
         b_gc = tl.load(gc + base * SK + o_k, mask=m_ks, other=0.0)
         Sd = S.to(DOT_DTYPE)
         v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
-        if STORE_VNEW:  # (for the backward's reverse sweep and gradient kernel; [chunk, head, row, V] fp32)
-            tl.store(v_new_out + (base * BT + r[:, None]) * V + o_v[None, :], v_new, mask=m_v[None, :])
+        if STORE_VNEW:  # (for the backward's gradient kernel; [chunk, head, row, V], fp32 or 16-bit)
+            tl.store(v_new_out + (base * BT + r[:, None]) * V + o_v[None, :], v_new.to(v_new_out.dtype.element_ty),
+                     mask=m_v[None, :])
         vd = v_new.to(DOT_DTYPE)
         if STORE_O:
             b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
@@ -612,10 +613,12 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         if BT == 64 and env_choice("KIMI_LINEAR_KDA_TREE", "subchunk", ("subchunk", "masked")) == "subchunk":
             # The tree levels on 16-row sub-chunk tiles. H200, session 9, T=8K, forward: 1.50 ms at 2
             # warps, 1.65 at 4, 1.58 at 1, 2.07 at 8; 1.77 with K blocks of 16 at 4 warps (masked: 1.64).
+            # 2 pipeline stages: forward + backward 0.989 / 0.992 of 1 stage (session 11, init-like gates),
+            # 0.991 / 0.990 (session 12, init-like / stress gates).
             sub = {key: val for key, val in inputs.items() if key != "SK"}  # (K blocks masked, not padded)
             sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_TREE_BK", 32)), next_pow2(K))),
                        num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 2)),
-                       num_stages=int(env("KIMI_LINEAR_KDA_TREE_STAGES", 1)))
+                       num_stages=int(env("KIMI_LINEAR_KDA_TREE_STAGES", 2)))
             LAUNCHED["tree"] = _chunk_tree_subchunk_kernel[(NC, HV)](
                 q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec,
                 INV_PREC=prec, **sub)
@@ -655,18 +658,19 @@ def _recur_stages(dtype, BK: int) -> int:
 
 
 def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
-                store_final, store_states, BT, v_new=None):
+                store_final, store_states, BT, v_new=None, states_dtype=torch.float32):
     """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None); with
     ``out=None`` no output is computed (the backward's state rebuild; session 8, H200, T=8K: forward +
-    backward 10.57 vs 10.79 ms). ``v_new`` (fp32 [chunks, HV, BT, V]) also receives u - w S of every
-    chunk (the rebuild stores it for the backward's sweep)."""
+    backward 10.57 vs 10.79 ms). ``v_new`` ([chunks, HV, BT, V], float32 or 16-bit) also receives u - w S of
+    every chunk (the rebuild stores it for the backward). The chunk states are stored as ``states_dtype``:
+    float32 for the caller's interior states, 16-bit for the backward's hand-offs (``chunk_bwd.handoff_dtypes``)."""
     import os
 
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     dev = w.device
     NC = chunk_info.shape[0]
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if store_final else None
-    states = torch.empty(NC, HV, K, V, device=dev, dtype=torch.float32) if store_states else None
+    states = torch.empty(NC, HV, K, V, device=dev, dtype=states_dtype) if store_states else None
     BK = max(16, next_pow2(K))
     BV = _recur_bv(V, N * HV)
     d = dummy(dev)

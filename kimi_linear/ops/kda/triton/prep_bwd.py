@@ -169,7 +169,7 @@ def _prep_bwd_wy_kernel(
         xk = tl.load(k + row_qk[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
         _, bg = load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
         eG = tl.exp(tl.cumsum(bg, axis=0))
-        b_dw = tl.load(dw + base * BT * K + r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)
+        b_dw = tl.load(dw + base * BT * K + r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
         dT = tl.dot(b_dw, tl.trans(xk * eG), dT, input_precision="tf32x3")
         # dW0 = T^T dw, parked (times e^G) in the dk buffer for pass 2.
         X = tl.dot(tl.trans(Tm), b_dw, input_precision="tf32x3")
@@ -189,7 +189,7 @@ def _prep_bwd_wy_kernel(
         o_v = vb + tl.arange(0, BV)
         m_rv = m_r[:, None] & (o_v < V)[None, :]
         bv = tl.load(v + row_hv[:, None] * V + o_v[None, :], mask=m_rv, other=0.0).to(tl.float32)
-        b_du = tl.load(du + base * BT * V + r[:, None] * V + o_v[None, :], mask=m_rv, other=0.0)
+        b_du = tl.load(du + base * BT * V + r[:, None] * V + o_v[None, :], mask=m_rv, other=0.0).to(tl.float32)
         dT = tl.dot(b_du, tl.trans(bv * bb[:, None]), dT, input_precision="tf32x3")
         Y = tl.dot(tl.trans(Tm), b_du, input_precision="tf32x3")
         db += tl.sum(bv * Y, axis=1)
@@ -478,17 +478,20 @@ def _prep_bwd_tree_kernel(
 def _chunk_prep_bwd_kernel(
     q, k, g, beta, A_log, dt_bias, chunk_info,
     dqg, dkg, daqk, dgc, norms, db_part, ddq, ddk, ddg,
-    dq, dk, dg, dbeta, dA_part, dbias_part, dakk, db_tree,
+    dq, dk, dg, dbeta, dA_part, dbias_part, dakk, db_tree, dq_out, dk_out,
     scale, lower_bound,
     H, HV, K,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
     PAIR_PREC: tl.constexpr, ABLATE: tl.constexpr = 0, TREE_KERNEL_NK: tl.constexpr = 0,
+    FINAL_OUT: tl.constexpr = 0,
 ):
     """Passes 2 and 3, grid (chunks, HV): every other chunk-local gradient per K block, the pairs by tree
     levels (unless ``_prep_bwd_tree_kernel`` took them: ``TREE_KERNEL_NK`` > 0 is its number of K
-    blocks, whose dbeta parts are summed here); then the L2-norm backward."""
+    blocks, whose dbeta parts are summed here); then the L2-norm backward. With ``FINAL_OUT`` (no GVA
+    group to sum) the finished dq, dk go straight to ``dq_out`` / ``dk_out`` in their type; otherwise
+    they stay in the float32 ``dq`` / ``dk``."""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     # ABLATE (profiling only, wrong results): bit 1 drops the tree levels (16 ... BT/2), 16 drops pass 3.
     r = tl.arange(0, BT)
@@ -518,13 +521,13 @@ def _chunk_prep_bwd_kernel(
         # Terms without pairwise decays. Exponent gradients of G_i reach g_m for m <= i; kg's decay to
         # the chunk end reaches g_m for m > i.
         p_ck = base * BT * K + r[:, None] * K + o_k[None, :]
-        t_q = tl.exp(tl.cumsum(bg, axis=0)) * tl.load(dqg + p_ck, mask=m_rk, other=0.0) * scale
+        t_q = tl.exp(tl.cumsum(bg, axis=0)) * tl.load(dqg + p_ck, mask=m_rk, other=0.0).to(tl.float32) * scale
         kX = tl.load(dk + row_hv[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)  # e^G T^T dw
         acc_q = t_q + dq_diag[:, None] * bk
         acc_k = bb[:, None] * kX + dq_diag[:, None] * bq
         d_G = bq * t_q + bb[:, None] * (bk * kX)
         db += tl.sum(bk * kX, axis=1)
-        t_k = tl.exp(tl.minimum(tl.cumsum(bgn, axis=0, reverse=True), 0.0)) * tl.load(dkg + p_ck, mask=m_rk, other=0.0)
+        t_k = tl.exp(tl.minimum(tl.cumsum(bgn, axis=0, reverse=True), 0.0)) * tl.load(dkg + p_ck, mask=m_rk, other=0.0).to(tl.float32)
         acc_k += t_k
         kgd = bk * t_k
         b_dgc = tl.load(dgc + base * K + o_k, mask=m_k, other=0.0)
@@ -567,8 +570,12 @@ def _chunk_prep_bwd_kernel(
         if HAS_BIAS:
             tl.store(dbias_part + base * K + o_k, tl.sum(d_g, axis=0), mask=m_k)
         tl.store(dg + p_hk, d_g.to(dg.dtype.element_ty), mask=m_rk)
-        tl.store(dq + p_hk, acc_q, mask=m_rk)
-        tl.store(dk + p_hk, acc_k, mask=m_rk)
+        if FINAL_OUT and not L2NORM:
+            tl.store(dq_out + p_hk, acc_q.to(dq_out.dtype.element_ty), mask=m_rk)
+            tl.store(dk_out + p_hk, acc_k.to(dk_out.dtype.element_ty), mask=m_rk)
+        else:
+            tl.store(dq + p_hk, acc_q, mask=m_rk)
+            tl.store(dk + p_hk, acc_k, mask=m_rk)
         if L2NORM:
             sdq += tl.sum(bq * acc_q, axis=1)
             sdk += tl.sum(bk * acc_k, axis=1)
@@ -594,8 +601,14 @@ def _chunk_prep_bwd_kernel(
             bk = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32) * rk[:, None]
             g_q = tl.load(dq + p_hk, mask=m_rk, other=0.0)
             g_k = tl.load(dk + p_hk, mask=m_rk, other=0.0)
-            tl.store(dq + p_hk, rq[:, None] * (g_q - sdq[:, None] * bq), mask=m_rk)
-            tl.store(dk + p_hk, rk[:, None] * (g_k - sdk[:, None] * bk), mask=m_rk)
+            f_q = rq[:, None] * (g_q - sdq[:, None] * bq)
+            f_k = rk[:, None] * (g_k - sdk[:, None] * bk)
+            if FINAL_OUT:
+                tl.store(dq_out + p_hk, f_q.to(dq_out.dtype.element_ty), mask=m_rk)
+                tl.store(dk_out + p_hk, f_k.to(dk_out.dtype.element_ty), mask=m_rk)
+            else:
+                tl.store(dq + p_hk, f_q, mask=m_rk)
+                tl.store(dk + p_hk, f_k, mask=m_rk)
 
 
 def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg, dkg, daqk, dgc, *, cfg,
@@ -603,7 +616,8 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     """Gradients of the raw inputs of the prep kernel (see the module docstring).
 
     Shapes: q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, K]; beta [B, T, HV]; chunk_info int32 [NC, 2];
-    T, daqk [NC, HV, BT, BT]; dw, dqg, dkg [NC, HV, BT, K]; du [NC, HV, BT, V]; dgc [NC, HV, K] (all fp32).
+    T, daqk [NC, HV, BT, BT]; dw, dqg, dkg [NC, HV, BT, K]; du [NC, HV, BT, V]; dgc [NC, HV, K] (T, daqk, dgc
+    fp32; dw, du, dqg, dkg fp32 or 16-bit, the backward's hand-offs).
     BT must be a power of two in 16 ... 128 (128 is heavy on registers). ``overwrite_t`` reuses T's
     storage as the kernel's dAkk scratch (T is garbage afterwards). With an in-kernel gate and
     ``chunk_fwd.gate_once``, pass 1 and the pair kernels read the activated gate (``g_act``, or
@@ -618,6 +632,11 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     f32 = torch.float32
     dq32 = torch.empty(B, Tlen, HV, K, device=dev, dtype=f32)
     dk32 = torch.empty(B, Tlen, HV, K, device=dev, dtype=f32)
+    # Without a GVA group to sum, pass 2 / 3 write the finished dq, dk in the inputs' type (session 12:
+    # no cast launches after it; they took 113 us of an 8K forward + backward on the H200).
+    final_out = HV == H and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "1") == "1"
+    dq_out = torch.empty(B, Tlen, H, K, device=dev, dtype=q.dtype) if final_out else None
+    dk_out = torch.empty(B, Tlen, H, K, device=dev, dtype=k.dtype) if final_out else None
     dv = torch.empty(B, Tlen, HV, V, device=dev, dtype=v.dtype)
     dg = torch.empty(B, Tlen, HV, K, device=dev, dtype=g.dtype)
     dbeta = torch.empty(B, Tlen, HV, device=dev, dtype=beta.dtype)
@@ -693,15 +712,20 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
             q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1],
             diag[2], dq32, dk32, dg, dbeta, dA_part if dA_part is not None else d,
-            dbias_part if dbias_part is not None else d, dakk, db_tree, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK,
+            dbias_part if dbias_part is not None else d, dakk, db_tree,
+            dq_out if final_out else d, dk_out if final_out else d, float(cfg.scale), lb, H, HV, K, BT=BT, BK=BK,
             L2NORM=cfg.l2norm, **flags, PAIR_PREC=prec, num_warps=warps, num_stages=stages, TREE_KERNEL_NK=tree_nk,
+            FINAL_OUT=int(final_out),
             ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0)),
         )
     group = HV // H
     if group > 1:
         dq32 = dq32.view(B, Tlen, H, group, K).sum(3)
         dk32 = dk32.view(B, Tlen, H, group, K).sum(3)
-    dq, dk = dq32.to(q.dtype), dk32.to(k.dtype)
+    if final_out and NC > 0:
+        dq, dk = dq_out, dk_out
+    else:
+        dq, dk = dq32.to(q.dtype), dk32.to(k.dtype)
     dA = None if A_log is None else (dA_part.sum(0) if NC > 0 else torch.zeros_like(A_log))
     dbias = None if dt_bias is None else (dbias_part.sum(0).reshape(-1) if NC > 0 else torch.zeros_like(dt_bias))
     return dq, dk, dv, dg, dbeta, dA, dbias
