@@ -322,17 +322,39 @@ def test_rebuild_storage(mode, want, monkeypatch):
 
 
 def test_backward_keeps_forward_intermediates(monkeypatch):
-    """The forward keeps Aqk and T for the backward: gradients equal the full recompute's exactly, and a
-    second backward through a retained graph (the kept T must not be reused as scratch) gives them again."""
+    """The forward keeps Aqk, T, the activated gate and the L2-norm factors for the backward: gradients
+    equal the full recompute's exactly, the pre-passes run once per forward + backward instead of twice,
+    and a second backward through a retained graph (the kept T must not be reused as scratch) gives the
+    same gradients again."""
+    from kimi_linear.ops.kda import triton_backend
+    from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, utils
+
+    calls = {"activate_gate": 0, "qk_norms": 0}
+
+    def counting(name):
+        fn = getattr(utils, name)
+
+        def wrapper(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        return wrapper
+
+    for name in calls:
+        for mod in (triton_backend, chunk_bwd, chunk_fwd, prep_bwd):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, counting(name))
     results = {}
     for mode in ("partial", "full"):
         monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", mode)
         x = make_inputs(B=1, T=70, H=1, HV=2, K=20, V=24, gate="softplus", extreme_gate_frac=0.03, seed=2,
                         requires_grad=True, dtype=torch.float64).cast(torch.float32)
+        calls.update(activate_gate=0, qk_norms=0)
         o, s = x.call(chunk_kda)
         gen = torch.Generator().manual_seed(0)
         loss = (o * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()
         first = torch.autograd.grad(loss, x.tensors(), retain_graph=True)
+        once = 1 if mode == "partial" else 2  # (forward, and the backward's rebuild unless kept)
+        assert calls == {"activate_gate": once, "qk_norms": once}, (mode, calls)
         second = torch.autograd.grad(loss, x.tensors())
         assert all(torch.equal(a, b) for a, b in zip(first, second)), mode
         results[mode] = first

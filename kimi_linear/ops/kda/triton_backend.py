@@ -14,7 +14,7 @@ import torch
 from .triton.chunk_bwd import chunk_kda_bwd
 from .triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur, storage_dtype
 from .triton.recurrent import recurrent_kda_fwd
-from .triton.utils import env_choice, gate_code
+from .triton.utils import activate_gate, env_choice, gate_code, gate_once, norm_once, qk_norms
 
 # Internal chunk length of the Triton kernels. Results do not depend on it except for the layout of
 # the interior states, which follow the caller's chunk_size.
@@ -37,20 +37,26 @@ class _Cfg:
 
 
 def keep_for_backward() -> bool:
-    """Whether the forward keeps Aqk (fp32) and T for the backward, which then skips recomputing them:
-    512 B per token and value head held from forward to backward. KIMI_LINEAR_KDA_BWD_RECOMPUTE=full
-    recomputes instead (the numbers are the same either way)."""
+    """Whether the forward keeps Aqk (fp32) and T for the backward, which then skips recomputing them
+    (512 B per token and value head at 64-row chunks), and its float32 activated gate and L2-norm factors
+    (``activate_gate`` / ``qk_norms``, when those pre-passes run: 4 K bytes more per token and value head,
+    512 B at K = 128, as for fla's kept float32 cumulative gate; 8 B per token and head for the norms),
+    which the backward would otherwise compute again. KIMI_LINEAR_KDA_BWD_RECOMPUTE=full recomputes
+    everything instead (the numbers are the same either way)."""
     return env_choice("KIMI_LINEAR_KDA_BWD_RECOMPUTE", "partial", ("partial", "full")) == "partial"
 
 
 def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False):
     shapes, BT = cfg.shapes, cfg.BT
     info, seq = chunk_layout(shapes, cfg.cu_seqlens, BT, q.device)
+    # The pre-passes here rather than inside chunk_prep, so that a training forward can keep them.
+    g_act = activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate) if gate_once(cfg.gate) else None
+    norms = qk_norms(q, k) if cfg.l2norm and norm_once() else None
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
         neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q), pad=True, store_t=keep,
-        aqk_dtype=torch.float32 if keep else None,
+        aqk_dtype=torch.float32 if keep else None, g_act=g_act, norms=norms,
     )
     w, u, qg, kg, aqk, gc = outs[:6]
     o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
@@ -58,7 +64,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False
         w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=o, store_final=True,
         store_states=store_states, BT=BT,
     )
-    kept = (aqk, outs[6]) if keep else None
+    kept = (aqk, outs[6], g_act, norms) if keep else None
     return o, ht, states, info, seq, kept
 
 
@@ -70,7 +76,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, h0)
         ctx.cfg = cfg
         ctx.layout = (info, seq)
-        ctx.kept = kept  # (Aqk fp32, T) or None; intermediates, so held as attributes
+        ctx.kept = kept  # (Aqk fp32, T, activated gate or None, norm factors or None) or None; held as attributes
         if states is None:
             return o, ht
         ctx.mark_non_differentiable(states)

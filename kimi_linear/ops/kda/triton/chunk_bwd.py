@@ -366,7 +366,8 @@ def recompute_dtypes(q):
 
 
 def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq, kept=None):
-    """``kept``: (Aqk fp32, T) kept by the forward, or None to recompute them (the same numbers)."""
+    """``kept``: (Aqk fp32, T, activated gate or None, L2-norm factors or None) kept by the forward, or None
+    to recompute them (the same numbers)."""
     shapes, BT = cfg.shapes, cfg.BT
     use_kernel = BT in (16, 32, 64, 128) and env_choice("KIMI_LINEAR_KDA_PREP_BWD", "kernel",
                                                         ("kernel", "autograd")) == "kernel"
@@ -374,12 +375,14 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     # triton 3.6 for K=60).
     dtype, u_dtype = recompute_dtypes(q)
     # The activated gate, once for the rebuild and the prep backward's launches before pass 2.
-    g_act = activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate) if gate_once(cfg.gate) else None
+    g_act = kept[2] if kept is not None and kept[2] is not None else (
+        activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate) if gate_once(cfg.gate) else None)
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
         neg_eigval=cfg.neg_eigval, BT=BT, dtype=dtype, pad=dtype != torch.float32, store_t=use_kernel,
         t_given=None if kept is None else kept[1], aqk_dtype=torch.float32, u_dtype=u_dtype, g_act=g_act,
+        norms=None if kept is None else kept[3],
     )
     w, u, qg, kg, aqk, gc = outs[:6]
     if kept is not None:
