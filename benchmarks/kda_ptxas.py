@@ -57,7 +57,7 @@ def kernels():
     """(name, jit function, constexprs, num_warps[, num_stages[, pointer types]]) per launch, mirroring
     the launchers' defaults (one pipeline stage where none is given)."""
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, recurrent
-    from kimi_linear.ops.kda.triton.utils import gate_once, norm_once
+    from kimi_linear.ops.kda.triton.utils import env_choice, gate_once, norm_once
 
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
     # The chunk-local launches before the backward's pass 2 read the gate activated once, in float32
@@ -138,7 +138,7 @@ def kernels():
                g32)
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
            dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0),
-                TREE_KERNEL_NK=tree_nk, FINAL_OUT=int(os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "1") == "1"),
+                TREE_KERNEL_NK=tree_nk, FINAL_OUT=int(env_choice("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "1", ("1", "0")) == "1"),
                 **gate),
            _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 8), bwd_stages,
            dict(dqg=ho["grads"], dkg=ho["grads"], dq_out="*bf16", dk_out="*bf16"))

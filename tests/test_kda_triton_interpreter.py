@@ -278,7 +278,8 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
 
 @pytest.mark.parametrize("name", ["KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "KIMI_LINEAR_KDA_TREE",
                                   "KIMI_LINEAR_KDA_PREP_BWD_TREE", "KIMI_LINEAR_KDA_STORE",
-                                  "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS"])
+                                  "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
+                                  "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

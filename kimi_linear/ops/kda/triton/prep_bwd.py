@@ -634,7 +634,7 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     dk32 = torch.empty(B, Tlen, HV, K, device=dev, dtype=f32)
     # Without a GVA group to sum, pass 2 / 3 write the finished dq, dk in the inputs' type (session 12:
     # no cast launches after it; they took 113 us of an 8K forward + backward on the H200).
-    final_out = HV == H and os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "1") == "1"
+    final_out = env_choice("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "1", ("1", "0")) == "1" and HV == H
     dq_out = torch.empty(B, Tlen, H, K, device=dev, dtype=q.dtype) if final_out else None
     dk_out = torch.empty(B, Tlen, H, K, device=dev, dtype=k.dtype) if final_out else None
     dv = torch.empty(B, Tlen, HV, V, device=dev, dtype=v.dtype)
