@@ -788,6 +788,7 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         LAUNCHED["fused_diag"] = fuse  # (tests check which path ran)
         if fuse:
             tree_launch(True)
+            LAUNCHED["diag_fast"] = None  # (not launched)
         else:
             LAUNCHED["diag_fast"] = _prep_bwd_diag_fast_kernel[grid](
                 q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1],
