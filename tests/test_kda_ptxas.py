@@ -33,3 +33,21 @@ def test_kernels_compile_for_hopper():
         m = re.search(r"warp\(s\):\s+(\d+) regs", line)
         assert m, line  # "failed: ..." otherwise
         assert 0 < int(m.group(1)) <= 255, line
+
+
+@pytest.mark.parametrize("env,only,n", [
+    ({"KIMI_LINEAR_KDA_PREP_BWD_FUSE": "1"}, ["bwd diag", "bwd tree"], 2),  # no tensor-core sub-chunk kernel
+    ({"KIMI_LINEAR_KDA_BWD_HANDOFF": "all"}, ["rebuild", "sweep", "gradients", "pass"], 5),
+], ids=["fused_subchunk_tree", "handoff16"])
+def test_opt_in_kernels_compile_for_hopper(env, only, n):
+    """The opt-in launches (not run by default, so not covered above) compile for sm_90a too."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"this Triton wheel ships no ptxas ({ptxas})")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kda_ptxas.py"), "--only", *only],
+                         env=dict(os.environ, TRITON_INTERPRET="0", **env), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if "warp(s):" in ln]
+    assert len(lines) == n, out.stdout
+    assert all(re.search(r"warp\(s\):\s+\d+ regs", ln) for ln in lines), out.stdout
