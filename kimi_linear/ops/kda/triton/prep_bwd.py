@@ -232,18 +232,23 @@ def _diag_gate_grad(bg, r, d_l):
 
 
 @triton.jit
+def _put_parts(ddq, ddk, ddg, p, m, d_q, d_k, d_g, ADD: tl.constexpr):
+    """Parts of dq, dk and the gate gradient at offsets p (mask m) of the sub-chunk kernels' float32
+    buffers: stored, or with ``ADD`` added to what an earlier launch stored there."""
+    if ADD:
+        d_q += tl.load(ddq + p, mask=m, other=0.0)
+        d_k += tl.load(ddk + p, mask=m, other=0.0)
+        d_g += tl.load(ddg + p, mask=m, other=0.0)
+    tl.store(ddq + p, d_q, mask=m)
+    tl.store(ddk + p, d_k, mask=m)
+    tl.store(ddg + p, d_g, mask=m)
+
+
+@triton.jit
 def _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_l, K, ADD: tl.constexpr = 0):
     """One K block's in-sub-chunk parts of dq, dk and the gate gradient (``_diag_gate_grad``), stored, or
     with ``ADD`` added to what the fused tree kernel stored."""
-    d_g = _diag_gate_grad(bg, r, d_l)
-    p_hk = row_hv[:, None] * K + o_k[None, :]
-    if ADD:
-        d_q += tl.load(ddq + p_hk, mask=m_rk, other=0.0)
-        d_k += tl.load(ddk + p_hk, mask=m_rk, other=0.0)
-        d_g += tl.load(ddg + p_hk, mask=m_rk, other=0.0)
-    tl.store(ddq + p_hk, d_q, mask=m_rk)
-    tl.store(ddk + p_hk, d_k, mask=m_rk)
-    tl.store(ddg + p_hk, d_g, mask=m_rk)
+    _put_parts(ddq, ddk, ddg, row_hv[:, None] * K + o_k[None, :], m_rk, d_q, d_k, _diag_gate_grad(bg, r, d_l), ADD)
 
 
 @triton.jit
@@ -389,14 +394,7 @@ def _block_pair_loads(p_aqk, p_akk, n_rows, scale, I: tl.constexpr, J: tl.conste
 def _add_rows(ddq, ddk, ddg, row0, r, m_rk, o_k, i_hv, HV, K, d_q, d_k, d_g, ADD: tl.constexpr = 1):
     """Add a [16, BK] block's dq, dk and gate gradient to the sub-chunk kernels' buffers (or, with
     ``ADD`` = 0, store them: the fused tree kernel runs before the exact sub-chunk kernel)."""
-    p = ((row0 + r) * HV + i_hv)[:, None] * K + o_k[None, :]
-    if ADD:
-        d_q += tl.load(ddq + p, mask=m_rk, other=0.0)
-        d_k += tl.load(ddk + p, mask=m_rk, other=0.0)
-        d_g += tl.load(ddg + p, mask=m_rk, other=0.0)
-    tl.store(ddq + p, d_q, mask=m_rk)
-    tl.store(ddk + p, d_k, mask=m_rk)
-    tl.store(ddg + p, d_g, mask=m_rk)
+    _put_parts(ddq, ddk, ddg, ((row0 + r) * HV + i_hv)[:, None] * K + o_k[None, :], m_rk, d_q, d_k, d_g, ADD)
 
 
 @triton.jit
