@@ -348,7 +348,7 @@ def test_backward_keeps_forward_intermediates(monkeypatch):
         return wrapper
 
     for name in calls:
-        for mod in (triton_backend, chunk_bwd, chunk_fwd, prep_bwd):
+        for mod in (utils, triton_backend, chunk_bwd, chunk_fwd, prep_bwd):
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, counting(name))
     results = {}

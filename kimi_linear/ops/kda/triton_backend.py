@@ -14,7 +14,7 @@ import torch
 from .triton.chunk_bwd import chunk_kda_bwd
 from .triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur, storage_dtype
 from .triton.recurrent import recurrent_kda_fwd
-from .triton.utils import activate_gate, env_choice, gate_code, gate_once, norm_once, qk_norms
+from .triton.utils import env_choice, gate_code, gate_prepass, norm_prepass
 
 # Internal chunk length of the Triton kernels. Results do not depend on it except for the layout of
 # the interior states, which follow the caller's chunk_size.
@@ -50,8 +50,8 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False
     shapes, BT = cfg.shapes, cfg.BT
     info, seq = chunk_layout(shapes, cfg.cu_seqlens, BT, q.device)
     # The pre-passes here rather than inside chunk_prep, so that a training forward can keep them.
-    g_act = activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate) if gate_once(cfg.gate) else None
-    norms = qk_norms(q, k) if cfg.l2norm and norm_once() else None
+    g_act = gate_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate)
+    norms = norm_prepass(q, k, cfg.l2norm)
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,

@@ -34,7 +34,7 @@ from ..gate import kda_gate
 from .chunk_fwd import chunk_prep, chunk_recur, storage_dtype
 from .prep_bwd import chunk_prep_bwd
 from .utils import (
-    INTERPRET, activate_gate, chunk_program, chunk_rows, dummy, env_choice, gate_once, next_pow2, sequence_program,
+    INTERPRET, chunk_program, chunk_rows, dummy, env_choice, gate_prepass, next_pow2, sequence_program,
 )
 
 
@@ -377,8 +377,7 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     # triton 3.6 for K=60).
     dtype, u_dtype = recompute_dtypes(q)
     # The activated gate, once for the rebuild and the prep backward's launches before pass 2.
-    g_act = kept[2] if kept is not None and kept[2] is not None else (
-        activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate) if gate_once(cfg.gate) else None)
+    g_act = gate_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate, None if kept is None else kept[2])
     outs = chunk_prep(
         q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
         lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,

@@ -54,9 +54,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, activate_gate, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_once,
+    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_prepass,
     head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
-    norm_once, qk_norms, sequence_program, subchunk_block, subchunk_column, subchunk_program,
+    norm_prepass, sequence_program, subchunk_block, subchunk_column, subchunk_program,
     subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
@@ -548,11 +548,11 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     """
     import os
 
-    if gate_once(gate):
-        # H200, session 10, T=8K, H=32: the in-register activation cost the forward's prep kernels 0.21 ms
-        # (and the forward + backward 0.6 ms) against a pre-activated gate.
-        g = g_act if g_act is not None else activate_gate(g, A_log, dt_bias, lower_bound, gate)
-        gate, A_log, dt_bias = 0, None, None
+    # H200, session 10, T=8K, H=32: the in-register activation cost the forward's prep kernels 0.21 ms
+    # (and the forward + backward 0.6 ms) against a pre-activated gate.
+    g_act = gate_prepass(g, A_log, dt_bias, lower_bound, gate, g_act)
+    if g_act is not None:
+        g, gate, A_log, dt_bias = g_act, 0, None, None
 
     H, HV, K, V = shapes.H, shapes.HV, shapes.K, shapes.V
     NC = chunk_info.shape[0]
@@ -592,9 +592,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     bias = dt_bias if dt_bias is not None else d
     lb = float(lower_bound) if lower_bound is not None else 0.0
     # The L2-norm factors once for every launch (``norm_once``: L2NORM 2, read), else per kernel (1).
-    l2, nrm = int(l2norm), d
-    if norm_once() and l2norm:  # (the switch checked even when unused)
-        l2, nrm = 2, norms if norms is not None else qk_norms(q, k)
+    nrm = norm_prepass(q, k, l2norm, norms)
+    l2, nrm = (int(l2norm), d) if nrm is None else (2, nrm)
     inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2,
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
     if t_given is None:

@@ -63,8 +63,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, activate_gate, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy,
-    env_choice, gate_once, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next, midpoint_factors,
+    INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy,
+    env_choice, gate_prepass, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next, midpoint_factors,
     next_pow2, subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles,
     tile_span, tree_factor, tree_pairs, wide_flag,
 )
@@ -398,7 +398,7 @@ def _add_rows(ddq, ddk, ddg, row0, r, m_rk, o_k, i_hv, HV, K, d_q, d_k, d_g, ADD
 
 
 @triton.jit
-def _fused_diag(q_s, k_s, g_s, b_s, r_s, n_rows, p_aqk, p_akk, scale, span_max, p_flag, d_q, d_k, d_g, d_b,
+def _fused_diag(q_s, k_s, g_s, b_s, n_rows, p_aqk, p_akk, scale, span_max, p_flag, d_q, d_k, d_g, d_b,
                 S: tl.constexpr):
     """With ``KIMI_LINEAR_KDA_PREP_BWD_FUSE=1``: the pairs inside sub-chunk S on the tree kernel's
     [16, BK] tiles, as ``_prep_bwd_diag_fast_kernel`` takes them, when the tile's log-decay span is
@@ -408,10 +408,10 @@ def _fused_diag(q_s, k_s, g_s, b_s, r_s, n_rows, p_aqk, p_akk, scale, span_max, 
     ok = tile_span(g_s, rl) <= span_max  # (False for NaN)
     tl.store(p_flag, (~ok).to(tl.int8))
     if ok:
-        off, _ = subchunk_block(S, S)
-        m_pair = (rl[:, None] > rl[None, :]) & (r_s < n_rows)[:, None]
-        mq = tl.load(p_aqk + off, mask=m_pair, other=0.0) * scale
-        mk = tl.load(p_akk + off, mask=m_pair, other=0.0)
+        mq, mk = _block_pair_loads(p_aqk, p_akk, n_rows, scale, S, S)
+        strict = rl[:, None] > rl[None, :]  # (the diagonal block: only its strictly lower pairs)
+        mq = tl.where(strict, mq, 0.0)
+        mk = tl.where(strict, mk, 0.0)
         ea, eb = midpoint_factors(g_s, rl)
         dq_s, dk_s, d_row, d_col, db_s = _pairs(q_s, k_s, b_s, ea, eb, mq, mk, "tf32x3")
         d_q += dq_s
@@ -531,13 +531,13 @@ def _prep_bwd_tree_kernel(
     db0 = tl.zeros([16], dtype=tl.float32)
     if FUSE_DIAG:  # flags [HV, chunks * 4, K / BK], as the exact kernel's grid reads them
         p_flag = wide + ((i_hv * tl.num_programs(0) + i_c) * 4) * tl.num_programs(2) + i_k
-        dq0, dk0, dg0, db0 = _fused_diag(q0, k0, g0, b0, r0, n_rows, p_aqk, p_akk, scale, span_max, p_flag,
+        dq0, dk0, dg0, db0 = _fused_diag(q0, k0, g0, b0, n_rows, p_aqk, p_akk, scale, span_max, p_flag,
                                          dq0, dk0, dg0, db0, 0)
-        dq1, dk1, dg1, db1 = _fused_diag(q1, k1, g1, b1, r1, n_rows, p_aqk, p_akk, scale, span_max,
+        dq1, dk1, dg1, db1 = _fused_diag(q1, k1, g1, b1, n_rows, p_aqk, p_akk, scale, span_max,
                                          p_flag + tl.num_programs(2), dq1, dk1, dg1, db1, 1)
-        dq2, dk2, dg2, db2 = _fused_diag(q2, k2, g2, b2, r2, n_rows, p_aqk, p_akk, scale, span_max,
+        dq2, dk2, dg2, db2 = _fused_diag(q2, k2, g2, b2, n_rows, p_aqk, p_akk, scale, span_max,
                                          p_flag + 2 * tl.num_programs(2), dq2, dk2, dg2, db2, 2)
-        dq3, dk3, dg3, db3 = _fused_diag(q3, k3, g3, b3, r3, n_rows, p_aqk, p_akk, scale, span_max,
+        dq3, dk3, dg3, db3 = _fused_diag(q3, k3, g3, b3, n_rows, p_aqk, p_akk, scale, span_max,
                                          p_flag + 3 * tl.num_programs(2), dq3, dk3, dg3, db3, 3)
     ADD: tl.constexpr = 1 - FUSE_DIAG
     _add_rows(ddq, ddk, ddg, row0, r0, m0, o_k, i_hv, HV, K, dq0, dk0, dg0, ADD)
@@ -697,8 +697,9 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
     fp32; dw, du, dqg, dkg fp32 or 16-bit, the backward's hand-offs).
     BT must be a power of two in 16 ... 128 (128 is heavy on registers). ``overwrite_t`` reuses T's
     storage as the kernel's dAkk scratch (T is garbage afterwards). With an in-kernel gate and
-    ``chunk_fwd.gate_once``, pass 1 and the pair kernels read the activated gate (``g_act``, or
-    ``activate_gate``'s here); pass 2 activates the raw one itself, for the activation's derivative.
+    ``utils.gate_once``, pass 1 and the pair kernels read the activated gate (``g_act``, or
+    ``activate_gate``'s here: ``utils.gate_prepass``); pass 2 activates the raw one itself, for the
+    activation's derivative.
     Returns (dq, dk, dv, dg, dbeta, dA_log or None, ddt_bias or None).
     """
     shapes, BT = cfg.shapes, cfg.BT
@@ -737,9 +738,9 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
                      BETA_SIGMOID=cfg.beta_sigmoid, NEG_EIGVAL=cfg.neg_eigval)
         # The launches before pass 2 only need the activated gate.
         g_pre, a_pre, bias_pre, flags_pre = g, a_log, bias, flags
-        if gate_once(cfg.gate):
-            g_pre = g_act if g_act is not None else activate_gate(g, A_log, dt_bias, cfg.lower_bound, cfg.gate)
-            a_pre, bias_pre, flags_pre = d, d, dict(flags, GATE=0, HAS_A=False, HAS_BIAS=False)
+        g_act = gate_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate, g_act)
+        if g_act is not None:
+            g_pre, a_pre, bias_pre, flags_pre = g_act, d, d, dict(flags, GATE=0, HAS_A=False, HAS_BIAS=False)
         norms = torch.empty(NC, HV, 2, BT, device=dev, dtype=f32)  # L2-norm factors of q and k
         db_part = torch.empty(NC, HV, BT, device=dev, dtype=f32)
         # Two pipeline stages in passes 1 and 2 (prefetch of the next K block): session 7, H200, T=8K,
@@ -765,7 +766,7 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         # whose K-block tile spans at most DIAG_SPAN nats, storing dq / dk / dg parts once instead of the
         # tensor-core sub-chunk kernel storing them and the tree kernel adding to them; the exact kernel
         # then adds the tiles it left, K block by K block (so in the tree's K blocks). At 4 warps (ptxas,
-        # sm_90a: 255 registers, 176 B of spills, 6912 SASS; at 2 warps 1328 B and 11936 SASS; the two
+        # sm_90a: 255 registers, 144 B of spills, 6760 SASS; at 2 warps 1328 B and 11936 SASS; the two
         # kernels it replaces: 452 + 300 B, 6024 + 3176 SASS).
         fuse = env_choice("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "0", ("0", "1")) == "1" and tree_kernel
         exact_bk = tree_bk if fuse else max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K)))

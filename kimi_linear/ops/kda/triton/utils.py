@@ -411,6 +411,23 @@ def _qk_norms_kernel(q, k, out, n_rows, K, BR: tl.constexpr, BK: tl.constexpr):
     tl.store(out + rows.to(tl.int64) * 2 + 1, l2_norm_factor(tl.sum(bk * bk, axis=1)), mask=m_r)
 
 
+def gate_prepass(g, A_log, dt_bias, lower_bound, gate, given=None):
+    """The float32 activated gate the chunk-local launches read when ``gate_once(gate)``: ``given`` (the
+    same computed earlier, e.g. kept by the forward) or ``activate_gate``'s now; None otherwise (the
+    kernels then activate the raw gate themselves)."""
+    if not gate_once(gate):
+        return None
+    return given if given is not None else activate_gate(g, A_log, dt_bias, lower_bound, gate)
+
+
+def norm_prepass(q, k, l2norm, given=None):
+    """The float32 L2-norm factors the forward's chunk-local launches read when the norm runs in-kernel
+    and ``norm_once()``: ``given`` (computed earlier) or ``qk_norms``' now; None otherwise."""
+    if not norm_once() or not l2norm:  # (the switch checked even when unused)
+        return None
+    return given if given is not None else qk_norms(q, k)
+
+
 def norm_once() -> bool:
     """Whether the in-kernel L2 norm's factors are computed once, by ``qk_norms``, for the forward's
     chunk-local launches (``KIMI_LINEAR_KDA_NORM_PASS=once``, the default) rather than by each of them
