@@ -56,7 +56,7 @@ def _env_int(name: str, default: int) -> int:
 def kernels():
     """(name, jit function, constexprs, num_warps[, num_stages[, pointer types]]) per launch, mirroring
     the launchers' defaults (one pipeline stage where none is given)."""
-    from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, recurrent
+    from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, recurrent, utils
     from kimi_linear.ops.kda.triton.utils import env_choice, gate_once, norm_once
 
     gate = dict(GATE=1, HAS_A=True, HAS_BIAS=True, L2NORM=True, BETA_SIGMOID=True, NEG_EIGVAL=False)
@@ -82,14 +82,30 @@ def kernels():
         yield ("fwd tree (masked)", chunk_fwd._chunk_tree_kernel,
                dict(SK=K, BT=BT, BK=prep_bk, LEVELS=BT.bit_length() - 1, PREC="tf32", INV_PREC="tf32",
                     ABLATE=_env_int("KIMI_LINEAR_KDA_TREE_ABLATE", 0), **fwd_gate), prep_warps, 1, g32)
+    # The forward's gate pre-pass with the sums within chunks (``gate_cumsum_mode() == "prepass"``), which
+    # the w/u launch then reads (already activated: GATE 0, float32 g) instead of summing the gate itself.
+    cumg = utils.gate_cumsum_mode() == "prepass"
+    yield ("gate + chunk sums", utils._gate_chunk_kernel,
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_GATE_BK", 64), STORE_ACT=True, **{
+               k: gate[k] for k in ("GATE", "HAS_A", "HAS_BIAS")}), 4, 1, {"act_out": "*fp32", "cum_out": "*fp32"})
+    wy_gate = dict(fwd_gate, GATE=0, HAS_A=False, HAS_BIAS=False) if cumg else fwd_gate
+    wy_g = {"g": "*fp32"} if cumg else g32
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
-           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", **fwd_gate),
-           prep_warps, 1, g32)
+           dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
+           prep_warps, 1, wy_g)
     recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True)
     recur_warps = _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4)
     recur_stages = _env_int("KIMI_LINEAR_KDA_STAGES", 3)  # (chunk_fwd._recur_stages: 3 for 16-bit w, else 1)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
+           recur_stages)
+    # A forward without gradients runs 16-row chunks (triton_backend.INFERENCE_BT): no tree launch, the
+    # w/u launch at one warp, 4x the recurrence's steps. (Its sub-chunk launches are the ones above.)
+    yield ("inference w/u (16-row chunks)", chunk_fwd._chunk_wy_kernel,
+           dict(SK=K, SV=V, BT=16, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
+           _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 1), 1, wy_g)
+    yield ("inference recurrence (16-row chunks)", chunk_fwd._chunk_recur_kernel,
+           dict(recur, BT=16, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
     # The backward's rebuild of the chunk states, no output, in the storage types the backward picks for
     # bf16 inputs (by default w, qg, kg in bf16 and u in float32; all float32: tf32 products, one stage).

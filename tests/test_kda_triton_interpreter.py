@@ -90,6 +90,81 @@ def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
     assert prep_bwd.LAUNCHED["fused_diag"] == fuse
 
 
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
+def test_inference_forward(gate, monkeypatch):
+    """A forward without gradients runs 16-row kernel chunks (``INFERENCE_BT``), one that needs them 64-row
+    ones; both against float64 on packed sequences of odd lengths (a partial 16-row chunk, a 1-token
+    sequence), GVA, -1000 gates; KIMI_LINEAR_KDA_BT forces the chunk length."""
+    from kimi_linear.ops.kda import triton_backend
+
+    seen = []
+    layout = triton_backend.chunk_layout
+
+    def recording(shapes, cu_seqlens, BT, device):
+        seen.append(BT)
+        return layout(shapes, cu_seqlens, BT, device)
+
+    monkeypatch.setattr(triton_backend, "chunk_layout", recording)
+    cu = [0, 1, 38, 107]
+    inp64 = make_inputs(B=1, T=cu[-1], H=1, HV=2, K=20, V=24, gate=gate, extreme_gate_frac=0.05, seed=5,
+                        cu_seqlens=cu, dtype=torch.float64)
+    ref_o, ref_s = reference(inp64)
+    x = inp64.cast(torch.float32)
+    with torch.no_grad():
+        o, s = x.call(chunk_kda)
+    assert seen == [16]
+    assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL
+    for t in x.tensors():
+        t.requires_grad_(True)
+    o2, s2 = x.call(chunk_kda)
+    assert seen == [16, 64]
+    assert rel_rms(o2, ref_o) < TOL and rel_rms(s2, ref_s) < TOL
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BT", "32")
+    with torch.no_grad():
+        x.call(chunk_kda)
+    assert seen == [16, 64, 32]
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
+def test_gate_chunk_prepass(gate, monkeypatch):
+    """``gate_chunk_prepass``: the activated gate and its sum within each chunk (packed sequences, partial
+    chunks, K = 20 in K blocks of 16) against PyTorch; and the w/u launch reading that sum
+    (``KIMI_LINEAR_KDA_GATE_CUMSUM=prepass``, the default) against summing itself (``kernel``), -1000
+    gates included: after those, G_C - G_i cancels (an exponent error of about |G| 2^-24)."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.gate import kda_gate
+    from kimi_linear.ops.kda.triton.chunk_fwd import chunk_layout
+    from kimi_linear.ops.kda.triton.utils import gate_chunk_prepass, gate_code
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_GATE_BK", "16")
+    cu = [0, 5, 70, 150]
+    x = make_inputs(B=1, T=cu[-1], H=1, HV=2, K=20, V=24, gate=gate, extreme_gate_frac=0.03, seed=6,
+                    cu_seqlens=cu, dtype=torch.float64).cast(torch.float32)
+    lb = -5.0 if gate == "lower_bound" else None
+    code = gate_code(gate != "pregated", lb)
+    shapes = KDAShapes(B=1, T=cu[-1], H=1, HV=2, K=20, V=24, N=3)
+    info, _ = chunk_layout(shapes, torch.tensor(cu), 64, "cpu")
+    act, cum = gate_chunk_prepass(x.g, x.A_log if code else None, x.dt_bias if code else None, lb, code, info, 64,
+                                  store_act=code != 0)
+    want = kda_gate(x.g, x.A_log, x.dt_bias, lb) if code else x.g
+    if code:
+        assert rel_rms(act, want) < 1e-6
+    else:
+        assert act is None
+    for row0, rows in info.tolist():
+        ref = want[:, row0 : row0 + rows].double().cumsum(1)
+        assert rel_rms(cum[:, row0 : row0 + rows], ref) < 1e-6, (row0, rows)
+    results = {}
+    for mode in ("prepass", "kernel"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_GATE_CUMSUM", mode)
+        for t in x.tensors():
+            t.requires_grad_(True)
+        o, s = x.call(chunk_kda)
+        results[mode] = (o, s)
+    for a, b in zip(results["prepass"], results["kernel"]):
+        assert rel_rms(a, b) < 1e-4
+
+
 @pytest.mark.parametrize("C,cu", [(16, [0, 1, 16, 50]), (128, [0, 130, 300, 301])])
 def test_varlen_and_interior_states(C, cu):
     """Packed sequences and the state at every chunk boundary (C=128 runs as 64-row kernel chunks and
@@ -286,7 +361,8 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_PREP_BWD_TREE", "KIMI_LINEAR_KDA_STORE",
                                   "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
-                                  "KIMI_LINEAR_KDA_PREP_BWD_FUSE"])
+                                  "KIMI_LINEAR_KDA_PREP_BWD_FUSE", "KIMI_LINEAR_KDA_BT",
+                                  "KIMI_LINEAR_KDA_GATE_CUMSUM"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")
@@ -337,10 +413,12 @@ def test_backward_keeps_forward_intermediates(monkeypatch):
     from kimi_linear.ops.kda import triton_backend
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, utils
 
-    calls = {"activate_gate": 0, "qk_norms": 0}
+    calls = {"activate_gate": 0, "gate_chunk_prepass": 0, "qk_norms": 0}
+
+    originals = {name: getattr(utils, name) for name in calls}
 
     def counting(name):
-        fn = getattr(utils, name)
+        fn = originals[name]
 
         def wrapper(*args, **kw):
             calls[name] += 1
@@ -356,13 +434,14 @@ def test_backward_keeps_forward_intermediates(monkeypatch):
         monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", mode)
         x = make_inputs(B=1, T=70, H=1, HV=2, K=20, V=24, gate="softplus", extreme_gate_frac=0.03, seed=2,
                         requires_grad=True, dtype=torch.float64).cast(torch.float32)
-        calls.update(activate_gate=0, qk_norms=0)
+        calls.update(activate_gate=0, gate_chunk_prepass=0, qk_norms=0)
         o, s = x.call(chunk_kda)
         gen = torch.Generator().manual_seed(0)
         loss = (o * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()
         first = torch.autograd.grad(loss, x.tensors(), retain_graph=True)
         once = 1 if mode == "partial" else 2  # (forward, and the backward's rebuild unless kept)
-        assert calls == {"activate_gate": once, "qk_norms": once}, (mode, calls)
+        # (the forward's gate pre-pass is gate_chunk_prepass, which also sums the gate within chunks)
+        assert calls == {"activate_gate": once - 1, "gate_chunk_prepass": 1, "qk_norms": once}, (mode, calls)
         second = torch.autograd.grad(loss, x.tensors())
         assert all(torch.equal(a, b) for a, b in zip(first, second)), mode
         results[mode] = first

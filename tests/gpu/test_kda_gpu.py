@@ -175,8 +175,15 @@ def test_varlen(gate):
     inp = cuda(make_inputs(B=1, T=CU[-1], H=2, HV=4, K=100, V=64, gate=gate, dtype=torch.float64, seed=3,
                            cu_seqlens=CU, extreme_gate_frac=0.01))
     o, s = check_fwd_bwd(f"varlen {gate}", inp)
-    # varlen equals per-sequence calls of the same kernels
+    _per_sequence_calls_agree(inp, o, s, grads=True)
+
+
+def _per_sequence_calls_agree(inp: KDAInputs, o, s, grads: bool):
+    """varlen equals per-sequence calls of the same kernels: with inputs that need gradients (64-row
+    chunks, as check_fwd_bwd's varlen call with grads) or without (16-row chunks)."""
     x = inp.cast(BF16)
+    for t in x.tensors():
+        t.requires_grad_(grads)
     for n, (a, b) in enumerate(zip(CU, CU[1:])):
         kw = dict(x.kwargs)
         kw.pop("cu_seqlens")
@@ -205,6 +212,30 @@ def test_long(T, H, D, gate):
     inp = cuda(make_inputs(B=1, T=T, H=H, K=D, V=D, gate=gate, dtype=torch.float64, seed=11,
                            extreme_gate_frac=1e-3))
     check_fwd_bwd(f"long T={T} {gate}", inp, ref_fn=_chunked_f64)
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
+@pytest.mark.parametrize("T,K,V", GRID)
+def test_inference_grid(T, K, V, gate):
+    """A forward that needs no gradients runs 16-row kernel chunks (``triton_backend.INFERENCE_BT``):
+    the grid again, forward only, with a few -1000 gates."""
+    inp = cuda(make_inputs(B=2, T=T, H=2, HV=4, K=K, V=V, gate=gate, dtype=torch.float64, seed=T + K + V,
+                           extreme_gate_frac=0.01))
+    check_fwd_bwd(f"inference T={T} K={K} V={V} {gate}", inp, grads=False)
+
+
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+def test_inference_varlen_long(gate):
+    """The 16-row inference forward: varlen equals per-sequence calls, and long sequences (T = 8192 and
+    65536) against the float64 chunked path."""
+    inp = cuda(make_inputs(B=1, T=CU[-1], H=2, HV=4, K=100, V=64, gate=gate, dtype=torch.float64, seed=3,
+                           cu_seqlens=CU, extreme_gate_frac=0.01))
+    o, s = check_fwd_bwd(f"inference varlen {gate}", inp, grads=False)
+    _per_sequence_calls_agree(inp, o, s, grads=False)
+    for T, H, D in ((8192, 2, 128), (65536, 1, 64)):
+        inp = cuda(make_inputs(B=1, T=T, H=H, K=D, V=D, gate=gate, dtype=torch.float64, seed=11,
+                               extreme_gate_frac=1e-3))
+        check_fwd_bwd(f"inference long T={T} {gate}", inp, grads=False, ref_fn=_chunked_f64)
 
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound"])

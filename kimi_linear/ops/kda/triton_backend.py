@@ -14,11 +14,26 @@ import torch
 from .triton.chunk_bwd import chunk_kda_bwd
 from .triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur, storage_dtype
 from .triton.recurrent import recurrent_kda_fwd
-from .triton.utils import env_choice, gate_code, gate_prepass, norm_prepass
+from .triton.utils import (
+    env_choice, gate_chunk_prepass, gate_code, gate_cumsum_mode, gate_once, gate_prepass, norm_prepass,
+)
 
 # Internal chunk length of the Triton kernels. Results do not depend on it except for the layout of
 # the interior states, which follow the caller's chunk_size.
 DEFAULT_BT = 64
+# A forward that needs no gradients and no interior states runs 16-row chunks: the pairs then all lie
+# inside one sub-chunk (no tree launch), at the cost of 4x the sequential steps. H200, T=8K, H=32, session
+# 13: forward 1.078 vs 1.188 ms (init-like gates), 1.284 vs 1.402 (stress); the backward at 16 rows was
+# 9% slower, so training keeps 64.
+INFERENCE_BT = 16
+
+
+def kernel_chunk(training: bool) -> int:
+    """The kernel chunk length; ``KIMI_LINEAR_KDA_BT`` (16, 32 or 64) overrides it for timing."""
+    forced = env_choice("KIMI_LINEAR_KDA_BT", "auto", ("auto", "16", "32", "64"))
+    if forced != "auto":
+        return int(forced)
+    return DEFAULT_BT if training else INFERENCE_BT
 
 
 def _c(x):
@@ -50,21 +65,22 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False
     shapes, BT = cfg.shapes, cfg.BT
     info, seq = chunk_layout(shapes, cfg.cu_seqlens, BT, q.device)
     # The pre-passes here rather than inside chunk_prep, so that a training forward can keep them.
-    g_act = gate_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate)
+    g_cum = None
+    if gate_cumsum_mode() == "prepass":
+        g_act, g_cum = gate_chunk_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate, info, BT,
+                                          store_act=gate_once(cfg.gate))
+    else:
+        g_act = gate_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate)
     norms = norm_prepass(q, k, cfg.l2norm)
-    outs = chunk_prep(
-        q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
-        neg_eigval=cfg.neg_eigval, BT=BT, dtype=storage_dtype(q), pad=True, store_t=keep,
-        aqk_dtype=torch.float32 if keep else None, g_act=g_act, norms=norms,
-    )
-    w, u, qg, kg, aqk, gc = outs[:6]
+    common = dict(scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
+                  lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
+                  neg_eigval=cfg.neg_eigval, BT=BT, g_act=g_act, norms=norms)
+    outs = chunk_prep(q, k, v, g, beta, info, dtype=storage_dtype(q), pad=True, store_t=keep,
+                      aqk_dtype=torch.float32 if keep else None, g_cum=g_cum, **common)
     o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
-    o, ht, states = chunk_recur(
-        w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=o, store_final=True,
-        store_states=store_states, BT=BT,
-    )
-    kept = (aqk, outs[6], g_act, norms) if keep else None
+    o, ht, states = chunk_recur(*outs[:6], info, seq, shapes=shapes, initial_state=h0, out=o,
+                                store_final=True, store_states=store_states, BT=BT)
+    kept = (outs[4], outs[6], g_act, norms) if keep else None
     return o, ht, states, info, seq, kept
 
 
@@ -117,15 +133,6 @@ def chunk_kda(
     return_intermediate_states, state_v_first, use_qk_l2norm_in_kernel, use_gate_in_kernel,
     use_beta_sigmoid_in_kernel, allow_neg_eigval, A_log, dt_bias, lower_bound,
 ):
-    # Interior states are reported at the caller's chunk boundaries, so then the kernel chunk follows it,
-    # up to 64 rows: 128-row chunks run as 64-row kernel chunks and report every other state (the tree
-    # kernel at 128 rows needs 260 KB of shared memory, more than an H100 or H200 has).
-    BT = min(chunk_size, DEFAULT_BT) if return_intermediate_states else DEFAULT_BT
-    cfg = _Cfg(
-        shapes=shapes, BT=BT, scale=float(scale), gate=gate_code(use_gate_in_kernel, lower_bound),
-        lower_bound=lower_bound, l2norm=bool(use_qk_l2norm_in_kernel), beta_sigmoid=bool(use_beta_sigmoid_in_kernel),
-        neg_eigval=bool(allow_neg_eigval), cu_seqlens=cu_seqlens, store_states=bool(return_intermediate_states),
-    )
     # Differentiable reshapes/casts: gradients reach A_log, dt_bias and the initial state in their own layout.
     a = None if A_log is None else A_log.reshape(-1).to(torch.float32)
     b = None if dt_bias is None else dt_bias.reshape(-1).to(torch.float32)
@@ -133,6 +140,16 @@ def chunk_kda(
         initial_state.transpose(-1, -2) if state_v_first else initial_state
     ).to(torch.float32)
     args = [x.contiguous() for x in (q, k, v, g, beta)] + [_c(a), _c(b), _c(h0)]
+    training = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args)
+    # Interior states are reported at the caller's chunk boundaries, so then the kernel chunk follows it,
+    # up to 64 rows: 128-row chunks run as 64-row kernel chunks and report every other state (the tree
+    # kernel at 128 rows needs 260 KB of shared memory, more than an H100 or H200 has).
+    BT = min(chunk_size, kernel_chunk(True)) if return_intermediate_states else kernel_chunk(training)
+    cfg = _Cfg(
+        shapes=shapes, BT=BT, scale=float(scale), gate=gate_code(use_gate_in_kernel, lower_bound),
+        lower_bound=lower_bound, l2norm=bool(use_qk_l2norm_in_kernel), beta_sigmoid=bool(use_beta_sigmoid_in_kernel),
+        neg_eigval=bool(allow_neg_eigval), cu_seqlens=cu_seqlens, store_states=bool(return_intermediate_states),
+    )
     outs = ChunkKDAFunction.apply(*args, cfg)
     o, ht = outs[0], outs[1]
     ht = _state_out(ht, state_v_first) if output_final_state else None

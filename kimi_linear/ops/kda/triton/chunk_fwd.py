@@ -26,7 +26,8 @@
      even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
      i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B same-sign gates,
      so one masked tensor-core product per level. T follows by the same tree from the diagonal blocks.
-   Underflow to 0 is exact. At 64-row chunks (the default) ``_chunk_tree_subchunk_kernel`` does this
+   Underflow to 0 is exact. At 64-row chunks (training's; a forward without gradients runs 16-row
+   chunks, which need no tree: ``triton_backend.kernel_chunk``) ``_chunk_tree_subchunk_kernel`` does this
    work on the four sub-chunks as [16, BK] tiles instead: [16, 16] block products and T by block
    substitution (ptxas, session 8: no spills, 12 KB of shared memory, against 84 / 112 B and 48 KB;
    H200, session 9, T=8K: forward 1.50 vs 1.64 ms at 2 warps; ``KIMI_LINEAR_KDA_TREE=masked`` keeps
@@ -34,10 +35,11 @@
    chunks within the span limit in one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs
    1.63 with stress gates, and forward + backward slower with both; removed.)
 
-   Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC). History (T=8K, H=32, H200, docs/benchmarks.md):
-   session 3 had three launches with the in-sub-chunk pairs one by one (2.2 ms); session 4 one tree
-   kernel with levels 1 ... 32 (1.25 ms, the levels inside sub-chunks 0.46 ms of it); session 5 moved
-   those to the one-warp diagonal kernel (forward 1.78 vs 1.89 ms in all); session 6 added the
+   Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC), reading the within-chunk sums of the gate from the
+   pre-pass ``utils.gate_chunk_prepass`` (session 13) unless ``KIMI_LINEAR_KDA_GATE_CUMSUM=kernel``.
+   History (T=8K, H=32, H200, docs/benchmarks.md): session 3 had three launches with the in-sub-chunk
+   pairs one by one (2.2 ms); session 4 one tree kernel with levels 1 ... 32 (1.25 ms, the levels inside
+   sub-chunks 0.46 ms of it); session 5 moved those to the one-warp diagonal kernel (forward 1.78 vs 1.89 ms in all); session 6 added the
    tensor-core path for the sub-chunks that allow it (prep 1.36 vs 1.78 ms with trained-like gates).
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
@@ -395,6 +397,7 @@ def _chunk_wy_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
+    CUMG: tl.constexpr = False,
 ):
     """Second half of the split prep, grid (chunks, HV): from the stored T, w = T (beta k e^G),
     u = T (beta v), qg, kg, gC. Decays relative to the chunk start (e^G) and to its end (e^(G_C - G)) are
@@ -411,14 +414,22 @@ def _chunk_wy_kernel(
     for kb in range(0, SK, BK):
         o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, row0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
                                                H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-        e_start = tl.exp(tl.cumsum(bg, axis=0))
-        e_end = tl.exp(tl.minimum(tl.cumsum(bg, axis=0, reverse=True) - bg, 0.0))
+        if CUMG:  # g holds the within-chunk cumulative log decay G (gate_chunk_prepass)
+            g_last = tl.load(g + ((row0 + n_rows - 1) * HV + i_hv) * K + o_k, mask=o_k < K, other=0.0)
+            e_start = tl.exp(bg)
+            # (G_C - G_i cancels in float32 after -1000-nat gates: an exponent error of about |G| 2^-24)
+            e_end = tl.exp(tl.minimum(g_last[None, :] - bg, 0.0))
+            g_tot = g_last
+        else:
+            e_start = tl.exp(tl.cumsum(bg, axis=0))
+            e_end = tl.exp(tl.minimum(tl.cumsum(bg, axis=0, reverse=True) - bg, 0.0))
+            g_tot = tl.sum(bg, axis=0)
         p_o = base * BT * SK + r[:, None] * SK + o_k[None, :]
         m_o = (r < BT)[:, None] & (o_k < SK)[None, :]
         tl.store(qg_out + p_o, (bq * e_start * scale).to(qg_out.dtype.element_ty), mask=m_o)
         tl.store(kg_out + base * BT * SK + o_k[None, :] * BT + r[:, None], (bk * e_end).to(kg_out.dtype.element_ty),
                  mask=m_o)
-        tl.store(gc_out + base * SK + o_k, tl.sum(bg, axis=0), mask=o_k < SK)
+        tl.store(gc_out + base * SK + o_k, g_tot, mask=o_k < SK)
         b_w = tl.dot(Tm, bk * e_start * b_beta[:, None], input_precision=WY_PREC)
         tl.store(w_out + p_o, b_w.to(w_out.dtype.element_ty), mask=m_o)
     for vb in range(0, SV, BV):
@@ -507,15 +518,17 @@ def chunk_layout(shapes, cu_seqlens, BT: int, device):
         info = torch.stack([start, rows], dim=1).to(torch.int32)
         seq = torch.arange(B + 1, device=device, dtype=torch.int32) * nt
         return info, seq
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    starts, rows, seq = [], [], [0]
-    for a, b in zip(cu, cu[1:]):
-        for s in range(a, b, BT):
-            starts.append(s)
-            rows.append(min(BT, b - s))
-        seq.append(len(starts))
-    info = torch.tensor(list(zip(starts, rows)), dtype=torch.int32).reshape(-1, 2).to(device)
-    return info, torch.tensor(seq, dtype=torch.int32, device=device)
+    # Vectorized on the host (one copy of cu_seqlens, one upload): a Python loop over the chunks cost
+    # more than the kernels' savings at 16-row chunks (H200, session 13: a 32K varlen forward 6.9 ms).
+    cu = cu_seqlens.to("cpu", torch.int64)
+    lens = cu[1:] - cu[:-1]
+    per_seq = (lens + BT - 1) // BT
+    seq = torch.zeros(len(per_seq) + 1, dtype=torch.int64)
+    seq[1:] = torch.cumsum(per_seq, 0)
+    sid = torch.repeat_interleave(torch.arange(len(per_seq)), per_seq)
+    j = torch.arange(int(seq[-1])) - seq[:-1][sid]  # chunk index within its sequence
+    info = torch.stack([cu[:-1][sid] + j * BT, torch.clamp(lens[sid] - j * BT, max=BT)], dim=1)
+    return info.to(torch.int32).to(device), seq.to(torch.int32).to(device)
 
 
 def storage_dtype(x: torch.Tensor) -> torch.dtype:
@@ -534,7 +547,7 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None, u_dtype=None, g_act=None, norms=None):
+               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
@@ -544,7 +557,9 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     the same inputs) only the w/u launch runs, from that T, and Aqk is returned as None. With an in-kernel
     gate and ``gate_once`` the kernels read the activated gate (``g_act``, or ``activate_gate``'s here)
     instead of activating the raw one each; with the in-kernel L2 norm and ``norm_once`` they read the
-    norm factors (``norms``, or ``qk_norms``' here) instead of computing them each.
+    norm factors (``norms``, or ``qk_norms``' here) instead of computing them each. With ``g_cum``
+    (``gate_chunk_prepass``' within-chunk cumulative log decay, same chunks) the w/u launch reads it
+    instead of summing the gate itself.
     """
     import os
 
@@ -575,7 +590,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     # (docs/benchmarks.md, session 4): tree kernel BK=32 1.19 ms vs 2.0 at BK=64; w/u kernel BK=32 434 us
     # vs 500 at BK=16 and 1190 at BK=128; 8 warps slower for both (and gave wrong T in a tree variant).
     env = os.environ.get
-    warps = int(env("KIMI_LINEAR_KDA_PREP_WARPS", 4 if BT <= 64 else 8))
+    # (16-row chunks: one warp; H200, session 13, T=8K inference forward 1.104 ms vs 1.157 at 4 warps)
+    warps = int(env("KIMI_LINEAR_KDA_PREP_WARPS", 1 if BT == 16 else 4 if BT <= 64 else 8))
     BK = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BK", 32)), next_pow2(K)))
     BV = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BV", 64)), next_pow2(V)))
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
@@ -628,9 +644,13 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
                 q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K,
                 BT=BT, LEVELS=BT.bit_length() - 1, PREC=prec, INV_PREC=prec,
                 ABLATE=int(os.environ.get("KIMI_LINEAR_KDA_TREE_ABLATE", 0)), **inputs)
+    wy_inputs = dict(inputs, num_stages=int(env("KIMI_LINEAR_KDA_WY_STAGES", 1)))
+    if g_cum is not None:  # (already activated and summed)
+        g, a_log, bias = g_cum, d, d
+        wy_inputs.update(GATE=0, HAS_A=False, HAS_BIAS=False)
     LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
         q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
-        BT=BT, SV=SV, BV=BV, WY_PREC=prec, **dict(inputs, num_stages=int(env("KIMI_LINEAR_KDA_WY_STAGES", 1))))
+        BT=BT, SV=SV, BV=BV, WY_PREC=prec, CUMG=g_cum is not None, **wy_inputs)
     return outs
 
 
