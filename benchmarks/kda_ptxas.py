@@ -94,8 +94,10 @@ def kernels():
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
            prep_warps, 1, wy_g)
     recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True)
-    recur_warps = _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4)
-    recur_stages = _env_int("KIMI_LINEAR_KDA_STAGES", 3)  # (chunk_fwd._recur_stages: 3 for 16-bit w, else 1)
+    # (as chunk_recur: 8 warps past a [128, 32] state slice; chunk_fwd._recur_stages: 3 for 16-bit w up to
+    # K = 128, else 1)
+    recur_warps = _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if K * recur["BV"] <= 128 * 32 else 8)
+    recur_stages = _env_int("KIMI_LINEAR_KDA_STAGES", 3 if K <= 128 else 1)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
@@ -226,11 +228,14 @@ def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str =
 
 
 def main():
+    global K, V
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", help="kernels whose name contains one of these words")
     ap.add_argument("--set", nargs="+", default=[], metavar="ENV=VALUE",
                     help="launcher environment overrides (block sizes, warps, ablation bits)")
+    ap.add_argument("--kv", type=int, default=K, help="head width K = V (a power of two, as the launchers pad)")
     args = ap.parse_args()
+    K = V = args.kv
     for item in args.set:
         key, _, val = item.partition("=")
         os.environ[key] = val

@@ -53,3 +53,21 @@ def test_opt_in_kernels_compile_for_hopper(env, only, n):
     lines = [ln for ln in out.stdout.splitlines() if "warp(s):" in ln]
     assert len(lines) == n, out.stdout
     assert all(re.search(r"warp\(s\):\s+\d+ regs", ln) for ln in lines), out.stdout
+
+
+def test_kernels_fit_at_widest_heads():
+    """At the issue's widest heads (K = V = 256) every launch compiles with the launchers' settings and
+    its shared memory fits one block on an H100 / H200 (227 KB), else the launch would fail on the card."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"this Triton wheel ships no ptxas ({ptxas})")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kda_ptxas.py"), "--kv", "256"],
+                         env=dict(os.environ, TRITON_INTERPRET="0"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if "warp(s):" in ln]
+    assert len(lines) == 17, out.stdout
+    for line in lines:
+        m = re.search(r"shared (\d+) B", line)
+        assert m, line  # "failed: ..." otherwise
+        assert int(m.group(1)) <= 227 * 1024, line

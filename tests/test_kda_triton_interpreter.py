@@ -125,6 +125,23 @@ def test_inference_forward(gate, monkeypatch):
     assert seen == [16, 64, 32]
 
 
+@pytest.mark.parametrize("K,V", [(256, 256), (200, 136)])
+def test_wide_heads(K, V):
+    """Heads up to the issue's K = V = 256, and wide ones that are not powers of two: the training
+    forward + backward (64-row chunks), the inference forward (16-row chunks) and decode against float64,
+    with -1000 gates."""
+    inp64 = make_inputs(B=1, T=40, H=1, K=K, V=V, gate="softplus", extreme_gate_frac=0.05, seed=2,
+                        requires_grad=True, scale=0.3, dtype=torch.float64)
+    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=0)
+    assert o_err < TOL and s_err < TOL and max(errs) < TOL, (o_err, s_err, errs)
+    ref_o, ref_s = reference(inp64)
+    x = inp64.cast(torch.float32)
+    with torch.no_grad():
+        for fn in (chunk_kda, fused_recurrent_kda):
+            o, s = x.call(fn)
+            assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL, fn.__name__
+
+
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 def test_gate_chunk_prepass(gate, monkeypatch):
     """``gate_chunk_prepass``: the activated gate and its sum within each chunk (packed sequences, partial

@@ -167,6 +167,17 @@ def test_span_limit(log_decay):
         assert wide == 0 if log_decay > -8 else wide > 0.9, (mod.__name__, wide)
 
 
+@pytest.mark.parametrize("K,V", [(256, 256), (200, 136), (136, 256)])
+def test_wide_heads(K, V):
+    """Heads up to the issue's K = V = 256 (the recurrence then at 8 warps and one pipeline stage, inside
+    the shared memory per block; benchmarks/kda_ptxas.py --kv 256), wide non-powers of two: forward +
+    backward, then the inference forward."""
+    inp = cuda(make_inputs(B=1, T=300, H=2, K=K, V=V, gate="softplus", dtype=torch.float64, seed=K + V,
+                           extreme_gate_frac=0.01))
+    check_fwd_bwd(f"wide K={K} V={V}", inp)
+    check_fwd_bwd(f"inference wide K={K} V={V}", inp, grads=False)
+
+
 CU = [0, 1, 16, 80, 81, 300, 315, 1000]  # lengths 1, 15, 64, 1, 219, 15, 685
 
 
