@@ -19,18 +19,25 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kernels_compile_for_hopper():
+def _ptxas_lines(*args, env=None):
+    """Run benchmarks/kda_ptxas.py with ``args`` (and extra environment) and return its per-kernel lines;
+    skips where the Triton wheel ships no ptxas."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip(f"this Triton wheel ships no ptxas ({ptxas})")
-    env = dict(os.environ, TRITON_INTERPRET="0")  # real JIT functions, not the interpreter's
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kda_ptxas.py")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    # TRITON_INTERPRET=0: real JIT functions, not the interpreter's
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kda_ptxas.py"), *args],
+                         env=dict(os.environ, TRITON_INTERPRET="0", **(env or {})), cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [ln for ln in out.stdout.splitlines() if "warp(s):" in ln]
+    return [ln for ln in out.stdout.splitlines() if "warp(s):" in ln], out.stdout
+
+
+def test_kernels_compile_for_hopper():
+    lines, out = _ptxas_lines()
     # 16 chunk kernels (the gate pre-pass, the state rebuild and the 16-row inference launches too) and the
     # decode kernel
-    assert len(lines) == 17, out.stdout
+    assert len(lines) == 17, out
     for line in lines:
         m = re.search(r"warp\(s\):\s+(\d+) regs", line)
         assert m, line  # "failed: ..." otherwise
@@ -43,30 +50,16 @@ def test_kernels_compile_for_hopper():
 ], ids=["fused_subchunk_tree", "handoff16"])
 def test_opt_in_kernels_compile_for_hopper(env, only, n):
     """The opt-in launches (not run by default, so not covered above) compile for sm_90a too."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"this Triton wheel ships no ptxas ({ptxas})")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kda_ptxas.py"), "--only", *only],
-                         env=dict(os.environ, TRITON_INTERPRET="0", **env), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = [ln for ln in out.stdout.splitlines() if "warp(s):" in ln]
-    assert len(lines) == n, out.stdout
-    assert all(re.search(r"warp\(s\):\s+\d+ regs", ln) for ln in lines), out.stdout
+    lines, out = _ptxas_lines("--only", *only, env=env)
+    assert len(lines) == n, out
+    assert all(re.search(r"warp\(s\):\s+\d+ regs", ln) for ln in lines), out
 
 
 def test_kernels_fit_at_widest_heads():
     """At the issue's widest heads (K = V = 256) every launch compiles with the launchers' settings and
     its shared memory fits one block on an H100 / H200 (227 KB), else the launch would fail on the card."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"this Triton wheel ships no ptxas ({ptxas})")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kda_ptxas.py"), "--kv", "256"],
-                         env=dict(os.environ, TRITON_INTERPRET="0"), cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = [ln for ln in out.stdout.splitlines() if "warp(s):" in ln]
-    assert len(lines) == 17, out.stdout
+    lines, out = _ptxas_lines("--kv", "256")
+    assert len(lines) == 17, out
     for line in lines:
         m = re.search(r"shared (\d+) B", line)
         assert m, line  # "failed: ..." otherwise
