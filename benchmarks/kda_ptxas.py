@@ -66,7 +66,7 @@ def kernels():
     g32 = {"g": "*fp32"} if gate_once(1) else {}
     fwd_gate = dict(pre_gate, L2NORM=2 if norm_once() else True)
     prep_bk = _env_int("KIMI_LINEAR_KDA_PREP_BK", 32)
-    prep_warps = _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 4)
+    prep_warps = chunk_fwd.prep_warps(BT)
     prep_bv = _env_int("KIMI_LINEAR_KDA_PREP_BV", 64)
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32",
@@ -94,10 +94,7 @@ def kernels():
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
            prep_warps, 1, wy_g)
     recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_BV", 32), HAS_H0=True)
-    # (as chunk_recur: 8 warps past a [128, 32] state slice; chunk_fwd._recur_stages: 3 for 16-bit w up to
-    # K = 128, else 1)
-    recur_warps = _env_int("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if K * recur["BV"] <= 128 * 32 else 8)
-    recur_stages = _env_int("KIMI_LINEAR_KDA_STAGES", 3 if K <= 128 else 1)
+    recur_warps, recur_stages = chunk_fwd.recur_launch(torch.bfloat16, K, recur["BV"])  # (as chunk_recur's)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
@@ -105,7 +102,7 @@ def kernels():
     # w/u launch at one warp, 4x the recurrence's steps. (Its sub-chunk launches are the ones above.)
     yield ("inference w/u (16-row chunks)", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=16, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
-           _env_int("KIMI_LINEAR_KDA_PREP_WARPS", 1), 1, wy_g)
+           chunk_fwd.prep_warps(16), 1, wy_g)
     yield ("inference recurrence (16-row chunks)", chunk_fwd._chunk_recur_kernel,
            dict(recur, BT=16, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)

@@ -39,8 +39,9 @@
    pre-pass ``utils.gate_chunk_prepass`` (session 13) unless ``KIMI_LINEAR_KDA_GATE_CUMSUM=kernel``.
    History (T=8K, H=32, H200, docs/benchmarks.md): session 3 had three launches with the in-sub-chunk
    pairs one by one (2.2 ms); session 4 one tree kernel with levels 1 ... 32 (1.25 ms, the levels inside
-   sub-chunks 0.46 ms of it); session 5 moved those to the one-warp diagonal kernel (forward 1.78 vs 1.89 ms in all); session 6 added the
-   tensor-core path for the sub-chunks that allow it (prep 1.36 vs 1.78 ms with trained-like gates).
+   sub-chunks 0.46 ms of it); session 5 moved those to the one-warp diagonal kernel (forward 1.78 vs
+   1.89 ms in all); session 6 added the tensor-core path for the sub-chunks that allow it (prep 1.36 vs
+   1.78 ms with trained-like gates).
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
 
@@ -590,8 +591,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     # (docs/benchmarks.md, session 4): tree kernel BK=32 1.19 ms vs 2.0 at BK=64; w/u kernel BK=32 434 us
     # vs 500 at BK=16 and 1190 at BK=128; 8 warps slower for both (and gave wrong T in a tree variant).
     env = os.environ.get
-    # (16-row chunks: one warp; H200, session 13, T=8K inference forward 1.104 ms vs 1.157 at 4 warps)
-    warps = int(env("KIMI_LINEAR_KDA_PREP_WARPS", 1 if BT == 16 else 4 if BT <= 64 else 8))
+    warps = prep_warps(BT)
     BK = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BK", 32)), next_pow2(K)))
     BV = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BV", 64)), next_pow2(V)))
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
@@ -654,6 +654,22 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     return outs
 
 
+def prep_warps(BT: int) -> int:
+    """Warps of the masked tree and w/u launches (``KIMI_LINEAR_KDA_PREP_WARPS``): one at 16-row chunks
+    (H200, session 13, T=8K inference forward 1.104 ms vs 1.157 at 4 warps), 4 up to 64 rows, else 8."""
+    import os
+
+    return int(os.environ.get("KIMI_LINEAR_KDA_PREP_WARPS", 1 if BT == 16 else 4 if BT <= 64 else 8))
+
+
+def recur_launch(dtype, BK: int, BV: int):
+    """Warps and pipeline stages of ``_chunk_recur_kernel`` for intermediates of ``dtype`` and a [BK, BV]
+    state slice (``KIMI_LINEAR_KDA_RECUR_WARPS`` / ``_STAGES``): 8 warps past a [128, 32] slice."""
+    import os
+
+    return int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)), _recur_stages(dtype, BK)
+
+
 def _recur_bv(V: int, programs: int) -> int:
     import os
 
@@ -683,8 +699,6 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     backward 10.57 vs 10.79 ms). ``v_new`` ([chunks, HV, BT, V], float32 or 16-bit) also receives u - w S of
     every chunk (the rebuild stores it for the backward). The chunk states are stored as ``states_dtype``:
     float32 for the caller's interior states, 16-bit for the backward's hand-offs (``chunk_bwd.handoff_dtypes``)."""
-    import os
-
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     dev = w.device
     NC = chunk_info.shape[0]
@@ -694,6 +708,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     BV = _recur_bv(V, N * HV)
     d = dummy(dev)
     dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[w.dtype]
+    warps, stages = recur_launch(w.dtype, BK, BV)
     LAUNCHED["recur"] = _chunk_recur_kernel[(triton.cdiv(V, BV), N * HV)](
         w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
         initial_state if initial_state is not None else d, ht if ht is not None else d,
@@ -701,7 +716,6 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
         HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None,
         STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype, STORE_O=out is not None,
         STORE_VNEW=v_new is not None,
-        num_warps=int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)),
-        num_stages=_recur_stages(w.dtype, BK),
+        num_warps=warps, num_stages=stages,
     )
     return out, ht, states
