@@ -169,9 +169,10 @@ def test_span_limit(log_decay):
 
 @pytest.mark.parametrize("K,V", [(256, 256), (200, 136), (136, 256)])
 def test_wide_heads(K, V):
-    """Heads up to the issue's K = V = 256 (the recurrence then at 8 warps and one pipeline stage, inside
-    the shared memory per block; benchmarks/kda_ptxas.py --kv 256), wide non-powers of two: forward +
-    backward, then the inference forward."""
+    """Heads up to the issue's K = V = 256 (the recurrence then on [256, 64] state slices at 8 warps and one
+    pipeline stage, inside the shared memory per block; benchmarks/kda_ptxas.py --kv 256), wide
+    non-powers of two: forward + backward, then the inference forward. (Session 14's first run: [256, 16]
+    slices, what two heads got before, read outside their shared memory on an H100.)"""
     inp = cuda(make_inputs(B=1, T=300, H=2, K=K, V=V, gate="softplus", dtype=torch.float64, seed=K + V,
                            extreme_gate_frac=0.01))
     check_fwd_bwd(f"wide K={K} V={V}", inp)

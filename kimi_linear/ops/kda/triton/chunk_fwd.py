@@ -670,12 +670,17 @@ def recur_launch(dtype, BK: int, BV: int):
     return int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)), _recur_stages(dtype, BK)
 
 
-def _recur_bv(V: int, programs: int) -> int:
+def _recur_bv(V: int, programs: int, BK: int = 128) -> int:
     import os
 
     forced = os.environ.get("KIMI_LINEAR_KDA_BV")
     if forced:
         return int(forced)
+    if BK > 128:
+        # [256, 16] and [256, 32] slices at one pipeline stage read outside their shared memory on the
+        # card (compute-sanitizer, H100, triton 3.6.0, session 14: "Invalid __shared__ read" in the
+        # output's products); [256, 64] at 8 warps passes the wide-head tests.
+        return max(16, min(64, next_pow2(V)))
     # Measured on H200 at T=32K, H=32 (128 V-slices of 32 vs 256 of 16 vs 64 of 64): 32 is best.
     bv = 32 if programs >= 16 else 16
     return max(16, min(bv, next_pow2(V)))
@@ -705,7 +710,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if store_final else None
     states = torch.empty(NC, HV, K, V, device=dev, dtype=states_dtype) if store_states else None
     BK = max(16, next_pow2(K))
-    BV = _recur_bv(V, N * HV)
+    BV = _recur_bv(V, N * HV, BK)
     d = dummy(dev)
     dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[w.dtype]
     warps, stages = recur_launch(w.dtype, BK, BV)
