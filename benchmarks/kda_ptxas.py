@@ -56,6 +56,7 @@ def _env_int(name: str, default: int) -> int:
 def kernels():
     """(name, jit function, constexprs, num_warps[, num_stages[, pointer types]]) per launch, mirroring
     the launchers' defaults (one pipeline stage where none is given)."""
+    from kimi_linear.ops.kda import triton_backend
     from kimi_linear.ops.kda.triton import chunk_bwd, chunk_fwd, prep_bwd, recurrent, utils
     from kimi_linear.ops.kda.triton.utils import env_choice, gate_once, norm_once
 
@@ -98,13 +99,18 @@ def kernels():
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
-    # A forward without gradients runs 16-row chunks (triton_backend.INFERENCE_BT): no tree launch, the
-    # w/u launch at one warp, 4x the recurrence's steps. (Its sub-chunk launches are the ones above.)
-    yield ("inference w/u (16-row chunks)", chunk_fwd._chunk_wy_kernel,
-           dict(SK=K, SV=V, BT=16, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
-           chunk_fwd.prep_warps(16), 1, wy_g)
-    yield ("inference recurrence (16-row chunks)", chunk_fwd._chunk_recur_kernel,
-           dict(recur, BT=16, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
+    # A forward without gradients runs 32-row chunks (triton_backend.INFERENCE_BT): the tree's one level
+    # in the pair kernel, 2x the recurrence's steps. (Its sub-chunk launches are the ones above.)
+    ibt = triton_backend.kernel_chunk(training=False)
+    if ibt == 32:
+        yield (f"inference pairs ({ibt}-row chunks)", chunk_fwd._chunk_pair_subchunk_kernel,
+               dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **fwd_gate),
+               _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 1), _env_int("KIMI_LINEAR_KDA_TREE_STAGES", 2), g32)
+    yield (f"inference w/u ({ibt}-row chunks)", chunk_fwd._chunk_wy_kernel,
+           dict(SK=K, SV=V, BT=ibt, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
+           chunk_fwd.prep_warps(ibt), 1, wy_g)
+    yield (f"inference recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
+           dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
     # The backward's rebuild of the chunk states, no output, in the storage types the backward picks for
     # bf16 inputs (by default w, qg, kg in bf16 and u in float32; all float32: tf32 products, one stage).

@@ -92,10 +92,13 @@ def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 def test_inference_forward(gate, monkeypatch):
-    """A forward without gradients runs 16-row kernel chunks (``INFERENCE_BT``), one that needs them 64-row
-    ones; both against float64 on packed sequences of odd lengths (a partial 16-row chunk, a 1-token
-    sequence), GVA, -1000 gates; KIMI_LINEAR_KDA_BT forces the chunk length."""
+    """A forward without gradients runs 32-row kernel chunks (``INFERENCE_BT``; the pair kernel for the
+    blocks between its sub-chunks), one that needs them 64-row ones; both against float64 on packed
+    sequences of odd lengths (partial chunks, a 1-token sequence), GVA, -1000 gates; KIMI_LINEAR_KDA_BT
+    forces the chunk length (16: no pair launch; 32 with ``KIMI_LINEAR_KDA_TREE=masked``: the masked
+    tree kernel)."""
     from kimi_linear.ops.kda import triton_backend
+    from kimi_linear.ops.kda.triton import chunk_fwd
 
     seen = []
     layout = triton_backend.chunk_layout
@@ -112,17 +115,24 @@ def test_inference_forward(gate, monkeypatch):
     x = inp64.cast(torch.float32)
     with torch.no_grad():
         o, s = x.call(chunk_kda)
-    assert seen == [16]
+    assert seen == [32] and chunk_fwd.LAUNCHED["tree_fn"] is chunk_fwd._chunk_pair_subchunk_kernel
     assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL
     for t in x.tensors():
         t.requires_grad_(True)
     o2, s2 = x.call(chunk_kda)
-    assert seen == [16, 64]
+    assert seen == [32, 64]
     assert rel_rms(o2, ref_o) < TOL and rel_rms(s2, ref_s) < TOL
-    monkeypatch.setenv("KIMI_LINEAR_KDA_BT", "32")
-    with torch.no_grad():
-        x.call(chunk_kda)
-    assert seen == [16, 64, 32]
+    for t in x.tensors():
+        t.requires_grad_(False)
+    for bt, tree, fn in (("16", None, None), ("32", "masked", chunk_fwd._chunk_tree_kernel)):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BT", bt)
+        if tree:
+            monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", tree)
+        chunk_fwd.LAUNCHED.pop("tree_fn", None)
+        with torch.no_grad():
+            o3, s3 = x.call(chunk_kda)
+        assert seen[-1] == int(bt) and chunk_fwd.LAUNCHED.get("tree_fn") is fn
+        assert rel_rms(o3, ref_o) < TOL and rel_rms(s3, ref_s) < TOL
 
 
 @pytest.mark.parametrize("K,V", [(256, 256), (200, 136)])

@@ -21,11 +21,12 @@ from .triton.utils import (
 # Internal chunk length of the Triton kernels. Results do not depend on it except for the layout of
 # the interior states, which follow the caller's chunk_size.
 DEFAULT_BT = 64
-# A forward that needs no gradients and no interior states runs 16-row chunks: the pairs then all lie
-# inside one sub-chunk (no tree launch), at the cost of 4x the sequential steps. H200, T=8K, H=32, session
-# 13: forward 1.078 vs 1.188 ms (init-like gates), 1.284 vs 1.402 (stress); the backward at 16 rows was
-# 9% slower, so training keeps 64.
-INFERENCE_BT = 16
+# A forward that needs no gradients and no interior states runs 32-row chunks: the pairs between its two
+# 16-row sub-chunks are one block product (``chunk_fwd._chunk_pair_subchunk_kernel``), and the recurrence
+# takes half the steps of 16-row chunks. H100, T=8K, H=32, session 14: forward 1.135 ms vs 1.186 at 16
+# rows (recurrence 332 vs 508 us, pair kernel 123 us). Session 13 (H200): 16 rows 1.078 vs 1.188 ms at
+# 64. The backward at 16 rows was 9% slower than at 64, so training keeps 64.
+INFERENCE_BT = 32
 
 
 def kernel_chunk(training: bool) -> int:

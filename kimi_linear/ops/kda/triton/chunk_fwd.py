@@ -26,12 +26,13 @@
      even block before it; there exp(G_i - G_j) = exp(sum of the gates from the start of i's block to
      i) * exp(sum after j to the end of j's block), both <= 1 and both sums of at most B same-sign gates,
      so one masked tensor-core product per level. T follows by the same tree from the diagonal blocks.
-   Underflow to 0 is exact. At 64-row chunks (training's; a forward without gradients runs 16-row
-   chunks, which need no tree: ``triton_backend.kernel_chunk``) ``_chunk_tree_subchunk_kernel`` does this
-   work on the four sub-chunks as [16, BK] tiles instead: [16, 16] block products and T by block
+   Underflow to 0 is exact. At 64-row chunks (training's) ``_chunk_tree_subchunk_kernel`` does this
+   work on the four sub-chunks as [16, BK] tiles instead, and at 32-row chunks (a forward without
+   gradients: ``triton_backend.kernel_chunk``) ``_chunk_pair_subchunk_kernel`` on the two (one level, one
+   block pair; 16-row chunks need no tree at all): [16, 16] block products and T by block
    substitution (ptxas, session 8: no spills, 12 KB of shared memory, against 84 / 112 B and 48 KB;
    H200, session 9, T=8K: forward 1.50 vs 1.64 ms at 2 warps; ``KIMI_LINEAR_KDA_TREE=masked`` keeps
-   the masked kernel, which 32- and 128-row chunks use). (Sessions 6-8 tried a kernel taking whole
+   the masked kernel, which 128-row chunks use). (Sessions 6-8 tried a kernel taking whole
    chunks within the span limit in one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs
    1.63 with stress gates, and forward + backward slower with both; removed.)
 
@@ -390,6 +391,53 @@ def _chunk_tree_subchunk_kernel(
 
 
 @triton.jit
+def _chunk_pair_subchunk_kernel(
+    q, k, g, beta, norms, A_log, dt_bias, chunk_info, aqk_out, t_out,
+    scale, lower_bound,
+    H, HV, K,
+    BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+):
+    """``_chunk_tree_subchunk_kernel`` for 32-row chunks: the tree's one level (16) is the block pair
+    (1, 0), a [16, BK] x [BK, 16] product per K block; T_10 = -D_1 A_10 D_0. Writes the blocks (1, 0) of
+    Aqk and T and zeros in (0, 1)."""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    a = head_a_log(A_log, i_hv, HAS_A)
+    r0 = tl.arange(0, 16)
+    rq0, rk0, b0 = _row_scales(q, k, beta, norms, row0, r0, r0 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    rq1, rk1, b1 = _row_scales(q, k, beta, norms, row0, r0 + 16, r0 + 16 < n_rows, i_h, i_hv, H, HV, K, 16, BK,
+                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    q10 = tl.zeros([16, 16], dtype=tl.float32)
+    k10 = tl.zeros([16, 16], dtype=tl.float32)
+    for kb in range(0, K, BK):
+        _, _, _, x0, y0, g0, f0, v0 = subchunk_tiles(
+            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq0, rk0, a, lower_bound, H, HV, K, 0, BK,
+            GATE, HAS_A, HAS_BIAS)
+        _, _, _, x1, y1, g1, f1, v1 = subchunk_tiles(
+            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq1, rk1, a, lower_bound, H, HV, K, 1, BK,
+            GATE, HAS_A, HAS_BIAS)
+        # Rows of 1 from their sub-chunk start, columns of 0 to their sub-chunk end.
+        e1 = tl.exp(tl.minimum(f1, 0.0))
+        c0 = tl.trans(y0 * tl.exp(tl.minimum(v0, 0.0)))
+        q10 = tl.dot(x1 * e1, c0, q10, input_precision=PREC)
+        k10 = tl.dot(y1 * e1, c0, k10, input_precision=PREC)
+    rows, cols = 16 + r0[:, None], r0[None, :]  # block (1, 0) of the [32, 32] matrices; (0, 1) is its mirror
+    p_10 = base * 1024 + rows * 32 + cols
+    p_01 = base * 1024 + cols * 32 + rows
+    tl.store(aqk_out + p_10, (q10 * scale).to(aqk_out.dtype.element_ty))
+    d0 = tl.load(t_out + base * 1024 + r0[:, None] * 32 + r0[None, :])
+    d1 = tl.load(t_out + base * 1024 + (16 + r0[:, None]) * 32 + 16 + r0[None, :])
+    t10 = -tl.dot(d1, tl.dot(k10 * b1[:, None], d0, input_precision=INV_PREC), input_precision=INV_PREC)
+    tl.store(t_out + p_10, t10)
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    tl.store(aqk_out + p_01, z.to(aqk_out.dtype.element_ty))
+    tl.store(t_out + p_01, z)
+
+
+@triton.jit
 def _chunk_wy_kernel(
     q, k, v, g, beta, norms, A_log, dt_bias, chunk_info, t_in,
     w_out, u_out, qg_out, kg_out, gc_out,
@@ -638,6 +686,15 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
                 q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec,
                 INV_PREC=prec, **sub)
             LAUNCHED["tree_fn"] = _chunk_tree_subchunk_kernel  # (tests check which ran)
+        elif BT == 32 and env_choice("KIMI_LINEAR_KDA_TREE", "subchunk", ("subchunk", "masked")) == "subchunk":
+            sub = {key: val for key, val in inputs.items() if key != "SK"}
+            sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_TREE_BK", 32)), next_pow2(K))),
+                       num_warps=int(env("KIMI_LINEAR_KDA_TREE_WARPS", 1)),
+                       num_stages=int(env("KIMI_LINEAR_KDA_TREE_STAGES", 2)))
+            LAUNCHED["tree_fn"] = _chunk_pair_subchunk_kernel
+            LAUNCHED["tree"] = _chunk_pair_subchunk_kernel[(NC, HV)](
+                q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, H, HV, K, PREC=prec,
+                INV_PREC=prec, **sub)
         elif BT > 16:
             LAUNCHED["tree_fn"] = _chunk_tree_kernel
             LAUNCHED["tree"] = _chunk_tree_kernel[(NC, HV)](
