@@ -168,9 +168,9 @@ def kernels():
                 **gate),
            _env_int("KIMI_LINEAR_KDA_PREP_BWD_WARPS", 8), bwd_stages,
            dict(dqg=ho["grads"], dkg=ho["grads"], dq_out="*bf16", dk_out="*bf16"))
-    # Decode into a state pool in place, as launched at batch >= 8 (V slices of 32, 2 warps).
+    # Decode into a state pool in place, as launched at batch >= 8 (V slices of 64, 2 warps).
     yield ("decode", recurrent._recurrent_kda_kernel,
-           dict(UNIT_STRIDES, BK=K, BV=_env_int("KIMI_LINEAR_KDA_DECODE_BV", 32), **gate, VARLEN=False, HAS_H0=True,
+           dict(UNIT_STRIDES, BK=K, BV=_env_int("KIMI_LINEAR_KDA_DECODE_BV", 64), **gate, VARLEN=False, HAS_H0=True,
                 HAS_INDICES=True, STORE_HT=True, STORE_ALL=False, HT_IN_POOL=True),
            _env_int("KIMI_LINEAR_KDA_DECODE_WARPS", 2))
 
