@@ -144,6 +144,10 @@ def kernels():
            dict(BT=BT, BK=bwd_bk, BV=_env_int("KIMI_LINEAR_KDA_PREP_BWD_BV", 32), **pre_gate), 4, bwd_stages,
            dict(g32, dw=ho["grads"], du=ho["du"]))
     no_norm = {k: v for k, v in pre_gate.items() if k != "L2NORM"}
+    if triton_backend.kernel_chunk(training=True) == 32:  # (KIMI_LINEAR_KDA_BT=32: the backward's one level)
+        yield ("bwd pairs (32-row chunks)", prep_bwd._prep_bwd_pair_kernel,
+               dict(BK=_env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32), PAIR_PREC="tf32", **no_norm),
+               _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2), 1, g32)
     tree = os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel") == "kernel"  # the tree levels on their own
     tree_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)
     # The opt-in fused launch: the tree kernel takes the tensor-core sub-chunk pairs too, and the exact

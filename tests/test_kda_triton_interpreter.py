@@ -90,6 +90,27 @@ def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
     assert prep_bwd.LAUNCHED["fused_diag"] == fuse
 
 
+@pytest.mark.parametrize("bwd_tree", ["kernel", "pass2"])
+def test_training_at_32_rows(bwd_tree, monkeypatch):
+    """Forward + backward at 32-row kernel chunks (``KIMI_LINEAR_KDA_BT=32``, not the default for training):
+    the pair kernels take the one tree level in both directions (``_chunk_pair_subchunk_kernel``,
+    ``_prep_bwd_pair_kernel``), or pass 2 keeps it (``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2``); packed
+    sequences of 5, 65 and 80 tokens, GVA, -1000 gates, every gradient against float64."""
+    from kimi_linear.ops.kda.triton import chunk_fwd, prep_bwd
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BT", "32")
+    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", bwd_tree)
+    prep_bwd.LAUNCHED.pop("tree_fn", None)
+    cu = [0, 5, 70, 150]
+    inp64 = make_inputs(B=1, T=150, H=1, HV=2, K=20, V=24, gate="softplus", extreme_gate_frac=0.03, seed=9,
+                        cu_seqlens=cu, requires_grad=True, dtype=torch.float64)
+    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=1)
+    assert o_err < TOL and s_err < TOL and max(errs) < TOL, (o_err, s_err, errs)
+    assert chunk_fwd.LAUNCHED["tree_fn"] is chunk_fwd._chunk_pair_subchunk_kernel
+    assert (prep_bwd.LAUNCHED["tree_kernel_nk"] > 0) == (bwd_tree == "kernel")
+    assert prep_bwd.LAUNCHED.get("tree_fn") is (prep_bwd._prep_bwd_pair_kernel if bwd_tree == "kernel" else None)
+
+
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])
 def test_inference_forward(gate, monkeypatch):
     """A forward without gradients runs 32-row kernel chunks (``INFERENCE_BT``; the pair kernel for the

@@ -21,8 +21,9 @@ Launches:
    diagonal kernel's parts, the pairs between sub-chunks by the forward's binary tree (levels 16 ...
    BT/2), the gate activation; then the L2-norm backward, which needs q.dq over the whole row.
 
-At 64-row chunks (the default; ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2`` opts out, and 32- and 128-row
-chunks keep the levels in pass 2) ``_prep_bwd_tree_kernel`` (grid chunks x HV x K / BK, between 2 and 3)
+At 64-row chunks (the default; ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2`` opts out, and 128-row chunks keep
+the levels in pass 2; at 32-row chunks ``_prep_bwd_pair_kernel`` takes the one level, the block pair
+(1, 0), session 14, not yet timed) ``_prep_bwd_tree_kernel`` (grid chunks x HV x K / BK, between 2 and 3)
 takes the tree levels on [16, BK] sub-chunk tiles, as [16, 16] block products, adding its parts to the
 sub-chunk kernels' buffers, and pass 2 skips them. ptxas (sm_90a, session 9): pass 2 then has 128
 registers at 8 warps, no spills and 1696 SASS instructions (560 / 648 B of spills and 6200 with the
@@ -370,10 +371,11 @@ def _prep_bwd_diag_kernel(
 @triton.jit
 def _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K,
              S: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr,
-             HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr):
-    """``subchunk_tiles`` of sub-chunk S with pass 1's L2-norm factors, and the rows' activated beta."""
-    rq = tl.load(norms + base * 128 + S * 16 + tl.arange(0, 16))
-    rk = tl.load(norms + base * 128 + 64 + S * 16 + tl.arange(0, 16))
+             HAS_BIAS: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, BT: tl.constexpr = 64):
+    """``subchunk_tiles`` of sub-chunk S of a BT-row chunk with pass 1's L2-norm factors, and the rows'
+    activated beta."""
+    rq = tl.load(norms + base * 2 * BT + S * 16 + tl.arange(0, 16))
+    rk = tl.load(norms + base * 2 * BT + BT + S * 16 + tl.arange(0, 16))
     r, m_rk, o_k, bq, bk, bg, fwd, after = subchunk_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a,
                                                           lower_bound, H, HV, K, S, BK, GATE, HAS_A, HAS_BIAS)
     m_r = r < n_rows
@@ -549,6 +551,46 @@ def _prep_bwd_tree_kernel(
     tl.store(p_db + 16, db1)
     tl.store(p_db + 32, db2)
     tl.store(p_db + 48, db3)
+
+
+@triton.jit
+def _prep_bwd_pair_kernel(
+    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, ddq, ddk, ddg, db_tree,
+    scale, lower_bound,
+    H, HV, K,
+    BK: tl.constexpr,
+    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PAIR_PREC: tl.constexpr,
+):
+    """``_prep_bwd_tree_kernel`` for 32-row chunks, grid (chunks, HV, K / BK): the tree's one level, the
+    block pair (1, 0) of the two 16-row sub-chunks, with the factors inside the sub-chunks (exact for any
+    gate). Adds dq, dk and the gate gradient to the sub-chunk kernels' buffers and writes its dbeta parts
+    to ``db_tree`` ([chunks, HV, K / BK, 32]); pass 2 then skips its level."""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    i_k = tl.program_id(2)
+    kb = i_k * BK
+    a = head_a_log(A_log, i_hv, HAS_A)
+    r0, m0, o_k, q0, k0, g0, _, v0, b0 = _quarter(
+        q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K, 0, BK,
+        GATE, HAS_A, HAS_BIAS, BETA_SIGMOID, NEG_EIGVAL, 32)
+    r1, m1, _, q1, k1, g1, f1, v1, b1 = _quarter(
+        q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K, 1, BK,
+        GATE, HAS_A, HAS_BIAS, BETA_SIGMOID, NEG_EIGVAL, 32)
+    rl = tl.arange(0, 16)
+    off = base * 1024 + (16 + rl)[:, None] * 32 + rl[None, :]  # block (1, 0) of the [32, 32] matrices
+    m = (16 + rl < n_rows)[:, None]
+    mq10 = tl.load(daqk + off, mask=m, other=0.0) * scale
+    mk10 = tl.load(dakk + off, mask=m, other=0.0)
+    e1 = tl.exp(tl.minimum(f1, 0.0))
+    e0 = tl.exp(tl.minimum(v0, 0.0))
+    dq1, dk1, dk0, dr1, dc0, db1 = _block_pair(q1, k1, b1, e1, k0, e0, mq10, mk10, PAIR_PREC)
+    dg1 = tl.cumsum(dr1, axis=0, reverse=True)
+    dg0 = tl.cumsum(dc0, axis=0) - dc0
+    _add_rows(ddq, ddk, ddg, row0, r0, m0, o_k, i_hv, HV, K, tl.zeros([16, BK], dtype=tl.float32), dk0, dg0)
+    _add_rows(ddq, ddk, ddg, row0, r1, m1, o_k, i_hv, HV, K, dq1, dk1, dg1)
+    p_db = db_tree + (base * tl.num_programs(2) + i_k) * 32 + rl
+    tl.store(p_db, tl.zeros([16], dtype=tl.float32))
+    tl.store(p_db + 16, db1)
 
 
 @triton.jit
@@ -759,7 +801,7 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         diag = torch.empty(3, B * Tlen * HV * K, device=dev, dtype=f32)
         grid = (NC * (BT // 16), HV)
         env = os.environ.get
-        tree_kernel = BT == 64 and env_choice("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel", ("kernel", "pass2")) == "kernel"
+        tree_kernel = BT in (32, 64) and env_choice("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel", ("kernel", "pass2")) == "kernel"
         tree_bk = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)), next_pow2(K)))
         tree_nk = triton.cdiv(K, tree_bk) if tree_kernel else 0
         # Fused (opt-in, session 12, untimed): the tree kernel also takes the pairs inside the sub-chunks
@@ -768,15 +810,24 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         # then adds the tiles it left, K block by K block (so in the tree's K blocks). At 4 warps (ptxas,
         # sm_90a: 255 registers, 144 B of spills, 6760 SASS; at 2 warps 1328 B and 11936 SASS; the two
         # kernels it replaces: 452 + 300 B, 6024 + 3176 SASS).
-        fuse = env_choice("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "0", ("0", "1")) == "1" and tree_kernel
+        fuse = env_choice("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "0", ("0", "1")) == "1" and tree_kernel and BT == 64
         exact_bk = tree_bk if fuse else max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K)))
         wide = torch.empty(HV, grid[0], *((tree_nk,) if fuse else ()), device=dev, dtype=torch.int8)
         db_tree = torch.empty(NC, HV, tree_nk, BT, device=dev, dtype=f32) if tree_kernel else d
 
         def tree_launch(fuse_diag):
+            if BT == 32:  # (session 14, not yet timed on a card)
+                LAUNCHED["tree_fn"] = _prep_bwd_pair_kernel
+                LAUNCHED["tree"] = _prep_bwd_pair_kernel[(NC, HV, tree_nk)](
+                    q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2],
+                    db_tree, float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags_pre, PAIR_PREC=prec,
+                    num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2)), num_stages=1,
+                )
+                return
             # The tree levels in a launch of their own on sub-chunk tiles (64-row chunks). Session 9, H200,
             # T=8K, forward + backward: 2 warps 8.37 ms, 4 warps 8.69, 1 warp 9.46 (8 warps: 10.79 vs 9.52
             # at 4 with the float32 rebuild); K blocks of 16 10.21 and 64 8.41 at 4 warps, 64 at 2 9.38.
+            LAUNCHED["tree_fn"] = _prep_bwd_tree_kernel
             LAUNCHED["tree"] = _prep_bwd_tree_kernel[(NC, HV, tree_nk)](
                 q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2],
                 db_tree, wide, float(cfg.scale), lb, diag_span_max(), H, HV, K, BK=tree_bk, **flags_pre,
