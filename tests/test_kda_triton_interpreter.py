@@ -174,9 +174,9 @@ def test_wide_heads(K, V):
 
 
 def test_wide_state_slices():
-    """The recurrence's state slices past K = 128 are [256, 64] whatever the batch: [256, 16] and
-    [256, 32] slices at one pipeline stage read outside their shared memory on the card (H100, triton
-    3.6.0, session 14), which the interpreter cannot show; up to K = 128 the measured choice stands."""
+    """The recurrence's state slices past K = 128 are [256, 64] whatever the batch: [256, 16] slices at
+    one pipeline stage read outside their shared memory on the card (H100, triton 3.6.0, session 14),
+    which the interpreter cannot show; up to K = 128 the measured choice stands."""
     from kimi_linear.ops.kda.triton.chunk_fwd import _recur_bv
 
     for programs in (1, 2, 16, 64):

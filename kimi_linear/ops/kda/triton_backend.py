@@ -23,7 +23,7 @@ from .triton.utils import (
 DEFAULT_BT = 64
 # A forward that needs no gradients and no interior states runs 32-row chunks: the pairs between its two
 # 16-row sub-chunks are one block product (``chunk_fwd._chunk_pair_subchunk_kernel``), and the recurrence
-# takes half the steps of 16-row chunks. H100, T=8K, H=32, session 14: forward 1.135 ms vs 1.186 at 16
+# takes half the steps of 16-row chunks. H100, T=8K, H=32, session 14: forward 1.131 ms vs 1.184 at 16
 # rows (recurrence 332 vs 508 us, pair kernel 123 us). Session 13 (H200): 16 rows 1.078 vs 1.188 ms at
 # 64. The backward at 16 rows was 9% slower than at 64, so training keeps 64.
 INFERENCE_BT = 32

@@ -734,9 +734,10 @@ def _recur_bv(V: int, programs: int, BK: int = 128) -> int:
     if forced:
         return int(forced)
     if BK > 128:
-        # [256, 16] and [256, 32] slices at one pipeline stage read outside their shared memory on the
-        # card (compute-sanitizer, H100, triton 3.6.0, session 14: "Invalid __shared__ read" in the
-        # output's products); [256, 64] at 8 warps passes the wide-head tests.
+        # [256, 16] slices (4 warps, one pipeline stage: what fewer than 16 sequence-heads got) read
+        # outside their shared memory on the card (compute-sanitizer, H100, triton 3.6.0, session 14:
+        # "Invalid __shared__ read" in the output's products); [256, 64] at 8 warps passes the wide-head
+        # tests ([256, 16] at two stages too; [256, 32] was not tried).
         return max(16, min(64, next_pow2(V)))
     # Measured on H200 at T=32K, H=32 (128 V-slices of 32 vs 256 of 16 vs 64 of 64): 32 is best.
     bv = 32 if programs >= 16 else 16
