@@ -267,23 +267,34 @@ def _chunk_tree_kernel(
 
 
 @triton.jit
-def _sub_block_store(ptr, base, I: tl.constexpr, J: tl.constexpr, x):
-    """Store the [16, 16] block (rows of sub-chunk I, columns of J) of a chunk's [64, 64] matrix."""
-    off, _ = subchunk_block(I, J)
-    tl.store(ptr + base * 4096 + off, x.to(ptr.dtype.element_ty))
+def _sub_block_store(ptr, base, I: tl.constexpr, J: tl.constexpr, x, BT: tl.constexpr = 64):
+    """Store the [16, 16] block (rows of sub-chunk I, columns of J) of a chunk's [BT, BT] matrix."""
+    off, _ = subchunk_block(I, J, BT)
+    tl.store(ptr + base * BT * BT + off, x.to(ptr.dtype.element_ty))
 
 
 @triton.jit
-def _sub_block_zeros(aqk_out, t_out, base, I: tl.constexpr, J: tl.constexpr):
+def _sub_block_zeros(aqk_out, t_out, base, I: tl.constexpr, J: tl.constexpr, BT: tl.constexpr = 64):
     z = tl.zeros([16, 16], dtype=tl.float32)
-    _sub_block_store(aqk_out, base, I, J, z)
-    _sub_block_store(t_out, base, I, J, z)
+    _sub_block_store(aqk_out, base, I, J, z, BT)
+    _sub_block_store(t_out, base, I, J, z, BT)
 
 
 @triton.jit
-def _sub_block_load(ptr, base, I: tl.constexpr, J: tl.constexpr):
-    off, _ = subchunk_block(I, J)
-    return tl.load(ptr + base * 4096 + off)
+def _sub_block_load(ptr, base, I: tl.constexpr, J: tl.constexpr, BT: tl.constexpr = 64):
+    off, _ = subchunk_block(I, J, BT)
+    return tl.load(ptr + base * BT * BT + off)
+
+
+@triton.jit
+def _adjacent_pair(x_i, y_i, f_i, y_j, v_j, q_acc, k_acc, PREC: tl.constexpr):
+    """The tree's level 16 for sub-chunk i and the one before it, j: the Aqk and Akk (unscaled) block
+    products, with row factors exp(sum of i's gates from its start to the row) and column factors
+    exp(sum of j's gates after the column's row to its end), both <= 1."""
+    e_i = tl.exp(tl.minimum(f_i, 0.0))
+    c_j = tl.trans(y_j * tl.exp(tl.minimum(v_j, 0.0)))
+    return (tl.dot(x_i * e_i, c_j, q_acc, input_precision=PREC),
+            tl.dot(y_i * e_i, c_j, k_acc, input_precision=PREC))
 
 
 @triton.jit
@@ -330,14 +341,8 @@ def _chunk_tree_subchunk_kernel(
             q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq3, rk3, a, lower_bound, H, HV, K, 3, BK,
             GATE, HAS_A, HAS_BIAS)
         # Level 16: rows of 1 (3) from their sub-chunk start, columns of 0 (2) to their sub-chunk end.
-        e1 = tl.exp(tl.minimum(f1, 0.0))
-        c0 = tl.trans(y0 * tl.exp(tl.minimum(v0, 0.0)))
-        q10 = tl.dot(x1 * e1, c0, q10, input_precision=PREC)
-        k10 = tl.dot(y1 * e1, c0, k10, input_precision=PREC)
-        e3 = tl.exp(tl.minimum(f3, 0.0))
-        c2 = tl.trans(y2 * tl.exp(tl.minimum(v2, 0.0)))
-        q32 = tl.dot(x3 * e3, c2, q32, input_precision=PREC)
-        k32 = tl.dot(y3 * e3, c2, k32, input_precision=PREC)
+        q10, k10 = _adjacent_pair(x1, y1, f1, y0, v0, q10, k10, PREC)
+        q32, k32 = _adjacent_pair(x3, y3, f3, y2, v2, q32, k32, PREC)
         # Level 32: rows of 2, 3 from row 32, columns of 0, 1 up to row 31 (sums of one half-chunk's gates).
         e2 = tl.exp(tl.minimum(f2, 0.0))
         e3 = tl.exp(tl.minimum(f3 + tl.sum(g2, axis=0)[None, :], 0.0))
@@ -419,22 +424,13 @@ def _chunk_pair_subchunk_kernel(
         _, _, _, x1, y1, g1, f1, v1 = subchunk_tiles(
             q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq1, rk1, a, lower_bound, H, HV, K, 1, BK,
             GATE, HAS_A, HAS_BIAS)
-        # Rows of 1 from their sub-chunk start, columns of 0 to their sub-chunk end.
-        e1 = tl.exp(tl.minimum(f1, 0.0))
-        c0 = tl.trans(y0 * tl.exp(tl.minimum(v0, 0.0)))
-        q10 = tl.dot(x1 * e1, c0, q10, input_precision=PREC)
-        k10 = tl.dot(y1 * e1, c0, k10, input_precision=PREC)
-    rows, cols = 16 + r0[:, None], r0[None, :]  # block (1, 0) of the [32, 32] matrices; (0, 1) is its mirror
-    p_10 = base * 1024 + rows * 32 + cols
-    p_01 = base * 1024 + cols * 32 + rows
-    tl.store(aqk_out + p_10, (q10 * scale).to(aqk_out.dtype.element_ty))
-    d0 = tl.load(t_out + base * 1024 + r0[:, None] * 32 + r0[None, :])
-    d1 = tl.load(t_out + base * 1024 + (16 + r0[:, None]) * 32 + 16 + r0[None, :])
+        q10, k10 = _adjacent_pair(x1, y1, f1, y0, v0, q10, k10, PREC)
+    _sub_block_store(aqk_out, base, 1, 0, q10 * scale, 32)
+    d0 = _sub_block_load(t_out, base, 0, 0, 32)
+    d1 = _sub_block_load(t_out, base, 1, 1, 32)
     t10 = -tl.dot(d1, tl.dot(k10 * b1[:, None], d0, input_precision=INV_PREC), input_precision=INV_PREC)
-    tl.store(t_out + p_10, t10)
-    z = tl.zeros([16, 16], dtype=tl.float32)
-    tl.store(aqk_out + p_01, z.to(aqk_out.dtype.element_ty))
-    tl.store(t_out + p_01, z)
+    _sub_block_store(t_out, base, 1, 0, t10, 32)
+    _sub_block_zeros(aqk_out, t_out, base, 0, 1, 32)  # the block above the diagonal
 
 
 @triton.jit
@@ -727,7 +723,7 @@ def recur_launch(dtype, BK: int, BV: int):
     return int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)), _recur_stages(dtype, BK)
 
 
-def _recur_bv(V: int, programs: int, BK: int = 128) -> int:
+def _recur_bv(V: int, programs: int, BK: int) -> int:
     import os
 
     forced = os.environ.get("KIMI_LINEAR_KDA_BV")

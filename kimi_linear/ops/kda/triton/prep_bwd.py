@@ -385,11 +385,23 @@ def _quarter(q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a
 
 
 @triton.jit
-def _block_pair_loads(p_aqk, p_akk, n_rows, scale, I: tl.constexpr, J: tl.constexpr):
-    """scale dAqk and dAkk on the [16, 16] block of rows of sub-chunk I and columns of sub-chunk J (I > J)."""
-    off, rows = subchunk_block(I, J)
+def _block_pair_loads(p_aqk, p_akk, n_rows, scale, I: tl.constexpr, J: tl.constexpr, BT: tl.constexpr = 64):
+    """scale dAqk and dAkk on the [16, 16] block of rows of sub-chunk I and columns of sub-chunk J (I > J)
+    of a BT-row chunk."""
+    off, rows = subchunk_block(I, J, BT)
     m = (rows < n_rows)[:, None]
     return tl.load(p_aqk + off, mask=m, other=0.0) * scale, tl.load(p_akk + off, mask=m, other=0.0)
+
+
+@triton.jit
+def _adjacent_pair_bwd(q_i, k_i, b_i, f_i, k_j, v_j, mq, mk, PREC: tl.constexpr):
+    """The tree's level 16 for sub-chunk i and the one before it, j, backward: from the block's scaled
+    dAqk (mq) and dAkk (mk), with the factors inside the sub-chunks, returns dq_i, dk_i, dk_j, the gate
+    gradients of i's and j's gates and dbeta_i."""
+    e_i = tl.exp(tl.minimum(f_i, 0.0))
+    e_j = tl.exp(tl.minimum(v_j, 0.0))
+    dq_i, dk_i, dk_j, d_row, d_col, db_i = _block_pair(q_i, k_i, b_i, e_i, k_j, e_j, mq, mk, PREC)
+    return dq_i, dk_i, dk_j, tl.cumsum(d_row, axis=0, reverse=True), tl.cumsum(d_col, axis=0) - d_col, db_i
 
 
 @triton.jit
@@ -464,17 +476,9 @@ def _prep_bwd_tree_kernel(
     # sub-chunk end): all sums of same-sign gates of one sub-chunk.
     # Level 16: pairs (1, 0) and (3, 2), factors inside the sub-chunks.
     mq10, mk10 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 1, 0)
-    e1 = tl.exp(tl.minimum(f1, 0.0))
-    e0 = tl.exp(tl.minimum(v0, 0.0))
-    dq1, dk1, dk0, dr1, dc0, db1 = _block_pair(q1, k1, b1, e1, k0, e0, mq10, mk10, PAIR_PREC)
-    dg1 = tl.cumsum(dr1, axis=0, reverse=True)
-    dg0 = tl.cumsum(dc0, axis=0) - dc0
+    dq1, dk1, dk0, dg1, dg0, db1 = _adjacent_pair_bwd(q1, k1, b1, f1, k0, v0, mq10, mk10, PAIR_PREC)
     mq32, mk32 = _block_pair_loads(p_aqk, p_akk, n_rows, scale, 3, 2)
-    e3 = tl.exp(tl.minimum(f3, 0.0))
-    e2 = tl.exp(tl.minimum(v2, 0.0))
-    dq3, dk3, dk2, dr3, dc2, db3 = _block_pair(q3, k3, b3, e3, k2, e2, mq32, mk32, PAIR_PREC)
-    dg3 = tl.cumsum(dr3, axis=0, reverse=True)
-    dg2 = tl.cumsum(dc2, axis=0) - dc2
+    dq3, dk3, dk2, dg3, dg2, db3 = _adjacent_pair_bwd(q3, k3, b3, f3, k2, v2, mq32, mk32, PAIR_PREC)
     dq2 = tl.zeros([16, BK], dtype=tl.float32)
     db2 = tl.zeros([16], dtype=tl.float32)
     # Level 32: rows of sub-chunks 2, 3 against columns of 0, 1. Row factors from row 32 on, column factors
@@ -576,19 +580,11 @@ def _prep_bwd_pair_kernel(
     r1, m1, _, q1, k1, g1, f1, v1, b1 = _quarter(
         q, k, g, beta, dt_bias, norms, row0, n_rows, i_h, i_hv, base, kb, a, lower_bound, H, HV, K, 1, BK,
         GATE, HAS_A, HAS_BIAS, BETA_SIGMOID, NEG_EIGVAL, 32)
-    rl = tl.arange(0, 16)
-    off = base * 1024 + (16 + rl)[:, None] * 32 + rl[None, :]  # block (1, 0) of the [32, 32] matrices
-    m = (16 + rl < n_rows)[:, None]
-    mq10 = tl.load(daqk + off, mask=m, other=0.0) * scale
-    mk10 = tl.load(dakk + off, mask=m, other=0.0)
-    e1 = tl.exp(tl.minimum(f1, 0.0))
-    e0 = tl.exp(tl.minimum(v0, 0.0))
-    dq1, dk1, dk0, dr1, dc0, db1 = _block_pair(q1, k1, b1, e1, k0, e0, mq10, mk10, PAIR_PREC)
-    dg1 = tl.cumsum(dr1, axis=0, reverse=True)
-    dg0 = tl.cumsum(dc0, axis=0) - dc0
+    mq10, mk10 = _block_pair_loads(daqk + base * 1024, dakk + base * 1024, n_rows, scale, 1, 0, 32)
+    dq1, dk1, dk0, dg1, dg0, db1 = _adjacent_pair_bwd(q1, k1, b1, f1, k0, v0, mq10, mk10, PAIR_PREC)
     _add_rows(ddq, ddk, ddg, row0, r0, m0, o_k, i_hv, HV, K, tl.zeros([16, BK], dtype=tl.float32), dk0, dg0)
     _add_rows(ddq, ddk, ddg, row0, r1, m1, o_k, i_hv, HV, K, dq1, dk1, dg1)
-    p_db = db_tree + (base * tl.num_programs(2) + i_k) * 32 + rl
+    p_db = db_tree + (base * tl.num_programs(2) + i_k) * 32 + tl.arange(0, 16)
     tl.store(p_db, tl.zeros([16], dtype=tl.float32))
     tl.store(p_db + 16, db1)
 

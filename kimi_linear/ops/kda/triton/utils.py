@@ -265,11 +265,11 @@ def subchunk_tiles(q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq, rk, a, low
 
 
 @triton.jit
-def subchunk_block(I: tl.constexpr, J: tl.constexpr):
-    """Offsets of the [16, 16] block (rows of sub-chunk I, columns of sub-chunk J) of a 64-row chunk's
-    [64, 64] matrix, and its row indices."""
+def subchunk_block(I: tl.constexpr, J: tl.constexpr, BT: tl.constexpr = 64):
+    """Offsets of the [16, 16] block (rows of sub-chunk I, columns of sub-chunk J) of a BT-row chunk's
+    [BT, BT] matrix, and its row indices."""
     a = tl.arange(0, 16)
-    return (I * 16 + a)[:, None] * 64 + (J * 16 + a)[None, :], I * 16 + a
+    return (I * 16 + a)[:, None] * BT + (J * 16 + a)[None, :], I * 16 + a
 
 
 @triton.jit
