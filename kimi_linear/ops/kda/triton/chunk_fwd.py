@@ -107,15 +107,20 @@ def _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, row_off, base, aqk_out, t_
     """Write the diagonal 16 x 16 block of a sub-chunk (rows row_off + r): Aqk with its diagonal d_qk, and
     T, the inverse of I + Akk on the block, by the tree T_2B = T_B - T_B L_B T_B (see _chunk_tree_kernel).
     A_qk, A_kk hold the strictly lower pairs, unscaled."""
-    eye = r[:, None] == r[None, :]
     off = base * BT * BT + (row_off + r)[:, None] * BT + (row_off + r)[None, :]
-    A_qk = (A_qk + tl.where(eye, d_qk[:, None], 0.0)) * scale
+    A_qk = (A_qk + tl.where(r[:, None] == r[None, :], d_qk[:, None], 0.0)) * scale
     tl.store(aqk_out + off, A_qk.to(aqk_out.dtype.element_ty))
-    A_kk = A_kk * b_beta[:, None]
-    Tm = tl.where(eye, 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
+    tl.store(t_out + off, _diag_inverse(A_kk * b_beta[:, None], r, INV_PREC))
+
+
+@triton.jit
+def _diag_inverse(A_kk, r, INV_PREC: tl.constexpr):
+    """T = (I + A_kk)^-1 of a 16 x 16 block (A_kk strictly lower, rows scaled by beta), by the tree
+    T_2B = T_B - T_B L_B T_B over the levels 1, 2, 4, 8 (see _chunk_tree_kernel)."""
+    Tm = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - tl.where(tree_pairs(r, 1), A_kk, 0.0)
     for lv in tl.static_range(1, 4):
         Tm = inverse_step(Tm, tl.where(tree_pairs(r, 1 << lv), A_kk, 0.0), INV_PREC)
-    tl.store(t_out + off, Tm)
+    return Tm
 
 
 @triton.jit
@@ -132,12 +137,35 @@ def _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lo
         o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                                lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
         d_qk += tl.sum(bq * bk, axis=1)
-        ea, eb = midpoint_factors(bg, r)
-        kb_ = bk * eb
-        A_qk += tl.dot(bq * ea, tl.trans(kb_), input_precision=PREC)
-        A_kk += tl.dot(bk * ea, tl.trans(kb_), input_precision=PREC)
+        A_qk, A_kk = _midpoint_block(bq, bk, bg, r, A_qk, A_kk, PREC)
     below = r[:, None] > r[None, :]  # (the pairs i < j may overflow to inf: never read)
     return tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk
+
+
+@triton.jit
+def _midpoint_block(bq, bk, bg, r, A_qk, A_kk, PREC: tl.constexpr):
+    """One K block of ``_midpoint_products``: adds (q ea)(k eb)^T and (k ea)(k eb)^T to Aqk and Akk (the
+    pairs i < j may overflow to inf: the caller masks them)."""
+    ea, eb = midpoint_factors(bg, r)
+    kb_ = tl.trans(bk * eb)
+    return (tl.dot(bq * ea, kb_, A_qk, input_precision=PREC),
+            tl.dot(bk * ea, kb_, A_kk, input_precision=PREC))
+
+
+@triton.jit
+def _exact_block(bq, bk, bg, r, A_qk, A_kk, BK: tl.constexpr):
+    """One K block of the exact sub-chunk pairs (``_chunk_diag_kernel``): columns j from the last to the
+    first, exp(G_i - G_j) as a running product of the per-row decays exp(g) <= 1 (exact for any gate,
+    underflow to 0 is exact), picked out of the [16, BK] tiles by masked sums inside the warp."""
+    dec = tl.exp(bg)
+    E = tl.full([16, BK], 1.0, dtype=tl.float32)
+    for t in tl.static_range(15):
+        j = 14 - t
+        E, e, kj = subchunk_column(E, dec, bk, r, j)
+        ke = e * kj[None, :]
+        A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
+        A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
+    return A_qk, A_kk
 
 
 @triton.jit
@@ -195,15 +223,7 @@ def _chunk_diag_kernel(
             o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                                    lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
             d_qk += tl.sum(bq * bk, axis=1)
-            dec = tl.exp(bg)  # per-row decays, <= 1
-            # E_i = prod of the decays of rows j+1 .. i (products of factors <= 1: exact, underflow to 0).
-            E = tl.full([16, BK], 1.0, dtype=tl.float32)
-            for t in tl.static_range(15):
-                j = 14 - t
-                E, e, kj = subchunk_column(E, dec, bk, r, j)
-                ke = e * kj[None, :]
-                A_qk += tl.where(r[None, :] == j, tl.sum(bq * ke, axis=1)[:, None], 0.0)
-                A_kk += tl.where(r[None, :] == j, tl.sum(bk * ke, axis=1)[:, None], 0.0)
+            A_qk, A_kk = _exact_block(bq, bk, bg, r, A_qk, A_kk, BK)
         _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
 
 
@@ -590,9 +610,24 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def prep_buffers(NC, shapes, BT, dtype, *, pad=False, aqk_dtype=None, u_dtype=None, with_aqk=True, with_t=True,
+                 device=None):
+    """Empty chunk-major outputs of ``chunk_prep`` for NC chunks: (w, u, qg, kg, Aqk or None, gC, T or None)."""
+    HV, K, V = shapes.HV, shapes.K, shapes.V
+    SK, SV = (next_pow2(max(K, 16)), next_pow2(max(V, 16))) if pad else (K, V)
+    w = torch.empty(NC, HV, BT, SK, device=device, dtype=dtype)
+    qg = torch.empty_like(w)
+    kg = torch.empty(NC, HV, SK, BT, device=device, dtype=dtype)  # transposed
+    u = torch.empty(NC, HV, BT, SV, device=device, dtype=u_dtype or dtype)
+    gc = torch.empty(NC, HV, SK, device=device, dtype=torch.float32)
+    aqk = torch.empty(NC, HV, BT, BT, device=device, dtype=aqk_dtype or dtype) if with_aqk else None
+    t = torch.empty(NC, HV, BT, BT, device=device, dtype=torch.float32) if with_t else None  # (T: always written)
+    return w, u, qg, kg, aqk, gc, t
+
+
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None):
+               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
@@ -604,7 +639,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     instead of activating the raw one each; with the in-kernel L2 norm and ``norm_once`` they read the
     norm factors (``norms``, or ``qk_norms``' here) instead of computing them each. With ``g_cum``
     (``gate_chunk_prepass``' within-chunk cumulative log decay, same chunks) the w/u launch reads it
-    instead of summing the gate itself.
+    instead of summing the gate itself. ``out`` (``prep_buffers``' tuple, or views of one over these
+    chunks) receives the results instead of new tensors.
     """
     import os
 
@@ -618,15 +654,11 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     NC = chunk_info.shape[0]
     dev = q.device
     SK, SV = (next_pow2(max(K, 16)), next_pow2(max(V, 16))) if pad else (K, V)
-    w = torch.empty(NC, HV, BT, SK, device=dev, dtype=dtype)
-    qg = torch.empty_like(w)
-    kg = torch.empty(NC, HV, SK, BT, device=dev, dtype=dtype)  # transposed
-    u = torch.empty(NC, HV, BT, SV, device=dev, dtype=u_dtype or dtype)
-    gc = torch.empty(NC, HV, SK, device=dev, dtype=torch.float32)
-    if t_given is None:
-        aqk = torch.empty(NC, HV, BT, BT, device=dev, dtype=aqk_dtype or dtype)
-        t = torch.empty(NC, HV, BT, BT, device=dev, dtype=torch.float32)  # the prep always writes T
-    else:
+    if out is None:
+        out = prep_buffers(NC, shapes, BT, dtype, pad=pad, aqk_dtype=aqk_dtype, u_dtype=u_dtype,
+                           with_aqk=t_given is None, with_t=t_given is None, device=dev)
+    w, u, qg, kg, aqk, gc, t = out
+    if t_given is not None:
         aqk, t = None, t_given
     outs = (w, u, qg, kg, aqk, gc) + ((t,) if store_t else ())
     if NC == 0:
@@ -752,17 +784,19 @@ def _recur_stages(dtype, BK: int) -> int:
 
 
 def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
-                store_final, store_states, BT, v_new=None, states_dtype=torch.float32):
+                store_final, store_states, BT, v_new=None, states_dtype=torch.float32, states=None):
     """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None); with
     ``out=None`` no output is computed (the backward's state rebuild; session 8, H200, T=8K: forward +
     backward 10.57 vs 10.79 ms). ``v_new`` ([chunks, HV, BT, V], float32 or 16-bit) also receives u - w S of
     every chunk (the rebuild stores it for the backward). The chunk states are stored as ``states_dtype``:
-    float32 for the caller's interior states, 16-bit for the backward's hand-offs (``chunk_bwd.handoff_dtypes``)."""
+    float32 for the caller's interior states, 16-bit for the backward's hand-offs (``chunk_bwd.handoff_dtypes``),
+    into ``states`` where given (every chunk's slot: the overlapped forward passes one tensor to each part)."""
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     dev = w.device
     NC = chunk_info.shape[0]
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if store_final else None
-    states = torch.empty(NC, HV, K, V, device=dev, dtype=states_dtype) if store_states else None
+    if store_states and states is None:
+        states = torch.empty(NC, HV, K, V, device=dev, dtype=states_dtype)
     BK = max(16, next_pow2(K))
     BV = _recur_bv(V, N * HV, BK)
     d = dummy(dev)
