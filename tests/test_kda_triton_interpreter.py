@@ -241,6 +241,41 @@ def test_varlen_and_interior_states(C, cu):
     assert rel_rms(states, torch.cat(want, 0).unsqueeze(0)) < TOL
 
 
+def test_overlapped_parts(monkeypatch):
+    """One sequence cut into chunk ranges (``KIMI_LINEAR_KDA_OVERLAP``; on a GPU the prep of range p + 1
+    runs beside the recurrence of range p, here one after the other): the prep on each range, the
+    recurrence carried from range to range through its final state. Forward + backward (training keeps
+    the prep's outputs), the inference forward and the interior states, against float64."""
+    from kimi_linear.ops.kda import triton_backend
+
+    calls = []
+    overlapped = triton_backend._overlapped
+
+    def recording(*args):
+        calls.append(args[6])  # parts
+        return overlapped(*args)
+
+    monkeypatch.setattr(triton_backend, "_overlapped", recording)
+    monkeypatch.setenv("KIMI_LINEAR_KDA_OVERLAP", "3")
+    inp64 = make_inputs(B=1, T=203, H=2, K=20, V=24, gate="softplus", seed=4, extreme_gate_frac=0.02,
+                        requires_grad=True, dtype=torch.float64)
+    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
+    assert calls == [3]  # (64-row chunks: 4 of them in 3 ranges)
+    assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (o_err, s_err, errs)
+    x = inp64.cast(torch.float32)
+    for t in x.tensors():
+        t.requires_grad_(False)
+    with torch.no_grad():
+        ref_o, ref_s, ref_all = reference(inp64, return_all_states=True)
+        o, s = x.call(chunk_kda)  # (32-row chunks: 7 in 3 ranges)
+        o2, s2, states = x.call(chunk_kda, chunk_size=32, return_intermediate_states=True)
+    assert calls == [3, 3, 3]
+    for a, b in ((o, ref_o), (s, ref_s), (o2, ref_o), (s2, ref_s)):
+        assert rel_rms(a, b) < TOL
+    want = torch.cat([x.initial_state.double()] + [ref_all[:, c - 1] for c in range(32, 203, 32)])
+    assert rel_rms(states[0], want) < TOL
+
+
 def test_decode_state_pool():
     """Token-by-token decode through a state pool (in place), per-token states, untouched slots."""
     B, T, H, K, V = 2, 5, 2, 12, 20
@@ -421,7 +456,7 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FUSE", "KIMI_LINEAR_KDA_BT",
-                                  "KIMI_LINEAR_KDA_GATE_CUMSUM"])
+                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_OVERLAP"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

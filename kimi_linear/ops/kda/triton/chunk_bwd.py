@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ..gate import kda_gate
-from .chunk_fwd import chunk_prep, chunk_recur, storage_dtype
+from .chunk_fwd import chunk_prep, chunk_recur, prep_buffers, storage_dtype
+from .overlap import overlap_parts, run_overlapped
 from .prep_bwd import chunk_prep_bwd
 from .utils import (
     INTERPRET, chunk_program, chunk_rows, dummy, env_choice, gate_prepass, next_pow2, sequence_program,
@@ -378,22 +379,40 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
     dtype, u_dtype = recompute_dtypes(q)
     # The activated gate, once for the rebuild and the prep backward's launches before pass 2.
     g_act = gate_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate, None if kept is None else kept[2])
-    outs = chunk_prep(
-        q, k, v, g, beta, info, scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
-        lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
-        neg_eigval=cfg.neg_eigval, BT=BT, dtype=dtype, pad=dtype != torch.float32, store_t=use_kernel,
-        t_given=None if kept is None else kept[1], aqk_dtype=torch.float32, u_dtype=u_dtype, g_act=g_act,
-        norms=None if kept is None else kept[3],
-    )
-    w, u, qg, kg, aqk, gc = outs[:6]
-    if kept is not None:
-        aqk = kept[0]
-    tinv = outs[6] if use_kernel else None
+    t_given = None if kept is None else kept[1]
+    prep_kw = dict(scale=cfg.scale, shapes=shapes, gate=cfg.gate, A_log=A_log, dt_bias=dt_bias,
+                   lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
+                   neg_eigval=cfg.neg_eigval, BT=BT, dtype=dtype, pad=dtype != torch.float32, store_t=use_kernel,
+                   aqk_dtype=torch.float32, u_dtype=u_dtype, g_act=g_act, norms=None if kept is None else kept[3])
     handoff = handoff_dtypes(q)
-    v_new = torch.empty(info.shape[0], shapes.HV, BT, shapes.V, device=q.device, dtype=handoff["vnew"])
-    _, _, states = chunk_recur(w, u, qg, kg, aqk, gc, info, seq, shapes=shapes, initial_state=h0, out=None,
-                               store_final=False, store_states=True, BT=BT, v_new=v_new,
-                               states_dtype=handoff["states"])
+    NC = info.shape[0]
+    v_new = torch.empty(NC, shapes.HV, BT, shapes.V, device=q.device, dtype=handoff["vnew"])
+    recur_kw = dict(shapes=shapes, out=None, BT=BT, v_new=v_new, states_dtype=handoff["states"])
+    parts = overlap_parts(shapes, NC, q.device)
+    if parts > 1:  # the rebuild's w/u launch on chunk range p + 1 beside its recurrence on range p
+        outs = prep_buffers(NC, shapes, BT, dtype, pad=prep_kw["pad"], aqk_dtype=torch.float32, u_dtype=u_dtype,
+                            with_aqk=t_given is None, with_t=t_given is None, device=q.device)
+        if t_given is not None:
+            outs = (*outs[:6], t_given)
+        states = torch.empty(NC, shapes.HV, shapes.K, shapes.V, device=q.device, dtype=handoff["states"])
+        aqk = outs[4] if kept is None else kept[0]
+
+        def prep(a, b):
+            chunk_prep(q, k, v, g, beta, info[a:b], out=tuple(None if x is None else x[a:b] for x in outs),
+                       t_given=None if t_given is None else t_given[a:b], **prep_kw)
+
+        def recur(p, bounds, h, aqk=aqk, states=states):  # (bound now: both names are deleted below)
+            return chunk_recur(*outs[:4], aqk, outs[5], info, bounds, initial_state=h, store_final=True,
+                               store_states=True, states=states, **recur_kw)[1]
+
+        run_overlapped(parts, NC, q.device, prep, recur, h0)
+    else:
+        outs = chunk_prep(q, k, v, g, beta, info, t_given=t_given, **prep_kw)
+        aqk = outs[4] if kept is None else kept[0]
+        _, _, states = chunk_recur(*outs[:4], aqk, outs[5], info, seq, initial_state=h0, store_final=False,
+                                   store_states=True, **recur_kw)
+    w, u, qg, kg, _, gc = outs[:6]
+    tinv = outs[6] if use_kernel else None
     du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(
         w, qg, kg, aqk, gc, info, seq, states, v_new, None if dht is None else dht.contiguous(), do,
         shapes=shapes, BT=BT, handoff=handoff,

@@ -1,0 +1,87 @@
+"""The chunk-parallel prep of one chunk range beside the sequential recurrence of the range before it.
+
+The recurrence of one sequence runs HV * V / BV programs (128 at 32 heads of 128 with V slices of 32):
+one per SM, each waiting on the latency of its own dependency chain, with the SM's other slots empty.
+Cutting the sequence into chunk ranges lets the prep of range p + 1 fill those slots while the
+recurrence of range p runs: the preps go one after the other on a low-priority stream, each recurrence
+waits for its range's prep on a high-priority stream (so its programs get SM slots first) and starts from
+the state the range before it ended with. Results are the same as one launch of each: every kernel reads
+and writes the same chunks, the state is carried in float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_STREAMS: dict = {}
+
+
+def side_streams(device):
+    """(prep stream, recurrence stream) of a device, made once: the recurrence's at the highest priority."""
+    key = str(device)
+    if key not in _STREAMS:
+        lo, hi = torch.cuda.Stream.priority_range()
+        _STREAMS[key] = (torch.cuda.Stream(device=device, priority=lo), torch.cuda.Stream(device=device, priority=hi))
+    return _STREAMS[key]
+
+
+# Off by default until timed on a card (written in session 15, when no device could be had to time it).
+OVERLAP_DEFAULT = "1"
+
+
+def overlap_parts(shapes, n_chunks: int, device) -> int:
+    """How many chunk ranges to cut one sequence into (``KIMI_LINEAR_KDA_OVERLAP``: a number of parts, or
+    ``auto``: 4 for one sequence of at least 64 chunks on a CUDA device, else 1; default
+    ``OVERLAP_DEFAULT``). Several sequences fill the card with their own recurrence programs, so they are
+    never cut."""
+    mode = os.environ.get("KIMI_LINEAR_KDA_OVERLAP", OVERLAP_DEFAULT)
+    if mode == "auto":
+        parts = 4 if n_chunks >= 64 and torch.device(device).type == "cuda" else 1
+    else:
+        try:
+            parts = int(mode)
+        except ValueError:
+            raise ValueError(f"KIMI_LINEAR_KDA_OVERLAP={mode!r}: expected 'auto' or a number of parts") from None
+        if parts < 1:
+            raise ValueError(f"KIMI_LINEAR_KDA_OVERLAP={mode!r}: the number of parts must be at least 1")
+    return min(parts, n_chunks) if shapes.N == 1 else 1
+
+
+def run_overlapped(parts: int, n_chunks: int, device, prep, recur, h0):
+    """Run ``prep(a, b)`` (chunks a .. b - 1) for each of ``parts`` ranges and ``recur(p, bounds, h)`` after
+    it, where ``bounds`` is a 2-element int32 device tensor (a, b) (a sequence-chunk list of the one
+    sequence's range) and h the state the previous range returned (``h0`` for the first). Returns the last
+    range's state. Off CUDA (the interpreter) the ranges run one after the other."""
+    cuts = [n_chunks * i // parts for i in range(parts + 1)]
+    # (made on the device: no host copy, so the launches stay capturable in a CUDA graph)
+    bounds = (torch.arange(parts + 1, device=device) * n_chunks // parts).to(torch.int32)
+    ranges = list(zip(cuts, cuts[1:]))
+    h = h0
+    if torch.device(device).type != "cuda":
+        for p, (a, b) in enumerate(ranges):
+            prep(a, b)
+            h = recur(p, bounds[p:p + 2], h)
+        return h
+    main = torch.cuda.current_stream(device)
+    prep_stream, recur_stream = side_streams(device)
+    prep_stream.wait_stream(main)
+    recur_stream.wait_stream(main)
+    done = []
+    with torch.cuda.stream(prep_stream):
+        for a, b in ranges:
+            prep(a, b)
+            done.append(torch.cuda.Event())
+            done[-1].record(prep_stream)
+    with torch.cuda.stream(recur_stream):
+        for p, ev in enumerate(done):
+            recur_stream.wait_event(ev)
+            h = recur(p, bounds[p:p + 2], h)
+    # The caller's stream waits for both, so whatever it allocated stays in use until then. What the side
+    # streams allocated and hand back (the state) is used on the caller's stream from here.
+    main.wait_stream(prep_stream)
+    main.wait_stream(recur_stream)
+    if h is not None:
+        h.record_stream(main)
+    return h
