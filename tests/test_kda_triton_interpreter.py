@@ -117,7 +117,8 @@ def test_inference_forward(gate, monkeypatch):
     blocks between its sub-chunks), one that needs them 64-row ones; both against float64 on packed
     sequences of odd lengths (partial chunks, a 1-token sequence), GVA, -1000 gates; KIMI_LINEAR_KDA_BT
     forces the chunk length (16: no pair launch; 32 with ``KIMI_LINEAR_KDA_TREE=masked``: the masked
-    tree kernel; 32 with ``KIMI_LINEAR_KDA_BLOCKS32=1``: the opt-in one-launch blocks)."""
+    tree kernel; 32 with ``KIMI_LINEAR_KDA_BLOCKS32=1``: the opt-in one-launch blocks, also with the gate
+    and the norms in-register, no pre-pass but the gate's chunk sums)."""
     from kimi_linear.ops.kda import triton_backend
     from kimi_linear.ops.kda.triton import chunk_fwd
 
@@ -146,9 +147,12 @@ def test_inference_forward(gate, monkeypatch):
     for t in x.tensors():
         t.requires_grad_(False)
     for bt, tree, fn in (("16", None, None), ("32", "blocks32", chunk_fwd._chunk_blocks32_kernel),
+                         ("32", "blocks32_fused", chunk_fwd._chunk_blocks32_kernel),
                          ("32", "masked", chunk_fwd._chunk_tree_kernel)):
         monkeypatch.setenv("KIMI_LINEAR_KDA_BT", bt)
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BLOCKS32", "1" if tree == "blocks32" else "0")
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BLOCKS32", "1" if tree and tree.startswith("blocks32") else "0")
+        for name in ("KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS"):  # (gate, norms in-register)
+            monkeypatch.setenv(name, "fused" if tree == "blocks32_fused" else "once")
         if tree == "masked":
             monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", tree)
         chunk_fwd.LAUNCHED.pop("tree_fn", None)
