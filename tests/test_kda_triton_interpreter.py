@@ -251,23 +251,27 @@ def test_overlapped_parts(monkeypatch):
     """One sequence cut into chunk ranges (``KIMI_LINEAR_KDA_OVERLAP``; on a GPU the prep of range p + 1
     runs beside the recurrence of range p, here one after the other): the prep on each range, the
     recurrence carried from range to range through its final state. Forward + backward (training keeps
-    the prep's outputs), the inference forward and the interior states, against float64."""
-    from kimi_linear.ops.kda import triton_backend
+    the prep's outputs; the backward's rebuild is cut the same way, with the kept T and without it), the
+    inference forward and the interior states, against float64."""
+    from kimi_linear.ops.kda.triton import overlap
 
     calls = []
-    overlapped = triton_backend._overlapped
+    run = overlap.run_overlapped
 
-    def recording(*args):
-        calls.append(args[6])  # parts
-        return overlapped(*args)
+    def recording(parts, *args):
+        calls.append(parts)
+        return run(parts, *args)
 
-    monkeypatch.setattr(triton_backend, "_overlapped", recording)
+    monkeypatch.setattr(overlap, "run_overlapped", recording)
     monkeypatch.setenv("KIMI_LINEAR_KDA_OVERLAP", "3")
     inp64 = make_inputs(B=1, T=203, H=2, K=20, V=24, gate="softplus", seed=4, extreme_gate_frac=0.02,
                         requires_grad=True, dtype=torch.float64)
-    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
-    assert calls == [3]  # (64-row chunks: 4 of them in 3 ranges)
-    assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (o_err, s_err, errs)
+    for recompute in ("partial", "full"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", recompute)
+        o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
+        assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (recompute, o_err, s_err, errs)
+    # forward, then the backward's rebuild, twice (64-row chunks: 4 of them in 3 ranges)
+    assert calls == [3, 3, 3, 3]
     x = inp64.cast(torch.float32)
     for t in x.tensors():
         t.requires_grad_(False)
@@ -275,7 +279,7 @@ def test_overlapped_parts(monkeypatch):
         ref_o, ref_s, ref_all = reference(inp64, return_all_states=True)
         o, s = x.call(chunk_kda)  # (32-row chunks: 7 in 3 ranges)
         o2, s2, states = x.call(chunk_kda, chunk_size=32, return_intermediate_states=True)
-    assert calls == [3, 3, 3]
+    assert calls == [3] * 6
     for a, b in ((o, ref_o), (s, ref_s), (o2, ref_o), (s2, ref_s)):
         assert rel_rms(a, b) < TOL
     want = torch.cat([x.initial_state.double()] + [ref_all[:, c - 1] for c in range(32, 203, 32)])

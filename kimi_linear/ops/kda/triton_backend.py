@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .triton.chunk_bwd import chunk_kda_bwd
-from .triton.chunk_fwd import chunk_layout, chunk_prep, chunk_recur, prep_buffers, storage_dtype
-from .triton.overlap import overlap_parts, run_overlapped
+from .triton.chunk_fwd import chunk_layout, storage_dtype
+from .triton.overlap import prep_and_recur
 from .triton.recurrent import recurrent_kda_fwd
 from .triton.utils import (
     env_choice, gate_chunk_prepass, gate_code, gate_cumsum_mode, gate_once, gate_prepass, norm_prepass,
@@ -80,36 +80,10 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False
     prep_kw = dict(dtype=storage_dtype(q), pad=True, store_t=keep, aqk_dtype=torch.float32 if keep else None,
                    g_cum=g_cum, **common)
     o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
-    parts = overlap_parts(shapes, info.shape[0], q.device)
-    if parts > 1:
-        outs, ht, states = _overlapped(q, k, v, g, beta, info, parts, prep_kw, shapes, h0, o, store_states, BT)
-    else:
-        outs = chunk_prep(q, k, v, g, beta, info, **prep_kw)
-        o, ht, states = chunk_recur(*outs[:6], info, seq, shapes=shapes, initial_state=h0, out=o,
-                                    store_final=True, store_states=store_states, BT=BT)
+    outs, ht, states = prep_and_recur(q, k, v, g, beta, info, seq, prep_kw, h0=h0, out=o, store_final=True,
+                                      store_states=store_states)
     kept = (outs[4], outs[6], g_act, norms) if keep else None
     return o, ht, states, info, seq, kept
-
-
-def _overlapped(q, k, v, g, beta, info, parts, prep_kw, shapes, h0, o, store_states, BT):
-    """Prep and recurrence of one sequence in ``parts`` chunk ranges, the prep of each range beside the
-    recurrence of the one before (``triton/overlap.py``). Returns chunk_prep's outputs (whole), the final
-    state and the interior states."""
-    NC = info.shape[0]
-    bufs = prep_buffers(NC, shapes, BT, prep_kw["dtype"], pad=True, aqk_dtype=prep_kw["aqk_dtype"], device=q.device)
-    states = None
-    if store_states:
-        states = torch.empty(NC, shapes.HV, shapes.K, shapes.V, device=q.device, dtype=torch.float32)
-
-    def prep(a, b):
-        chunk_prep(q, k, v, g, beta, info[a:b], out=tuple(x[a:b] for x in bufs), **prep_kw)
-
-    def recur(p, bounds, h):
-        return chunk_recur(*bufs[:6], info, bounds, shapes=shapes, initial_state=h, out=o, store_final=True,
-                           store_states=store_states, BT=BT, states=states)[1]
-
-    ht = run_overlapped(parts, NC, q.device, prep, recur, h0)
-    return bufs, ht, states
 
 
 class ChunkKDAFunction(torch.autograd.Function):

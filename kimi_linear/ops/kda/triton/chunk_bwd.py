@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ..gate import kda_gate
-from .chunk_fwd import chunk_prep, chunk_recur, prep_buffers, storage_dtype
-from .overlap import overlap_parts, run_overlapped
+from .chunk_fwd import storage_dtype
+from .overlap import prep_and_recur
 from .prep_bwd import chunk_prep_bwd
 from .utils import (
     INTERPRET, chunk_program, chunk_rows, dummy, env_choice, gate_prepass, next_pow2, sequence_program,
@@ -385,32 +385,13 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
                    neg_eigval=cfg.neg_eigval, BT=BT, dtype=dtype, pad=dtype != torch.float32, store_t=use_kernel,
                    aqk_dtype=torch.float32, u_dtype=u_dtype, g_act=g_act, norms=None if kept is None else kept[3])
     handoff = handoff_dtypes(q)
-    NC = info.shape[0]
-    v_new = torch.empty(NC, shapes.HV, BT, shapes.V, device=q.device, dtype=handoff["vnew"])
-    recur_kw = dict(shapes=shapes, out=None, BT=BT, v_new=v_new, states_dtype=handoff["states"])
-    parts = overlap_parts(shapes, NC, q.device)
-    if parts > 1:  # the rebuild's w/u launch on chunk range p + 1 beside its recurrence on range p
-        outs = prep_buffers(NC, shapes, BT, dtype, pad=prep_kw["pad"], aqk_dtype=torch.float32, u_dtype=u_dtype,
-                            with_aqk=t_given is None, with_t=t_given is None, device=q.device)
-        if t_given is not None:
-            outs = (*outs[:6], t_given)
-        states = torch.empty(NC, shapes.HV, shapes.K, shapes.V, device=q.device, dtype=handoff["states"])
-        aqk = outs[4] if kept is None else kept[0]
-
-        def prep(a, b):
-            chunk_prep(q, k, v, g, beta, info[a:b], out=tuple(None if x is None else x[a:b] for x in outs),
-                       t_given=None if t_given is None else t_given[a:b], **prep_kw)
-
-        def recur(p, bounds, h, aqk=aqk, states=states):  # (bound now: both names are deleted below)
-            return chunk_recur(*outs[:4], aqk, outs[5], info, bounds, initial_state=h, store_final=True,
-                               store_states=True, states=states, **recur_kw)[1]
-
-        run_overlapped(parts, NC, q.device, prep, recur, h0)
-    else:
-        outs = chunk_prep(q, k, v, g, beta, info, t_given=t_given, **prep_kw)
-        aqk = outs[4] if kept is None else kept[0]
-        _, _, states = chunk_recur(*outs[:4], aqk, outs[5], info, seq, initial_state=h0, store_final=False,
-                                   store_states=True, **recur_kw)
+    v_new = torch.empty(info.shape[0], shapes.HV, BT, shapes.V, device=q.device, dtype=handoff["vnew"])
+    aqk = None if kept is None else kept[0]
+    outs, _, states = prep_and_recur(q, k, v, g, beta, info, seq, prep_kw, h0=h0, out=None, store_final=False,
+                                     store_states=True, t_given=t_given, aqk=aqk, v_new=v_new,
+                                     states_dtype=handoff["states"])
+    if aqk is None:
+        aqk = outs[4]
     w, u, qg, kg, _, gc = outs[:6]
     tinv = outs[6] if use_kernel else None
     du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .chunk_fwd import chunk_prep, chunk_recur, prep_buffers
+
 _STREAMS: dict = {}
 
 
@@ -85,3 +87,40 @@ def run_overlapped(parts: int, n_chunks: int, device, prep, recur, h0):
     if h is not None:
         h.record_stream(main)
     return h
+
+
+def prep_and_recur(q, k, v, g, beta, info, seq, prep_kw, *, h0, out, store_final, store_states, t_given=None,
+                   aqk=None, v_new=None, states_dtype=torch.float32):
+    """``chunk_prep`` (with ``prep_kw``) then ``chunk_recur`` over the chunks of ``info``, cut into
+    ``overlap_parts`` ranges run side by side where that is more than one (the forward, and the backward's
+    rebuild). ``t_given``: T kept by the forward (the prep runs only its w/u launch); ``aqk``: an Aqk to
+    use in place of the prep's. Returns (the prep's outputs, final state or None, chunk states or None)."""
+    shapes, BT = prep_kw["shapes"], prep_kw["BT"]
+    recur_kw = dict(shapes=shapes, out=out, BT=BT, v_new=v_new, states_dtype=states_dtype)
+    NC = info.shape[0]
+    parts = overlap_parts(shapes, NC, q.device)
+    if parts == 1:
+        outs = chunk_prep(q, k, v, g, beta, info, t_given=t_given, **prep_kw)
+        _, ht, states = chunk_recur(*outs[:4], outs[4] if aqk is None else aqk, outs[5], info, seq, initial_state=h0,
+                                    store_final=store_final, store_states=store_states, **recur_kw)
+        return outs, ht, states
+    outs = prep_buffers(NC, shapes, BT, prep_kw["dtype"], pad=prep_kw["pad"], aqk_dtype=prep_kw.get("aqk_dtype"),
+                        u_dtype=prep_kw.get("u_dtype"), with_aqk=t_given is None, with_t=t_given is None,
+                        device=q.device)
+    if t_given is not None:
+        outs = (*outs[:6], t_given)
+    aqk = outs[4] if aqk is None else aqk
+    states = None
+    if store_states:
+        states = torch.empty(NC, shapes.HV, shapes.K, shapes.V, device=q.device, dtype=states_dtype)
+
+    def prep(a, b):
+        chunk_prep(q, k, v, g, beta, info[a:b], out=tuple(None if x is None else x[a:b] for x in outs),
+                   t_given=None if t_given is None else t_given[a:b], **prep_kw)
+
+    def recur(p, bounds, h):  # (every range but the last hands its final state to the next)
+        return chunk_recur(*outs[:4], aqk, outs[5], info, bounds, initial_state=h, store_final=True,
+                           store_states=store_states, states=states, **recur_kw)[1]
+
+    ht = run_overlapped(parts, NC, q.device, prep, recur, h0)
+    return outs, (ht if store_final else None), states
