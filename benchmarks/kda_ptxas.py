@@ -102,11 +102,7 @@ def kernels():
     # A forward without gradients runs 32-row chunks (triton_backend.INFERENCE_BT): the tree's one level
     # in the pair kernel, 2x the recurrence's steps. (Its sub-chunk launches are the ones above.)
     ibt = triton_backend.kernel_chunk(training=False)
-    if ibt == 32 and os.environ.get("KIMI_LINEAR_KDA_BLOCKS32", "0") == "1":  # opt-in: all the blocks at once
-        yield (f"inference blocks ({ibt}-row chunks, one launch)", chunk_fwd._chunk_blocks32_kernel,
-               dict(BK=_env_int("KIMI_LINEAR_KDA_BLOCKS32_BK", 16), PREC="tf32", INV_PREC="tf32", **fwd_gate),
-               _env_int("KIMI_LINEAR_KDA_BLOCKS32_WARPS", 1), 1, g32)
-    elif ibt == 32:
+    if ibt == 32:
         yield (f"inference pairs ({ibt}-row chunks)", chunk_fwd._chunk_pair_subchunk_kernel,
                dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **fwd_gate),
                _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 1), _env_int("KIMI_LINEAR_KDA_TREE_STAGES", 2), g32)

@@ -117,8 +117,7 @@ def test_inference_forward(gate, monkeypatch):
     blocks between its sub-chunks), one that needs them 64-row ones; both against float64 on packed
     sequences of odd lengths (partial chunks, a 1-token sequence), GVA, -1000 gates; KIMI_LINEAR_KDA_BT
     forces the chunk length (16: no pair launch; 32 with ``KIMI_LINEAR_KDA_TREE=masked``: the masked
-    tree kernel; 32 with ``KIMI_LINEAR_KDA_BLOCKS32=1``: the opt-in one-launch blocks, also with the gate
-    and the norms in-register, no pre-pass but the gate's chunk sums)."""
+    tree kernel; 32 with the gate and the norms in-register: no pre-pass but the gate's chunk sums)."""
     from kimi_linear.ops.kda import triton_backend
     from kimi_linear.ops.kda.triton import chunk_fwd
 
@@ -146,13 +145,11 @@ def test_inference_forward(gate, monkeypatch):
     assert rel_rms(o2, ref_o) < TOL and rel_rms(s2, ref_s) < TOL
     for t in x.tensors():
         t.requires_grad_(False)
-    for bt, tree, fn in (("16", None, None), ("32", "blocks32", chunk_fwd._chunk_blocks32_kernel),
-                         ("32", "blocks32_fused", chunk_fwd._chunk_blocks32_kernel),
+    for bt, tree, fn in (("16", None, None), ("32", "fused", chunk_fwd._chunk_pair_subchunk_kernel),
                          ("32", "masked", chunk_fwd._chunk_tree_kernel)):
         monkeypatch.setenv("KIMI_LINEAR_KDA_BT", bt)
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BLOCKS32", "1" if tree and tree.startswith("blocks32") else "0")
         for name in ("KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS"):  # (gate, norms in-register)
-            monkeypatch.setenv(name, "fused" if tree == "blocks32_fused" else "once")
+            monkeypatch.setenv(name, "fused" if tree == "fused" else "once")
         if tree == "masked":
             monkeypatch.setenv("KIMI_LINEAR_KDA_TREE", tree)
         chunk_fwd.LAUNCHED.pop("tree_fn", None)
@@ -365,22 +362,17 @@ def _softplus_prep(inp, BT, **kw):
 PREP_CASES = [(bt, e) for bt in (16, 64, 128) for e in (0.0, 0.02)] + [(32, 0.0), (32, 1.0)]
 
 
-@pytest.mark.parametrize("BT,extreme,path", [(bt, e, p) for bt, e in PREP_CASES for p in ("default", "exact")]
-                         + [(32, e, "blocks32") for e in (0.0, 0.02, 1.0)] + [(32, 0.02, "blocks32_exact")])
+@pytest.mark.parametrize("BT,extreme,path", [(bt, e, p) for bt, e in PREP_CASES for p in ("default", "exact")])
 def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
     """The prep launches' outputs (incl. T) against their definitions, with a partial last chunk and K/V
     not powers of two; moderate gates, +1000 raw gates in some rows, or in every one (BT=32). ``path``:
     the default split of the sub-chunk pairs (tensor cores where the log-decay span is <= 120 nats, the
     exact column-by-column kernel for the rest), or every sub-chunk down the exact path; the share of wide
-    sub-chunks is checked so each path is really taken. ``blocks32``: the opt-in one-launch blocks of
-    32-row chunks (``KIMI_LINEAR_KDA_BLOCKS32=1``), with the same two paths inside."""
+    sub-chunks is checked so each path is really taken."""
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     if path.endswith("exact"):
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
-    if path.startswith("blocks32"):
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BLOCKS32", "1")
-        chunk_fwd.LAUNCHED.pop("diag_wide", None)
     T, H, K, V = BT + 21, 2, 20, 24
     inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, extreme_gate_frac=extreme,
                       dtype=torch.float64).cast(torch.float32)
@@ -397,10 +389,6 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
             x = x[:, :, :K]
         assert torch.isfinite(x).all(), name
         assert rel_rms(x, r) < TOL, (name, rel_rms(x, r))
-    if path.startswith("blocks32"):
-        assert chunk_fwd.LAUNCHED["tree_fn"] is chunk_fwd._chunk_blocks32_kernel
-        assert "diag_wide" not in chunk_fwd.LAUNCHED  # (no sub-chunk launch ran)
-        return
     wide = chunk_fwd.LAUNCHED["diag_wide"].float().mean().item()
     if path == "exact":
         assert wide == 1
@@ -475,8 +463,7 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FUSE", "KIMI_LINEAR_KDA_BT",
-                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_OVERLAP",
-                                  "KIMI_LINEAR_KDA_BLOCKS32"])
+                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_OVERLAP"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

@@ -97,7 +97,7 @@ def test_chunk_grid(T, K, V, gate):
                                      "chunk32", "bwd_fp32", "tree_pass2", "extreme_tree_pass2",
                                      "tree_masked", "extreme_tree_masked", "extreme_fused_passes", "sweep_tf32",
                                      "sweep_16bit", "grads_bk32", "extreme_handoff16", "final_cast", "fuse_subchunk_tree",
-                                     "extreme_fuse_subchunk_tree", "extreme_bt32", "extreme_blocks32"])
+                                     "extreme_fuse_subchunk_tree", "extreme_bt32"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
@@ -109,9 +109,6 @@ def test_chunk_variants(variant, gate, monkeypatch):
         monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "0")
     if variant == "extreme_bt32":  # training at 32-row kernel chunks: the pair kernels, forward and backward
         monkeypatch.setenv("KIMI_LINEAR_KDA_BT", "32")
-    if variant == "extreme_blocks32":  # opt-in: 32-row chunks, the forward's blocks in one launch
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BT", "32")
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BLOCKS32", "1")
     if variant.endswith("tree_pass2"):  # opt-out: the backward's tree levels inside pass 2 (as at BT 128)
         monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "pass2")
     if variant.endswith("tree_masked"):  # opt-out: the forward's tree levels as masked [64, 64] products

@@ -59,7 +59,7 @@ import triton.language as tl
 
 from .utils import (
     INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_prepass,
-    gate_span, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
+    head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
     norm_prepass, sequence_program, subchunk_block, subchunk_column, subchunk_program,
     subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
@@ -454,88 +454,6 @@ def _chunk_pair_subchunk_kernel(
 
 
 @triton.jit
-def _exact_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
-                    BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Aqk and Akk (unscaled, strictly lower) of the 16 rows r from rows0, over all K blocks, by
-    ``_exact_block``: exact for any gate."""
-    A_qk = tl.zeros([16, 16], dtype=tl.float32)
-    A_kk = tl.zeros([16, 16], dtype=tl.float32)
-    for kb in range(0, K, BK):
-        _, _, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound,
-                                          H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-        A_qk, A_kk = _exact_block(bq, bk, bg, r, A_qk, A_kk, BK)
-    return A_qk, A_kk
-
-
-@triton.jit
-def _chunk_blocks32_kernel(
-    q, k, g, beta, norms, A_log, dt_bias, chunk_info, aqk_out, t_out,
-    scale, lower_bound, span_max,
-    H, HV, K,
-    BK: tl.constexpr,
-    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr,
-):
-    """Opt-in (``KIMI_LINEAR_KDA_BLOCKS32=1``, session 15, untimed): at 32-row chunks, Aqk and T of one
-    chunk and head in one program, in place of the two sub-chunk launches and the pair kernel (which read
-    q, k and the gate twice and launch three times). Grid (chunks, HV), one warp (the sub-chunk kernels'
-    choice: a [16, BK] tile spread over several warps meets in shared memory for every row sum and dot
-    operand; session 15's one-launch prep lost 1.41x that way at 4 warps). First each sub-chunk's
-    log-decay span over all K; then per K block the pairs inside the sub-chunks midpoint-factored on
-    tensor cores and the pair (1, 0) by the tree factors; a sub-chunk past the span limit is redone
-    column by column in its own loop (``_exact_products``); then T = [[D_0, 0], [T_10, D_1]]."""
-    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
-    a = head_a_log(A_log, i_hv, HAS_A)
-    r0 = tl.arange(0, 16)
-    m0 = r0 < n_rows
-    m1 = r0 + 16 < n_rows
-    rq0, rk0, b0 = _row_scales(q, k, beta, norms, row0, r0, m0, i_h, i_hv, H, HV, K, 16, BK,
-                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    rq1, rk1, b1 = _row_scales(q, k, beta, norms, row0, r0 + 16, m1, i_h, i_hv, H, HV, K, 16, BK,
-                               L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-    # (False for NaN spans: the exact path)
-    fast0 = gate_span(g, dt_bias, row0, r0, m0, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
-    fast1 = gate_span(g, dt_bias, row0 + 16, r0, m1, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A,
-                      HAS_BIAS) <= span_max
-    z = tl.zeros([16, 16], dtype=tl.float32)
-    q00, k00, q11, k11, q10, k10 = z, z, z, z, z, z
-    d0 = tl.zeros([16], dtype=tl.float32)
-    d1 = tl.zeros([16], dtype=tl.float32)
-    for kb in range(0, K, BK):
-        _, _, _, x0, y0, g0, f0, v0 = subchunk_tiles(
-            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq0, rk0, a, lower_bound, H, HV, K, 0, BK,
-            GATE, HAS_A, HAS_BIAS)
-        _, _, _, x1, y1, g1, f1, v1 = subchunk_tiles(
-            q, k, g, dt_bias, row0, n_rows, i_h, i_hv, kb, rq1, rk1, a, lower_bound, H, HV, K, 1, BK,
-            GATE, HAS_A, HAS_BIAS)
-        d0 += tl.sum(x0 * y0, axis=1)
-        d1 += tl.sum(x1 * y1, axis=1)
-        q10, k10 = _adjacent_pair(x1, y1, f1, y0, v0, q10, k10, PREC)
-        # (inf or NaN for a sub-chunk past the span limit: replaced below)
-        q00, k00 = _midpoint_block(x0, y0, g0, r0, q00, k00, PREC)
-        q11, k11 = _midpoint_block(x1, y1, g1, r0, q11, k11, PREC)
-    if not fast0:
-        q00, k00 = _exact_products(q, k, g, dt_bias, row0, r0, m0, i_h, i_hv, rq0, rk0, a, lower_bound, H, HV, K,
-                                   BK, GATE, HAS_A, HAS_BIAS)
-    if not fast1:
-        q11, k11 = _exact_products(q, k, g, dt_bias, row0 + 16, r0, m1, i_h, i_hv, rq1, rk1, a, lower_bound, H, HV,
-                                   K, BK, GATE, HAS_A, HAS_BIAS)
-    below = r0[:, None] > r0[None, :]  # (the pairs i < j of the midpoint products may be inf: dropped)
-    eye = r0[:, None] == r0[None, :]
-    _sub_block_store(aqk_out, base, 0, 0, (tl.where(below, q00, 0.0) + tl.where(eye, d0[:, None], 0.0)) * scale, 32)
-    _sub_block_store(aqk_out, base, 1, 1, (tl.where(below, q11, 0.0) + tl.where(eye, d1[:, None], 0.0)) * scale, 32)
-    _sub_block_store(aqk_out, base, 1, 0, q10 * scale, 32)
-    D0 = _diag_inverse(tl.where(below, k00, 0.0) * b0[:, None], r0, INV_PREC)
-    D1 = _diag_inverse(tl.where(below, k11, 0.0) * b1[:, None], r0, INV_PREC)
-    _sub_block_store(t_out, base, 0, 0, D0, 32)
-    _sub_block_store(t_out, base, 1, 1, D1, 32)
-    t10 = -tl.dot(D1, tl.dot(k10 * b1[:, None], D0, input_precision=INV_PREC), input_precision=INV_PREC)
-    _sub_block_store(t_out, base, 1, 0, t10, 32)
-    _sub_block_zeros(aqk_out, t_out, base, 0, 1, 32)  # the block above the diagonal
-
-
-@triton.jit
 def _chunk_wy_kernel(
     q, k, v, g, beta, norms, A_log, dt_bias, chunk_info, t_in,
     w_out, u_out, qg_out, kg_out, gc_out,
@@ -770,17 +688,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     l2, nrm = (int(l2norm), d) if nrm is None else (2, nrm)
     inputs = dict(GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, L2NORM=l2,
                   BETA_SIGMOID=beta_sigmoid, NEG_EIGVAL=neg_eigval, SK=SK, BK=BK, num_warps=warps, num_stages=1)
-    blocks32 = env_choice("KIMI_LINEAR_KDA_BLOCKS32", "0", ("0", "1")) == "1"  # (read at every call: typos fail)
-    if t_given is None and BT == 32 and blocks32:
-        # (opt-in, untimed) every pair of the chunk in one launch, one warp per chunk
-        sub = {key: val for key, val in inputs.items() if key != "SK"}
-        sub.update(BK=max(16, min(int(env("KIMI_LINEAR_KDA_BLOCKS32_BK", 16)), next_pow2(K))),
-                   num_warps=int(env("KIMI_LINEAR_KDA_BLOCKS32_WARPS", 1)))
-        LAUNCHED["tree_fn"] = _chunk_blocks32_kernel
-        LAUNCHED["tree"] = _chunk_blocks32_kernel[(NC, HV)](
-            q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, float(scale), lb, diag_span_max(), H, HV, K,
-            PREC=prec, INV_PREC=prec, **sub)
-    elif t_given is None:
+    if t_given is None:
         # Pairs inside 16-row sub-chunks (CUDA cores), then the pairs between them (tensor cores). The
         # inverse's tree steps in tf32 for 16-bit inputs: T moved by 9e-6 relative against tf32x3, which
         # cost 0.8 ms more at T=8K (H200).
