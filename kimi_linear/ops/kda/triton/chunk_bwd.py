@@ -35,7 +35,7 @@ from .chunk_fwd import storage_dtype
 from .overlap import prep_and_recur
 from .prep_bwd import chunk_prep_bwd
 from .utils import (
-    INTERPRET, chunk_program, chunk_rows, dummy, env_choice, gate_prepass, next_pow2, sequence_program,
+    INTERPRET, cdiv, chunk_program, chunk_rows, dummy, env_choice, gate_prepass, next_pow2, sequence_program,
 )
 
 
@@ -227,7 +227,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=handoff["du"])
     ds = torch.empty(NC, HV, K, V, device=dev, dtype=handoff["ds"])
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32)
-    _chunk_recur_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
+    _chunk_recur_bwd_kernel[(cdiv(V, BV), N * HV)](
         w, kg, aqk, gc, qg, info, seq, dht if dht is not None else dummy(dev), do,
         du, ds, dh0,
         HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
@@ -242,7 +242,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     dgc = torch.empty(NC, HV, K, device=dev, dtype=f32)
     GK, GV, g_warps, g_stages = grads_launch(K, V)
     if NC > 0:
-        _chunk_bwd_grads_kernel[(NC, HV, triton.cdiv(K, GK))](
+        _chunk_bwd_grads_kernel[(NC, HV, cdiv(K, GK))](
             gc, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=gc.shape[-1], BT=BT, BK=GK, BV=GV,
             Q16=_same16(do, states), K16=_same16(v_new, ds), W16=_same16(du, states), A16=_same16(do, v_new),
             num_warps=g_warps, num_stages=1 if INTERPRET else g_stages,

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_prepass,
+    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_prepass,
     head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
     norm_prepass, sequence_program, subchunk_block, subchunk_column, subchunk_program,
     subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
@@ -567,22 +567,40 @@ def _chunk_recur_kernel(
 LAUNCHED: dict = {}
 
 
+# Fixed-length layouts by (B, T, BT, device), oldest dropped first: building one costs about ten small
+# device ops on the host (read-only tensors, so sharing them between calls is safe).
+_LAYOUTS: dict = {}
+_LAYOUTS_MAX = 64
+
+
+def _fixed_layout(B: int, T: int, BT: int, device):
+    nt = cdiv(T, BT)
+    c = torch.arange(B * nt, device=device, dtype=torch.int64)
+    j = c % nt
+    start = (c // nt) * T + j * BT
+    rows = torch.clamp(T - j * BT, max=BT)
+    info = torch.stack([start, rows], dim=1).to(torch.int32)
+    seq = torch.arange(B + 1, device=device, dtype=torch.int32) * nt
+    return info, seq
+
+
 def chunk_layout(shapes, cu_seqlens, BT: int, device):
     """Chunk list over the flattened token axis (B*T for fixed length: B sequences of T).
 
     Returns (chunk_info int32 [NC, 2] = (first token, rows), seq_chunks int32 [N + 1]).
-    Fixed-length batches build it on the device without a host synchronisation.
+    Fixed-length batches build it on the device without a host synchronisation, once per shape (``_LAYOUTS``).
     """
     if cu_seqlens is None:
-        B, T = shapes.B, shapes.T
-        nt = triton.cdiv(T, BT)
-        c = torch.arange(B * nt, device=device, dtype=torch.int64)
-        j = c % nt
-        start = (c // nt) * T + j * BT
-        rows = torch.clamp(T - j * BT, max=BT)
-        info = torch.stack([start, rows], dim=1).to(torch.int32)
-        seq = torch.arange(B + 1, device=device, dtype=torch.int32) * nt
-        return info, seq
+        key = (shapes.B, shapes.T, BT, str(device))
+        if key in _LAYOUTS:
+            return _LAYOUTS[key]
+        layout = _fixed_layout(shapes.B, shapes.T, BT, device)
+        # (not while a CUDA graph is being captured: the tensors would live in the graph's private pool)
+        if torch.device(device).type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if len(_LAYOUTS) >= _LAYOUTS_MAX:
+                del _LAYOUTS[next(iter(_LAYOUTS))]
+            _LAYOUTS[key] = layout
+        return layout
     # Vectorized on the host (one copy of cu_seqlens, one upload): a Python loop over the chunks cost
     # more than the kernels' savings at 16-row chunks (H200, session 13: a 32K varlen forward 6.9 ms).
     cu = cu_seqlens.to("cpu", torch.int64)
@@ -802,7 +820,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     d = dummy(dev)
     dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[w.dtype]
     warps, stages = recur_launch(w.dtype, BK, BV)
-    LAUNCHED["recur"] = _chunk_recur_kernel[(triton.cdiv(V, BV), N * HV)](
+    LAUNCHED["recur"] = _chunk_recur_kernel[(cdiv(V, BV), N * HV)](
         w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
         initial_state if initial_state is not None else d, ht if ht is not None else d,
         states if states is not None else d, out if out is not None else d, v_new if v_new is not None else d,

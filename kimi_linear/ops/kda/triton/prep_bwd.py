@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_channels, block_cumsum, chunk_program, diag_span_max, dummy,
+    INTERPRET, apply_beta, block_channels, block_cumsum, cdiv, chunk_program, diag_span_max, dummy,
     env_choice, gate_prepass, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next, midpoint_factors,
     next_pow2, subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles,
     tile_span, tree_factor, tree_pairs, wide_flag,
@@ -799,7 +799,7 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         env = os.environ.get
         tree_kernel = BT in (32, 64) and env_choice("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel", ("kernel", "pass2")) == "kernel"
         tree_bk = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)), next_pow2(K)))
-        tree_nk = triton.cdiv(K, tree_bk) if tree_kernel else 0
+        tree_nk = cdiv(K, tree_bk) if tree_kernel else 0
         # Fused (opt-in, session 12, untimed): the tree kernel also takes the pairs inside the sub-chunks
         # whose K-block tile spans at most DIAG_SPAN nats, storing dq / dk / dg parts once instead of the
         # tensor-core sub-chunk kernel storing them and the tree kernel adding to them; the exact kernel

@@ -14,7 +14,7 @@ import os
 import triton
 import triton.language as tl
 
-from .utils import apply_beta, apply_gate, dummy, head_a_log, load_bias, next_pow2
+from .utils import apply_beta, apply_gate, cdiv, dummy, head_a_log, load_bias, next_pow2
 
 
 @triton.jit
@@ -129,7 +129,7 @@ def recurrent_kda_fwd(
     else:
         s_as = (0, 0)
     d = dummy(dev)
-    grid = (triton.cdiv(V, BV), N * HV)
+    grid = (cdiv(V, BV), N * HV)
     _recurrent_kda_kernel[grid](
         q, k, v, g, beta,
         A_log if A_log is not None else d, dt_bias if dt_bias is not None else d,

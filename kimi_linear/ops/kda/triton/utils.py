@@ -35,7 +35,15 @@ def env_choice(name: str, default: str, choices: tuple) -> str:
 
 
 def next_pow2(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
+    """The smallest power of two >= x (and >= 1). Plain integer arithmetic: ``triton.next_power_of_2`` and
+    ``triton.cdiv`` go through Triton's constexpr-function wrapper, about 3 us a call on the host, and a
+    forward made 17 such calls (session 16, ``benchmarks/kda_host.py cpu``)."""
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b, on the host (see ``next_pow2``)."""
+    return -(-a // b)
 
 
 _DUMMIES: dict = {}
@@ -409,7 +417,7 @@ def gate_chunk_prepass(g, A_log, dt_bias, lower_bound, gate, chunk_info, BT, sto
         d = dummy(g.device)
         # (H200, session 13, T=8K inference forward: K blocks of 64 0.98x the time of 32, 16 1.08x)
         BK = min(next_pow2(K), int(os.environ.get("KIMI_LINEAR_KDA_GATE_BK", 64)))
-        _gate_chunk_kernel[(NC, HV, triton.cdiv(K, BK))](
+        _gate_chunk_kernel[(NC, HV, cdiv(K, BK))](
             g, A_log if A_log is not None else d, dt_bias if dt_bias is not None else d, chunk_info,
             act if act is not None else d, cum, float(lower_bound) if lower_bound is not None else 0.0, HV, K,
             BT=BT, BK=BK, GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None,
@@ -436,7 +444,7 @@ def activate_gate(g, A_log, dt_bias, lower_bound, gate):
     d = dummy(g.device)
     BK = next_pow2(K)
     BR = max(1, 4096 // BK)
-    _gate_kernel[(triton.cdiv(n_rows, BR),)](
+    _gate_kernel[(cdiv(n_rows, BR),)](
         g, A_log if A_log is not None else d, dt_bias if dt_bias is not None else d, out,
         float(lower_bound) if lower_bound is not None else 0.0, n_rows, HV, K, BR=BR, BK=BK,
         GATE=gate, HAS_A=A_log is not None, HAS_BIAS=dt_bias is not None, num_warps=4,
@@ -491,5 +499,5 @@ def qk_norms(q, k):
     if n_rows:
         BK = next_pow2(K)
         BR = max(1, 2048 // BK)
-        _qk_norms_kernel[(triton.cdiv(n_rows, BR),)](q, k, out, n_rows, K, BR=BR, BK=BK, num_warps=4)
+        _qk_norms_kernel[(cdiv(n_rows, BR),)](q, k, out, n_rows, K, BR=BR, BK=BK, num_warps=4)
     return out
