@@ -8,7 +8,7 @@ GPU) at the benchmark configuration (K = V = 128, 64-row chunks, bf16 inputs, so
 sigmoid in-kernel, the launchers' default blocks and warps) and prints what ``ptxas -v`` reports and
 the static SASS instruction count.
 
-    python benchmarks/kda_ptxas.py [--only diag tree] [--set KIMI_LINEAR_KDA_DIAG_BK=32 ...]
+    python benchmarks/kda_ptxas.py [--only diag tree] [--set KIMI_LINEAR_KDA_DIAG_BK=32 ...] [--loops]
 
 The Triton version here may differ from the GPU machine's (the CPU pins triton 3.7.1, the H200 image
 has 3.6.0): use it to compare variants, and confirm on the card.
@@ -202,9 +202,33 @@ def signature(fn, consts, ptr_types=None):
     return sig
 
 
-def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str = "sm_90a") -> str:
-    """Compile for Hopper and return ptxas -v's resource lines for the kernel."""
-    consts = dict(consts)
+def loop_mix(sass: str) -> str:
+    """The largest loop of the SASS (the span of its longest backward branch): instructions per pass (per
+    warp) and the ones that set a step's latency: tensor-core ops, barriers, shared-memory and async copies.
+    Session 16: the recurrence's chunk loop, against its measured time per step."""
+    ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
+    best = None
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < int(addr, 16):
+            span = (int(target.group(1), 16), int(addr, 16))
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    if best is None:
+        return "no loop"
+    ops = [op.split(".")[0] for addr, op, _ in ins if best[0] <= int(addr, 16) <= best[1]]
+    count = {key: sum(op == key for op in ops) for key in ("HMMA", "HGMMA", "BAR", "LDSM", "STSM", "LDS", "STS",
+                                                             "LDGSTS", "LDG")}
+    return f"loop {len(ops)} instructions: " + ", ".join(f"{key} {n}" for key, n in count.items() if n)
+
+
+def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str = "sm_90a", loops: bool = False) -> str:
+    """Compile for Hopper and return ptxas -v's resource lines for the kernel (and with ``loops`` the
+    instruction mix of its largest loop)."""
+    # Arguments the launchers leave at their defaults: constexpr ones with their value, optional pointers
+    # (default None) as None, as a launch passes them.
+    consts = {**{p.name: p.default for p in fn.params if p.has_default and (p.is_constexpr or p.default is None)},
+              **consts}
     sig = signature(fn, consts, ptr_types)
     # As the launcher specialises them on the card: pointers and the head / width arguments divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
@@ -231,7 +255,7 @@ def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str =
     smem = compiled.metadata.shared
     return (f"{regs.group(1) if regs else '?':>4} regs, spill stores/loads {spill.group(1) if spill else '?'}"
             f"/{spill.group(2) if spill else '?'} B, stack {stack.group(1) if stack else '?'} B, "
-            f"shared {smem} B, {n_sass} SASS instructions")
+            f"shared {smem} B, {n_sass} SASS instructions" + (f"; {loop_mix(sass)}" if loops else ""))
 
 
 def main():
@@ -241,6 +265,8 @@ def main():
     ap.add_argument("--set", nargs="+", default=[], metavar="ENV=VALUE",
                     help="launcher environment overrides (block sizes, warps, ablation bits)")
     ap.add_argument("--kv", type=int, default=K, help="head width K = V (a power of two, as the launchers pad)")
+    ap.add_argument("--loops", action="store_true",
+                    help="also the instruction mix of each kernel's largest loop (SASS per warp and pass)")
     args = ap.parse_args()
     K = V = args.kv
     for item in args.set:
@@ -251,7 +277,7 @@ def main():
         if args.only and not any(w in name for w in args.only):
             continue
         try:
-            report = ptxas_report(fn, consts, warps, *rest)
+            report = ptxas_report(fn, consts, warps, *rest, loops=args.loops)
         except Exception as e:  # noqa: BLE001  (report and go on)
             report = f"failed: {str(e).splitlines()[0][:200] if str(e) else repr(e)}"
         print(f"{name:27s} {warps} warp(s): {report}", flush=True)

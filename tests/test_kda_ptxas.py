@@ -65,3 +65,32 @@ def test_kernels_fit_at_widest_heads():
         m = re.search(r"shared (\d+) B", line)
         assert m, line  # "failed: ..." otherwise
         assert int(m.group(1)) <= 227 * 1024, line
+
+
+def test_loop_mix_parses_the_largest_loop():
+    """``--loops``' parser: the largest backward branch's span, its instructions (predicated ones too) and the
+    counted kinds; a SASS without a loop says so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kda_ptxas import loop_mix
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/              @!P0 LDGSTS.E.BYPASS.128 [R2], desc[UR4][R6.64] ;
+        /*0040*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   BRA 0x60 ;
+        /*0070*/                   EXIT ;
+    """
+    assert loop_mix(sass) == "loop 5 instructions: HMMA 1, HGMMA 1, BAR 1, LDGSTS 1"
+    assert loop_mix("        /*0000*/                   EXIT ;") == "no loop"
+
+
+def test_recurrence_loop_report():
+    """``--loops`` on the inference recurrence: its chunk loop runs tensor-core products and barriers."""
+    lines, out = _ptxas_lines("--only", "inference recurrence", "--loops")
+    assert len(lines) == 1, out
+    m = re.search(r"loop (\d+) instructions: (.*)$", lines[0])
+    assert m and int(m.group(1)) > 0, lines[0]
+    assert re.search(r"H(G)?MMA \d+", m.group(2)) and re.search(r"BAR \d+", m.group(2)), lines[0]
