@@ -45,7 +45,7 @@ BF16_PTRS = {"q", "k", "v", "g", "beta", "o", "do"}
 # The forward's chunk intermediates are stored in the input's 16-bit type (Aqk too, except when the
 # backward keeps it).
 BF16_FWD = {"w", "u", "qg", "kg", "aqk", "aqk_out", "w_out", "u_out", "qg_out", "kg_out"}
-INT_PTRS = {"chunk_info", "seq_chunks", "cu_seqlens", "indices"}
+INT_PTRS = {"chunk_info", "seq_chunks", "cu_seqlens", "indices", "ready"}
 INT8_PTRS = {"wide"}
 
 
@@ -112,6 +112,14 @@ def kernels():
     yield (f"inference recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
            dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
+    if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
+        group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)
+        yield (f"streamed w/u ({ibt}-row chunks)", chunk_fwd._chunk_wy_kernel,
+               dict(SK=K, SV=V, BT=ibt, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, STREAM_GROUP=group,
+                    **wy_gate), chunk_fwd.prep_warps(ibt), 1, {**wy_g, "ready": "*i32"})
+        yield (f"streamed recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
+               dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True,
+                    STREAM_GROUP=group, SPIN_LIMIT=2 ** 30), recur_warps, recur_stages, {"ready": "*i32"})
     # The backward's rebuild of the chunk states, no output, in the storage types the backward picks for
     # bf16 inputs (by default w, qg, kg in bf16 and u in float32; all float32: tf32 products, one stage).
     w_dtype, u_dtype = chunk_bwd.recompute_dtypes(torch.zeros(1, dtype=torch.bfloat16))
@@ -227,8 +235,8 @@ def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str =
     instruction mix of its largest loop)."""
     # Arguments the launchers leave at their defaults: constexpr ones with their value, optional pointers
     # (default None) as None, as a launch passes them.
-    consts = {**{p.name: p.default for p in fn.params if p.has_default and (p.is_constexpr or p.default is None)},
-              **consts}
+    consts = {**{p.name: p.default for p in fn.params if p.has_default and (p.is_constexpr or p.default is None)
+                 and p.name not in (ptr_types or {})}, **consts}
     sig = signature(fn, consts, ptr_types)
     # As the launcher specialises them on the card: pointers and the head / width arguments divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

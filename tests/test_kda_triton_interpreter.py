@@ -283,6 +283,54 @@ def test_overlapped_parts(monkeypatch):
     assert rel_rms(states[0], want) < TOL
 
 
+def test_streamed_wy_and_recurrence(monkeypatch):
+    """The w/u launch and the recurrence streamed side by side (``KIMI_LINEAR_KDA_STREAM=1``; on a GPU the
+    recurrence waits on per-(group, head) counts the w/u kernel raises chunk by chunk; the interpreter runs
+    the two one after the other): every count reaches its group's chunks (partial last groups too), and
+    forward + backward (the backward's rebuild streamed the same way, with the kept T and without it), the
+    inference forward and the interior states match float64. Several sequences are not streamed."""
+    from kimi_linear.ops.kda.triton import overlap
+
+    plans = []
+    run = overlap.run_streamed
+
+    def recording(group, n_chunks, HV, device, prep, recur):
+        def keep(plan):
+            plans.append((n_chunks, plan))
+            return prep(plan)
+        return run(group, n_chunks, HV, device, keep, recur)
+
+    monkeypatch.setattr(overlap, "run_streamed", recording)
+    monkeypatch.setenv("KIMI_LINEAR_KDA_STREAM", "1")
+    monkeypatch.setenv("KIMI_LINEAR_KDA_STREAM_GROUP", "3")
+    inp64 = make_inputs(B=1, T=203, H=2, K=20, V=24, gate="softplus", seed=4, extreme_gate_frac=0.02,
+                        requires_grad=True, dtype=torch.float64)
+    for recompute in ("partial", "full"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", recompute)
+        o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
+        assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (recompute, o_err, s_err, errs)
+    x = inp64.cast(torch.float32)
+    for t in x.tensors():
+        t.requires_grad_(False)
+    with torch.no_grad():
+        ref_o, ref_s, ref_all = reference(inp64, return_all_states=True)
+        o, s = x.call(chunk_kda)  # (32-row chunks: 7, in groups of 3, 3, 1)
+        o2, s2, states = x.call(chunk_kda, chunk_size=32, return_intermediate_states=True)
+    # forward and the backward's rebuild, twice (64-row chunks: 4, in groups of 3, 1), then the two above
+    assert [n for n, _ in plans] == [4, 4, 4, 4, 7, 7]
+    for n, plan in plans:
+        per_group = [min(3, n - g0) for g0 in range(0, n, 3)]
+        assert plan.group == 3 and plan.ready.tolist() == [c for c in per_group for _ in range(2)]
+    for a, b in ((o, ref_o), (s, ref_s), (o2, ref_o), (s2, ref_s)):
+        assert rel_rms(a, b) < TOL
+    want = torch.cat([x.initial_state.double()] + [ref_all[:, c - 1] for c in range(32, 203, 32)])
+    assert rel_rms(states[0], want) < TOL
+    two = make_inputs(B=2, T=70, H=2, K=20, V=24, gate="softplus", seed=4, dtype=torch.float64).cast(torch.float32)
+    with torch.no_grad():
+        two.call(chunk_kda)
+    assert len(plans) == 6  # (several sequences: not streamed)
+
+
 def test_decode_state_pool():
     """Token-by-token decode through a state pool (in place), per-token states, untouched slots."""
     B, T, H, K, V = 2, 5, 2, 12, 20
@@ -463,7 +511,8 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FUSE", "KIMI_LINEAR_KDA_BT",
-                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_OVERLAP"])
+                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_OVERLAP",
+                                  "KIMI_LINEAR_KDA_STREAM"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

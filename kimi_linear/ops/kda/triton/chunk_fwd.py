@@ -462,14 +462,19 @@ def _chunk_wy_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
-    CUMG: tl.constexpr = False,
+    CUMG: tl.constexpr = False, ready=None, STREAM_GROUP: tl.constexpr = 0,
 ):
     """Second half of the split prep, grid (chunks, HV): from the stored T, w = T (beta k e^G),
     u = T (beta v), qg, kg, gC. Decays relative to the chunk start (e^G) and to its end (e^(G_C - G)) are
     direct sums, so all <= 1. (Session 7 fused this into the tree kernel, which saved the second pass over
     q and k for the row norms and the load of T, but the tree kernel's extra registers cost more: prep
-    1.54 vs 1.42 ms at T=8K, H200.)"""
-    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
+    1.54 vs 1.42 ms at T=8K, H200.)
+
+    ``STREAM_GROUP`` > 0 (one sequence, grid (HV, chunks): chunk by chunk): when its stores are done the
+    program adds 1 to ``ready[chunk // STREAM_GROUP, head]`` with release semantics, so that a recurrence
+    running beside it (``_chunk_recur_kernel`` with the same group) can start on a group as soon as its
+    chunks are written."""
+    i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV, STREAM_GROUP > 0)
     r = tl.arange(0, BT)
     m_r = r < n_rows
     a = head_a_log(A_log, i_hv, HAS_A)
@@ -505,6 +510,41 @@ def _chunk_wy_kernel(
         b_u = tl.dot(Tm, bv * b_beta[:, None], input_precision=WY_PREC)
         tl.store(u_out + base * BT * SV + r[:, None] * SV + o_v[None, :], b_u.to(u_out.dtype.element_ty),
                  mask=(r < BT)[:, None] & (o_v < SV)[None, :])
+    if STREAM_GROUP > 0:
+        tl.debug_barrier()  # (every thread's stores are issued before the release)
+        tl.atomic_add(ready + (i_c // STREAM_GROUP) * HV + i_hv, 1, sem="release")
+
+
+@triton.jit
+def _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v, m_kv, m_v,
+                 m_ks, m_vs, HV, K, V, SK: tl.constexpr, SV: tl.constexpr, BT: tl.constexpr,
+                 STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_O: tl.constexpr,
+                 STORE_VNEW: tl.constexpr):
+    """One chunk of the recurrence: the output from the state entering chunk c, then the state leaving it."""
+    base = (c * HV + i_hv).to(tl.int64)
+    if STORE_STATES:
+        tl.store(states + (base * K + o_k[:, None]) * V + o_v[None, :], S.to(states.dtype.element_ty), mask=m_kv)
+    p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
+    b_w = tl.load(w + p_k, mask=m_ks[None, :], other=0.0)
+    if STORE_O:  # (the backward's state rebuild needs no output; loads kept in this order, as measured)
+        b_qg = tl.load(qg + p_k, mask=m_ks[None, :], other=0.0)
+    b_kgt = tl.load(kg + base * BT * SK + o_k[:, None] * BT + r[None, :], mask=m_ks[:, None], other=0.0)
+    b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_vs[None, :], other=0.0).to(tl.float32)
+    if STORE_O:
+        b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :])
+    b_gc = tl.load(gc + base * SK + o_k, mask=m_ks, other=0.0)
+    Sd = S.to(DOT_DTYPE)
+    v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
+    if STORE_VNEW:  # (for the backward's gradient kernel; [chunk, head, row, V], fp32 or 16-bit)
+        tl.store(v_new_out + (base * BT + r[:, None]) * V + o_v[None, :], v_new.to(v_new_out.dtype.element_ty),
+                 mask=m_v[None, :])
+    vd = v_new.to(DOT_DTYPE)
+    if STORE_O:
+        b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
+        row0, n_rows = chunk_rows(chunk_info, c)
+        tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
+                 mask=(r < n_rows)[:, None] & m_v[None, :])
+    return S * tl.exp(b_gc)[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
 
 
 @triton.jit
@@ -514,7 +554,14 @@ def _chunk_recur_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
     STORE_O: tl.constexpr = True, STORE_VNEW: tl.constexpr = False,
+    ready=None, STREAM_GROUP: tl.constexpr = 0, SPIN_LIMIT: tl.constexpr = 0,
 ):
+    """The sequential pass, one program per (V slice, sequence, head). ``STREAM_GROUP`` > 0 (one sequence,
+    its chunk range starting at chunk 0): before each group of that many chunks the program waits until
+    ``ready[group, head]`` counts the group's chunks (the w/u kernel, running beside it, adds one per chunk
+    written), then runs the group. The wait sits outside the group's loop, so the loads the loop
+    prefetches are issued after it. ``SPIN_LIMIT`` bounds the wait (the interpreter runs the w/u kernel
+    first, so there it passes at once or the results are wrong, never a hang)."""
     i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -530,31 +577,27 @@ def _chunk_recur_kernel(
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         S = tl.load(h0 + p_s, mask=m_kv, other=0.0).to(tl.float32)
-    for c in range(c0, c1):
-        base = (c * HV + i_hv).to(tl.int64)
-        if STORE_STATES:
-            tl.store(states + (base * K + o_k[:, None]) * V + o_v[None, :], S.to(states.dtype.element_ty), mask=m_kv)
-        p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
-        b_w = tl.load(w + p_k, mask=m_ks[None, :], other=0.0)
-        if STORE_O:  # (the backward's state rebuild needs no output; loads kept in this order, as measured)
-            b_qg = tl.load(qg + p_k, mask=m_ks[None, :], other=0.0)
-        b_kgt = tl.load(kg + base * BT * SK + o_k[:, None] * BT + r[None, :], mask=m_ks[:, None], other=0.0)
-        b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_vs[None, :], other=0.0).to(tl.float32)
-        if STORE_O:
-            b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :])
-        b_gc = tl.load(gc + base * SK + o_k, mask=m_ks, other=0.0)
-        Sd = S.to(DOT_DTYPE)
-        v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
-        if STORE_VNEW:  # (for the backward's gradient kernel; [chunk, head, row, V], fp32 or 16-bit)
-            tl.store(v_new_out + (base * BT + r[:, None]) * V + o_v[None, :], v_new.to(v_new_out.dtype.element_ty),
-                     mask=m_v[None, :])
-        vd = v_new.to(DOT_DTYPE)
-        if STORE_O:
-            b_o = tl.dot(b_qg.to(DOT_DTYPE), Sd) + tl.dot(b_a.to(DOT_DTYPE), vd)
-            row0, n_rows = chunk_rows(chunk_info, c)
-            tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-                     mask=(r < n_rows)[:, None] & m_v[None, :])
-        S = S * tl.exp(b_gc)[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
+    if STREAM_GROUP > 0:
+        for g0 in range(c0, c1, STREAM_GROUP):
+            g1 = tl.minimum(g0 + STREAM_GROUP, c1)
+            flag = ready + (g0 // STREAM_GROUP) * HV + i_hv
+            # (an acquire that reads the group's full count synchronizes with every w/u program's release;
+            # one thread reads it (triton 3.6 emits ld.acquire.gpu for an add of 0) and shares it through a
+            # barrier, which orders the other threads' loads after it. A separate acquire after a volatile
+            # spin was dropped by the compiler, its result being unused.)
+            spins = 0
+            while (tl.atomic_add(flag, 0, sem="acquire") < g1 - g0) & (spins < SPIN_LIMIT):
+                spins += 1
+            tl.debug_barrier()
+            for c in range(g0, g1):
+                S = _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v,
+                                 m_kv, m_v, m_ks, m_vs, HV, K, V, SK, SV, BT, STORE_STATES, DOT_DTYPE, STORE_O,
+                                 STORE_VNEW)
+    else:
+        for c in range(c0, c1):
+            S = _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v,
+                             m_kv, m_v, m_ks, m_vs, HV, K, V, SK, SV, BT, STORE_STATES, DOT_DTYPE, STORE_O,
+                             STORE_VNEW)
     if STORE_HT:
         tl.store(ht + p_s, S, mask=m_kv)
 
@@ -645,7 +688,7 @@ def prep_buffers(NC, shapes, BT, dtype, *, pad=False, aqk_dtype=None, u_dtype=No
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None):
+               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None, stream_plan=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
@@ -658,7 +701,9 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     norm factors (``norms``, or ``qk_norms``' here) instead of computing them each. With ``g_cum``
     (``gate_chunk_prepass``' within-chunk cumulative log decay, same chunks) the w/u launch reads it
     instead of summing the gate itself. ``out`` (``prep_buffers``' tuple, or views of one over these
-    chunks) receives the results instead of new tensors.
+    chunks) receives the results instead of new tensors. ``stream_plan`` (``overlap.StreamPlan``): the w/u launch
+    runs chunk by chunk and counts each chunk written in ``stream_plan.ready``, and its ``before_wy()`` is
+    called just before it (to let a recurrence start beside it).
     """
     import os
 
@@ -751,7 +796,12 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     if g_cum is not None:  # (already activated and summed)
         g, a_log, bias = g_cum, d, d
         wy_inputs.update(GATE=0, HAS_A=False, HAS_BIAS=False)
-    LAUNCHED["wy"] = _chunk_wy_kernel[(NC, HV)](
+    grid = (NC, HV)
+    if stream_plan is not None:  # (grid (HV, chunks): every head of a chunk before the next chunk)
+        stream_plan.before_wy()
+        grid = (HV, NC)
+        wy_inputs.update(ready=stream_plan.ready, STREAM_GROUP=stream_plan.group)
+    LAUNCHED["wy"] = _chunk_wy_kernel[grid](
         q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, CUMG=g_cum is not None, **wy_inputs)
     return outs
@@ -802,13 +852,14 @@ def _recur_stages(dtype, BK: int) -> int:
 
 
 def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
-                store_final, store_states, BT, v_new=None, states_dtype=torch.float32, states=None):
+                store_final, store_states, BT, v_new=None, states_dtype=torch.float32, states=None, stream_plan=None):
     """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None); with
     ``out=None`` no output is computed (the backward's state rebuild; session 8, H200, T=8K: forward +
     backward 10.57 vs 10.79 ms). ``v_new`` ([chunks, HV, BT, V], float32 or 16-bit) also receives u - w S of
     every chunk (the rebuild stores it for the backward). The chunk states are stored as ``states_dtype``:
     float32 for the caller's interior states, 16-bit for the backward's hand-offs (``chunk_bwd.handoff_dtypes``),
-    into ``states`` where given (every chunk's slot: the overlapped forward passes one tensor to each part)."""
+    into ``states`` where given (every chunk's slot: the overlapped forward passes one tensor to each part).
+    ``stream_plan`` (``overlap.StreamPlan``, one sequence): wait for each group of chunks in its ``ready``."""
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     dev = w.device
     NC = chunk_info.shape[0]
@@ -828,5 +879,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
         STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype, STORE_O=out is not None,
         STORE_VNEW=v_new is not None,
         num_warps=warps, num_stages=stages,
+        **({} if stream_plan is None else dict(ready=stream_plan.ready, STREAM_GROUP=stream_plan.group,
+                                               SPIN_LIMIT=0 if INTERPRET else 2 ** 30)),
     )
     return out, ht, states

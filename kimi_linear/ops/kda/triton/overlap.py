@@ -7,6 +7,13 @@ recurrence of range p runs: the preps go one after the other on a low-priority s
 waits for its range's prep on a high-priority stream (so its programs get SM slots first) and starts from
 the state the range before it ended with. Results are the same as one launch of each: every kernel reads
 and writes the same chunks, the state is carried in float32.
+
+Cutting into ranges repeats the prep's host work per range, and on an H100 at 8K that made the call
+host-bound (session 16: 3.06 ms of host time per call against 0.90). The streamed mode
+(``KIMI_LINEAR_KDA_STREAM=1``, opt-in, untimed; it takes precedence over the ranges) needs no extra
+launch: the w/u kernel runs chunk by chunk and counts each chunk it has written in a flag per (group of
+chunks, head), and the recurrence, launched beside it on the high-priority stream, waits on those flags
+before each group. (A GPU tool that serializes kernels, such as compute-sanitizer, would hang on it.)
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import os
 
 import torch
 
-from .chunk_fwd import chunk_prep, chunk_recur, prep_buffers
+from .chunk_fwd import _recur_bv, chunk_prep, chunk_recur, prep_buffers
+from .utils import cdiv, env_choice, next_pow2
 
 _STREAMS: dict = {}
 
@@ -49,6 +57,68 @@ def overlap_parts(shapes, n_chunks: int, device) -> int:
         if parts < 1:
             raise ValueError(f"KIMI_LINEAR_KDA_OVERLAP={mode!r}: the number of parts must be at least 1")
     return min(parts, n_chunks) if shapes.N == 1 else 1
+
+
+# Off by default until timed on a card (written in session 16, when the device time was spent).
+STREAM_DEFAULT = "0"
+STREAM_GROUP_DEFAULT = 8
+
+
+class StreamPlan:
+    """The w/u launch and the recurrence of one sequence side by side, with no host work between them:
+    ``ready`` (int32, [groups * HV], zeroed) counts the chunks the w/u kernel has written per (group of
+    ``group`` chunks, value head); ``before_wy()`` runs just before the w/u launch."""
+
+    def __init__(self, ready, group: int, before_wy):
+        self.ready, self.group, self.before_wy = ready, group, before_wy
+
+
+def stream_group(shapes, n_chunks: int, device) -> int:
+    """Chunks per group of the streamed w/u + recurrence (``KIMI_LINEAR_KDA_STREAM=1``, group size
+    ``KIMI_LINEAR_KDA_STREAM_GROUP``, default 8), or 0 where it does not apply: off, several sequences,
+    or on a card with fewer SMs than the recurrence has programs. The recurrence's programs wait in place
+    for the w/u kernel's chunks, so they must all be resident beside it: with at most one program per SM
+    the w/u programs always find room (at worst on the SMs left over)."""
+    if env_choice("KIMI_LINEAR_KDA_STREAM", STREAM_DEFAULT, ("0", "1")) == "0" or shapes.N != 1 or n_chunks < 2:
+        return 0
+    try:
+        group = int(os.environ.get("KIMI_LINEAR_KDA_STREAM_GROUP", STREAM_GROUP_DEFAULT))
+    except ValueError:
+        group = 0
+    if group < 1:
+        raise ValueError(f"KIMI_LINEAR_KDA_STREAM_GROUP={os.environ.get('KIMI_LINEAR_KDA_STREAM_GROUP')!r}: "
+                         "expected a number of chunks >= 1")
+    if torch.device(device).type == "cuda":
+        BK = max(16, next_pow2(shapes.K))
+        programs = cdiv(shapes.V, _recur_bv(shapes.V, shapes.HV, BK)) * shapes.HV
+        if programs > torch.cuda.get_device_properties(device).multi_processor_count:
+            return 0
+    return min(group, n_chunks)
+
+
+def run_streamed(group: int, n_chunks: int, HV: int, device, prep, recur):
+    """``prep(plan)`` (its w/u launch on the caller's stream, chunk by chunk) and ``recur(plan, prep's
+    result)`` on the high-priority side stream, started just before that w/u launch so that it runs beside
+    it; the caller's stream then waits for both. Off CUDA (the interpreter) they run one after the other.
+    Returns (prep's result, recur's result)."""
+    ready = torch.zeros(cdiv(n_chunks, group) * HV, dtype=torch.int32, device=device)
+    if torch.device(device).type != "cuda":
+        plan = StreamPlan(ready, group, lambda: None)
+        outs = prep(plan)
+        return outs, recur(plan, outs)
+    main = torch.cuda.current_stream(device)
+    _, recur_stream = side_streams(device)
+    start = torch.cuda.Event()
+    plan = StreamPlan(ready, group, lambda: start.record(main))
+    outs = prep(plan)
+    recur_stream.wait_event(start)
+    with torch.cuda.stream(recur_stream):
+        result = recur(plan, outs)
+    main.wait_stream(recur_stream)
+    for x in result:  # (made on the side stream, used on the caller's from here)
+        if isinstance(x, torch.Tensor):
+            x.record_stream(main)
+    return outs, result
 
 
 def run_overlapped(parts: int, n_chunks: int, device, prep, recur, h0):
@@ -92,12 +162,24 @@ def run_overlapped(parts: int, n_chunks: int, device, prep, recur, h0):
 def prep_and_recur(q, k, v, g, beta, info, seq, prep_kw, *, h0, out, store_final, store_states, t_given=None,
                    aqk=None, v_new=None, states_dtype=torch.float32):
     """``chunk_prep`` (with ``prep_kw``) then ``chunk_recur`` over the chunks of ``info``, cut into
-    ``overlap_parts`` ranges run side by side where that is more than one (the forward, and the backward's
+    ``overlap_parts`` ranges run side by side where that is more than one, or with the w/u launch and the
+    recurrence streamed side by side where ``stream_group`` allows (the forward, and the backward's
     rebuild). ``t_given``: T kept by the forward (the prep runs only its w/u launch); ``aqk``: an Aqk to
     use in place of the prep's. Returns (the prep's outputs, final state or None, chunk states or None)."""
     shapes, BT = prep_kw["shapes"], prep_kw["BT"]
     recur_kw = dict(shapes=shapes, out=out, BT=BT, v_new=v_new, states_dtype=states_dtype)
     NC = info.shape[0]
+    group = stream_group(shapes, NC, q.device)
+    if group:
+        def prep_streamed(plan):
+            return chunk_prep(q, k, v, g, beta, info, t_given=t_given, stream_plan=plan, **prep_kw)
+
+        def recur_streamed(plan, outs):
+            return chunk_recur(*outs[:4], outs[4] if aqk is None else aqk, outs[5], info, seq, initial_state=h0,
+                               store_final=store_final, store_states=store_states, stream_plan=plan, **recur_kw)
+
+        outs, (_, ht, states) = run_streamed(group, NC, shapes.HV, q.device, prep_streamed, recur_streamed)
+        return outs, ht, states
     parts = overlap_parts(shapes, NC, q.device)
     if parts == 1:
         outs = chunk_prep(q, k, v, g, beta, info, t_given=t_given, **prep_kw)

@@ -98,11 +98,17 @@ def chunk_rows(chunk_info, c):
 
 
 @triton.jit
-def chunk_program(chunk_info, H, HV):
-    """Program ids of the chunk-parallel kernels, grid (chunks, HV): the chunk, the value head, its q/k
-    head (GVA), the chunk's first token and valid rows, and the (chunk, head) index of chunk-major buffers."""
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
+def chunk_program(chunk_info, H, HV, HEAD_FIRST_GRID: tl.constexpr = False):
+    """Program ids of the chunk-parallel kernels, grid (chunks, HV) (or (HV, chunks) with
+    ``HEAD_FIRST_GRID``: programs then run chunk by chunk, every head of a chunk before the next chunk):
+    the chunk, the value head, its q/k head (GVA), the chunk's first token and valid rows, and the
+    (chunk, head) index of chunk-major buffers."""
+    if HEAD_FIRST_GRID:
+        i_c = tl.program_id(1)
+        i_hv = tl.program_id(0)
+    else:
+        i_c = tl.program_id(0)
+        i_hv = tl.program_id(1)
     row0, n_rows = chunk_rows(chunk_info, i_c)
     return i_c, i_hv, i_hv // (HV // H), row0, n_rows, i_c.to(tl.int64) * HV + i_hv
 
