@@ -94,7 +94,7 @@ def kernels():
     yield ("fwd w/u", chunk_fwd._chunk_wy_kernel,
            dict(SK=K, SV=V, BT=BT, BK=prep_bk, BV=prep_bv, WY_PREC="tf32", CUMG=cumg, **wy_gate),
            prep_warps, 1, wy_g)
-    recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=chunk_fwd._recur_bv(V, 32, K), HAS_H0=True)  # (B=1, H=32)
+    recur = dict(SK=K, SV=V, BT=BT, BK=K, BV=chunk_fwd.recur_bv(V, 32, K), HAS_H0=True)  # (B=1, H=32)
     recur_warps, recur_stages = chunk_fwd.recur_launch(torch.bfloat16, K, recur["BV"])  # (as chunk_recur's)
     yield ("fwd recurrence", chunk_fwd._chunk_recur_kernel,
            dict(recur, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,

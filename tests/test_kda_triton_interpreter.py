@@ -180,11 +180,11 @@ def test_wide_state_slices():
     """The recurrence's state slices past K = 128 are [256, 64] whatever the batch: [256, 16] slices at
     one pipeline stage read outside their shared memory on the card (H100, triton 3.6.0, session 14),
     which the interpreter cannot show; up to K = 128 the measured choice stands."""
-    from kimi_linear.ops.kda.triton.chunk_fwd import _recur_bv
+    from kimi_linear.ops.kda.triton.chunk_fwd import recur_bv
 
     for programs in (1, 2, 16, 64):
-        assert _recur_bv(256, programs, 256) == 64 and _recur_bv(136, programs, 256) == 64
-    assert _recur_bv(128, 64, 128) == 32 and _recur_bv(128, 2, 128) == 16
+        assert recur_bv(256, programs, 256) == 64 and recur_bv(136, programs, 256) == 64
+    assert recur_bv(128, 64, 128) == 32 and recur_bv(128, 2, 128) == 16
 
 
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound", "pregated"])

@@ -823,7 +823,9 @@ def recur_launch(dtype, BK: int, BV: int):
     return int(os.environ.get("KIMI_LINEAR_KDA_RECUR_WARPS", 4 if BK * BV <= 128 * 32 else 8)), _recur_stages(dtype, BK)
 
 
-def _recur_bv(V: int, programs: int, BK: int) -> int:
+def recur_bv(V: int, programs: int, BK: int) -> int:
+    """V slice of the recurrence's programs for heads V wide, ``programs`` (sequence, head) pairs and K
+    block BK (``KIMI_LINEAR_KDA_BV`` forces it)."""
     import os
 
     forced = os.environ.get("KIMI_LINEAR_KDA_BV")
@@ -867,7 +869,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     if store_states and states is None:
         states = torch.empty(NC, HV, K, V, device=dev, dtype=states_dtype)
     BK = max(16, next_pow2(K))
-    BV = _recur_bv(V, N * HV, BK)
+    BV = recur_bv(V, N * HV, BK)
     d = dummy(dev)
     dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[w.dtype]
     warps, stages = recur_launch(w.dtype, BK, BV)

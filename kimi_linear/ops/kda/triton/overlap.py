@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .chunk_fwd import _recur_bv, chunk_prep, chunk_recur, prep_buffers
+from .chunk_fwd import chunk_prep, chunk_recur, prep_buffers, recur_bv
 from .utils import cdiv, env_choice, next_pow2
 
 _STREAMS: dict = {}
@@ -78,8 +78,11 @@ def stream_group(shapes, n_chunks: int, device) -> int:
     ``KIMI_LINEAR_KDA_STREAM_GROUP``, default 8), or 0 where it does not apply: off, several sequences,
     or on a card with fewer SMs than the recurrence has programs. The recurrence's programs wait in place
     for the w/u kernel's chunks, so they must all be resident beside it: with at most one program per SM
-    the w/u programs always find room (at worst on the SMs left over)."""
+    the w/u programs always find room (at worst on the SMs left over). The streamed w/u grid puts the
+    chunks on its second axis, which CUDA limits to 65535."""
     if env_choice("KIMI_LINEAR_KDA_STREAM", STREAM_DEFAULT, ("0", "1")) == "0" or shapes.N != 1 or n_chunks < 2:
+        return 0
+    if n_chunks > 65535:
         return 0
     try:
         group = int(os.environ.get("KIMI_LINEAR_KDA_STREAM_GROUP", STREAM_GROUP_DEFAULT))
@@ -90,7 +93,7 @@ def stream_group(shapes, n_chunks: int, device) -> int:
                          "expected a number of chunks >= 1")
     if torch.device(device).type == "cuda":
         BK = max(16, next_pow2(shapes.K))
-        programs = cdiv(shapes.V, _recur_bv(shapes.V, shapes.HV, BK)) * shapes.HV
+        programs = cdiv(shapes.V, recur_bv(shapes.V, shapes.HV, BK)) * shapes.HV
         if programs > torch.cuda.get_device_properties(device).multi_processor_count:
             return 0
     return min(group, n_chunks)
