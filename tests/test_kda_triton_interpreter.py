@@ -244,6 +244,31 @@ def test_varlen_and_interior_states(C, cu):
     assert rel_rms(states, torch.cat(want, 0).unsqueeze(0)) < TOL
 
 
+def _one_sequence_paths_vs_float64(monkeypatch, after_training=None):
+    """The paths a launch mode for one sequence must keep exact, on one odd-length sequence against float64:
+    forward + backward with the forward's T kept and rebuilt (``KIMI_LINEAR_KDA_BWD_RECOMPUTE``), then
+    (after ``after_training()``) the inference forward and the interior states at 32-row chunks."""
+    inp64 = make_inputs(B=1, T=203, H=2, K=20, V=24, gate="softplus", seed=4, extreme_gate_frac=0.02,
+                        requires_grad=True, dtype=torch.float64)
+    for recompute in ("partial", "full"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", recompute)
+        o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
+        assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (recompute, o_err, s_err, errs)
+    if after_training is not None:
+        after_training()
+    x = inp64.cast(torch.float32)
+    for t in x.tensors():
+        t.requires_grad_(False)
+    with torch.no_grad():
+        ref_o, ref_s, ref_all = reference(inp64, return_all_states=True)
+        o, s = x.call(chunk_kda)
+        o2, s2, states = x.call(chunk_kda, chunk_size=32, return_intermediate_states=True)
+    for a, b in ((o, ref_o), (s, ref_s), (o2, ref_o), (s2, ref_s)):
+        assert rel_rms(a, b) < TOL
+    want = torch.cat([x.initial_state.double()] + [ref_all[:, c - 1] for c in range(32, 203, 32)])
+    assert rel_rms(states[0], want) < TOL
+
+
 def test_overlapped_parts(monkeypatch):
     """One sequence cut into chunk ranges (``KIMI_LINEAR_KDA_OVERLAP``; on a GPU the prep of range p + 1
     runs beside the recurrence of range p, here one after the other): the prep on each range, the
@@ -261,26 +286,12 @@ def test_overlapped_parts(monkeypatch):
 
     monkeypatch.setattr(overlap, "run_overlapped", recording)
     monkeypatch.setenv("KIMI_LINEAR_KDA_OVERLAP", "3")
-    inp64 = make_inputs(B=1, T=203, H=2, K=20, V=24, gate="softplus", seed=4, extreme_gate_frac=0.02,
-                        requires_grad=True, dtype=torch.float64)
-    for recompute in ("partial", "full"):
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", recompute)
-        o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
-        assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (recompute, o_err, s_err, errs)
-    # forward, then the backward's rebuild, twice (64-row chunks: 4 of them in 3 ranges)
-    assert calls == [3, 3, 3, 3]
-    x = inp64.cast(torch.float32)
-    for t in x.tensors():
-        t.requires_grad_(False)
-    with torch.no_grad():
-        ref_o, ref_s, ref_all = reference(inp64, return_all_states=True)
-        o, s = x.call(chunk_kda)  # (32-row chunks: 7 in 3 ranges)
-        o2, s2, states = x.call(chunk_kda, chunk_size=32, return_intermediate_states=True)
-    assert calls == [3] * 6
-    for a, b in ((o, ref_o), (s, ref_s), (o2, ref_o), (s2, ref_s)):
-        assert rel_rms(a, b) < TOL
-    want = torch.cat([x.initial_state.double()] + [ref_all[:, c - 1] for c in range(32, 203, 32)])
-    assert rel_rms(states[0], want) < TOL
+
+    def after_training():  # forward, then the backward's rebuild, twice (64-row chunks: 4 of them in 3 ranges)
+        assert calls == [3, 3, 3, 3]
+
+    _one_sequence_paths_vs_float64(monkeypatch, after_training)
+    assert calls == [3] * 6  # (then the two 32-row forwards: 7 chunks in 3 ranges)
 
 
 def test_streamed_wy_and_recurrence(monkeypatch):
@@ -303,28 +314,13 @@ def test_streamed_wy_and_recurrence(monkeypatch):
     monkeypatch.setattr(overlap, "run_streamed", recording)
     monkeypatch.setenv("KIMI_LINEAR_KDA_STREAM", "1")
     monkeypatch.setenv("KIMI_LINEAR_KDA_STREAM_GROUP", "3")
-    inp64 = make_inputs(B=1, T=203, H=2, K=20, V=24, gate="softplus", seed=4, extreme_gate_frac=0.02,
-                        requires_grad=True, dtype=torch.float64)
-    for recompute in ("partial", "full"):
-        monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", recompute)
-        o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
-        assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (recompute, o_err, s_err, errs)
-    x = inp64.cast(torch.float32)
-    for t in x.tensors():
-        t.requires_grad_(False)
-    with torch.no_grad():
-        ref_o, ref_s, ref_all = reference(inp64, return_all_states=True)
-        o, s = x.call(chunk_kda)  # (32-row chunks: 7, in groups of 3, 3, 1)
-        o2, s2, states = x.call(chunk_kda, chunk_size=32, return_intermediate_states=True)
-    # forward and the backward's rebuild, twice (64-row chunks: 4, in groups of 3, 1), then the two above
+    _one_sequence_paths_vs_float64(monkeypatch)
+    # forward and the backward's rebuild, twice (64-row chunks: 4, in groups of 3, 1), then the two 32-row
+    # forwards (7 chunks, in groups of 3, 3, 1)
     assert [n for n, _ in plans] == [4, 4, 4, 4, 7, 7]
     for n, plan in plans:
         per_group = [min(3, n - g0) for g0 in range(0, n, 3)]
         assert plan.group == 3 and plan.ready.tolist() == [c for c in per_group for _ in range(2)]
-    for a, b in ((o, ref_o), (s, ref_s), (o2, ref_o), (s2, ref_s)):
-        assert rel_rms(a, b) < TOL
-    want = torch.cat([x.initial_state.double()] + [ref_all[:, c - 1] for c in range(32, 203, 32)])
-    assert rel_rms(states[0], want) < TOL
     two = make_inputs(B=2, T=70, H=2, K=20, V=24, gate="softplus", seed=4, dtype=torch.float64).cast(torch.float32)
     with torch.no_grad():
         two.call(chunk_kda)

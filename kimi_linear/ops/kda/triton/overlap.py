@@ -173,21 +173,20 @@ def prep_and_recur(q, k, v, g, beta, info, seq, prep_kw, *, h0, out, store_final
     recur_kw = dict(shapes=shapes, out=out, BT=BT, v_new=v_new, states_dtype=states_dtype)
     NC = info.shape[0]
     group = stream_group(shapes, NC, q.device)
-    if group:
-        def prep_streamed(plan):
+    parts = 1 if group else overlap_parts(shapes, NC, q.device)
+    if parts == 1:
+        def prep_whole(plan):  # (plan: a StreamPlan, or None for one launch after the other)
             return chunk_prep(q, k, v, g, beta, info, t_given=t_given, stream_plan=plan, **prep_kw)
 
-        def recur_streamed(plan, outs):
+        def recur_whole(plan, outs):
             return chunk_recur(*outs[:4], outs[4] if aqk is None else aqk, outs[5], info, seq, initial_state=h0,
                                store_final=store_final, store_states=store_states, stream_plan=plan, **recur_kw)
 
-        outs, (_, ht, states) = run_streamed(group, NC, shapes.HV, q.device, prep_streamed, recur_streamed)
-        return outs, ht, states
-    parts = overlap_parts(shapes, NC, q.device)
-    if parts == 1:
-        outs = chunk_prep(q, k, v, g, beta, info, t_given=t_given, **prep_kw)
-        _, ht, states = chunk_recur(*outs[:4], outs[4] if aqk is None else aqk, outs[5], info, seq, initial_state=h0,
-                                    store_final=store_final, store_states=store_states, **recur_kw)
+        if group:
+            outs, (_, ht, states) = run_streamed(group, NC, shapes.HV, q.device, prep_whole, recur_whole)
+        else:
+            outs = prep_whole(None)
+            _, ht, states = recur_whole(None, outs)
         return outs, ht, states
     outs = prep_buffers(NC, shapes, BT, prep_kw["dtype"], pad=prep_kw["pad"], aqk_dtype=prep_kw.get("aqk_dtype"),
                         u_dtype=prep_kw.get("u_dtype"), with_aqk=t_given is None, with_t=t_given is None,
