@@ -298,8 +298,9 @@ def test_streamed_wy_and_recurrence(monkeypatch):
     """The w/u launch and the recurrence streamed side by side (``KIMI_LINEAR_KDA_STREAM=1``; on a GPU the
     recurrence waits on per-(group, head) counts the w/u kernel raises chunk by chunk; the interpreter runs
     the two one after the other): every count reaches its group's chunks (partial last groups too), and
-    forward + backward (the backward's rebuild streamed the same way, with the kept T and without it), the
-    inference forward and the interior states match float64. Several sequences are not streamed."""
+    the inference forward and the interior states at 32-row chunks (streamed) and forward + backward (not
+    streamed) match float64. Training (64-row chunks) and several sequences are not streamed
+    (``overlap.stream_group``)."""
     from kimi_linear.ops.kda.triton import overlap
 
     plans = []
@@ -315,16 +316,15 @@ def test_streamed_wy_and_recurrence(monkeypatch):
     monkeypatch.setenv("KIMI_LINEAR_KDA_STREAM", "1")
     monkeypatch.setenv("KIMI_LINEAR_KDA_STREAM_GROUP", "3")
     _one_sequence_paths_vs_float64(monkeypatch)
-    # forward and the backward's rebuild, twice (64-row chunks: 4, in groups of 3, 1), then the two 32-row
-    # forwards (7 chunks, in groups of 3, 3, 1)
-    assert [n for n, _ in plans] == [4, 4, 4, 4, 7, 7]
+    # only the two 32-row forwards (7 chunks, in groups of 3, 3, 1): training runs 64-row chunks
+    assert [n for n, _ in plans] == [7, 7]
     for n, plan in plans:
         per_group = [min(3, n - g0) for g0 in range(0, n, 3)]
         assert plan.group == 3 and plan.ready.tolist() == [c for c in per_group for _ in range(2)]
     two = make_inputs(B=2, T=70, H=2, K=20, V=24, gate="softplus", seed=4, dtype=torch.float64).cast(torch.float32)
     with torch.no_grad():
         two.call(chunk_kda)
-    assert len(plans) == 6  # (several sequences: not streamed)
+    assert len(plans) == 2  # (several sequences: not streamed)
 
 
 def test_decode_state_pool():

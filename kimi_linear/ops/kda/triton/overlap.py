@@ -73,14 +73,19 @@ class StreamPlan:
         self.ready, self.group, self.before_wy = ready, group, before_wy
 
 
-def stream_group(shapes, n_chunks: int, device) -> int:
+def stream_group(shapes, n_chunks: int, device, BT: int) -> int:
     """Chunks per group of the streamed w/u + recurrence (``KIMI_LINEAR_KDA_STREAM=1``, group size
     ``KIMI_LINEAR_KDA_STREAM_GROUP``, default 8), or 0 where it does not apply: off, several sequences,
-    or on a card with fewer SMs than the recurrence has programs. The recurrence's programs wait in place
-    for the w/u kernel's chunks, so they must all be resident beside it: with at most one program per SM
-    the w/u programs always find room (at worst on the SMs left over). The streamed w/u grid puts the
-    chunks on its second axis, which CUDA limits to 65535."""
+    chunks of more than 32 rows, or on a card with fewer SMs than the recurrence has programs. The
+    recurrence's programs wait in place for the w/u kernel's chunks, so they must all be resident beside
+    it: with at most one program per SM the w/u programs always find room (at worst on the SMs left
+    over). At 64-row chunks the recurrence holds 188 KB (the forward's) or 128 KB (the rebuild's) of
+    shared memory, which leaves room for one w/u program (32 KB) beside it instead of about six: forward
+    + backward at 8K took 1.74x the defaults' time streamed (H100, session 17); at 32 rows it holds 72 KB.
+    The streamed w/u grid puts the chunks on its second axis, which CUDA limits to 65535."""
     if env_choice("KIMI_LINEAR_KDA_STREAM", STREAM_DEFAULT, ("0", "1")) == "0" or shapes.N != 1 or n_chunks < 2:
+        return 0
+    if BT > 32:
         return 0
     if n_chunks > 65535:
         return 0
@@ -166,13 +171,13 @@ def prep_and_recur(q, k, v, g, beta, info, seq, prep_kw, *, h0, out, store_final
                    aqk=None, v_new=None, states_dtype=torch.float32):
     """``chunk_prep`` (with ``prep_kw``) then ``chunk_recur`` over the chunks of ``info``, cut into
     ``overlap_parts`` ranges run side by side where that is more than one, or with the w/u launch and the
-    recurrence streamed side by side where ``stream_group`` allows (the forward, and the backward's
-    rebuild). ``t_given``: T kept by the forward (the prep runs only its w/u launch); ``aqk``: an Aqk to
+    recurrence streamed side by side where ``stream_group`` allows (a forward at 32-row chunks or
+    less). ``t_given``: T kept by the forward (the prep runs only its w/u launch); ``aqk``: an Aqk to
     use in place of the prep's. Returns (the prep's outputs, final state or None, chunk states or None)."""
     shapes, BT = prep_kw["shapes"], prep_kw["BT"]
     recur_kw = dict(shapes=shapes, out=out, BT=BT, v_new=v_new, states_dtype=states_dtype)
     NC = info.shape[0]
-    group = stream_group(shapes, NC, q.device)
+    group = stream_group(shapes, NC, q.device, BT)
     parts = 1 if group else overlap_parts(shapes, NC, q.device)
     if parts == 1:
         def prep_whole(plan):  # (plan: a StreamPlan, or None for one launch after the other)
