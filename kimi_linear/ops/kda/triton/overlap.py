@@ -9,11 +9,14 @@ the state the range before it ended with. Results are the same as one launch of 
 and writes the same chunks, the state is carried in float32.
 
 Cutting into ranges repeats the prep's host work per range, and on an H100 at 8K that made the call
-host-bound (session 16: 3.06 ms of host time per call against 0.90). The streamed mode
-(``KIMI_LINEAR_KDA_STREAM=1``, opt-in, untimed; it takes precedence over the ranges) needs no extra
-launch: the w/u kernel runs chunk by chunk and counts each chunk it has written in a flag per (group of
-chunks, head), and the recurrence, launched beside it on the high-priority stream, waits on those flags
-before each group. (A GPU tool that serializes kernels, such as compute-sanitizer, would hang on it.)
+host-bound (session 16: 3.06 ms of host time per call against 0.90); replayed from a CUDA graph it
+was 0.984x the defaults' time (session 17), since the prep kernels already fill the GPU. The streamed
+mode (``KIMI_LINEAR_KDA_STREAM=1``, opt-in; it takes precedence over the ranges) needs no extra launch:
+the w/u kernel runs chunk by chunk and counts each chunk it has written in a flag per (group of chunks,
+head), and the recurrence, launched beside it on the high-priority stream, waits on those flags before
+each group (H100, 8K inference forward: 0.97-0.99x eager, 0.95x from a CUDA graph; session 17). It
+stays opt-in for that small gain: one sequence only, and a GPU tool that serializes kernels, such as
+compute-sanitizer, would hang on it.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def overlap_parts(shapes, n_chunks: int, device) -> int:
     return min(parts, n_chunks) if shapes.N == 1 else 1
 
 
-# Off by default until timed on a card (written in session 16, when the device time was spent).
+# Off by default: 1-5% on one sequence's inference forward (H100, session 17) is not worth a wait that
+# kernel-serializing tools turn into a hang.
 STREAM_DEFAULT = "0"
 STREAM_GROUP_DEFAULT = 8
 
