@@ -70,6 +70,8 @@ def inputs(B, T, gate, cu=None, grad=False, seed=0, dist="stress"):
               use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
     if cu is not None:
         kw["cu_seqlens"] = torch.tensor(cu, device=dev, dtype=torch.int64)
+        # (the host copy, as an engine passes it: neither library then waits for the device to read it)
+        kw["cu_seqlens_cpu"] = torch.tensor(cu, dtype=torch.int64)
     if gate == "lower_bound":
         kw["lower_bound"] = -5.0
     return ts, kw, [q, k, v, g, beta, A_log, dt_bias, h0]

@@ -93,6 +93,42 @@ def test_cu_seqlens_cpu_copy_is_checked_and_used():
         call(chunk_kda, varlen_base(torch.tensor([0, 4, 10]), cu_seqlens_cpu=torch.tensor([1, 4, 10])))
 
 
+def test_checks_hand_the_host_offsets_on():
+    """The checks' host copy of cu_seqlens (or the caller's cu_seqlens_cpu, read instead of the device
+    tensor) travels in the shapes, so the GPU path builds its chunk layout without a second copy."""
+    from kimi_linear.ops.kda.checks import check_kda_inputs
+
+    a = varlen_base(torch.tensor([0, 4, 10]))
+    args = (a["q"], a["k"], a["v"], a["g"], a["beta"], None, None, a["cu_seqlens"], True, a["A_log"], a["dt_bias"], None)
+    assert check_kda_inputs(*args).cu == (0, 4, 10)
+    # (the device tensor is not read when the CPU copy is given: these offsets are wrong on purpose)
+    wrong = args[:7] + (torch.tensor([0, 9, 10]),) + args[8:]
+    shapes = check_kda_inputs(*wrong, cu_seqlens_cpu=torch.tensor([0, 4, 10]))
+    assert shapes.cu == (0, 4, 10) and shapes.N == 2
+    assert check_kda_inputs(*args[:7], None, *args[8:]).cu is None
+
+
+def test_varlen_chunk_layout_from_host_offsets_and_cached():
+    """The chunk layout comes from the shapes' host offsets (cu_seqlens itself is not read then), equals
+    the one built from cu_seqlens, and is built once per offsets and chunk length."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    cu = (0, 1, 33, 100)
+    with_host = KDAShapes(B=1, T=100, H=1, HV=1, K=8, V=8, N=3, cu=cu)
+    without = KDAShapes(B=1, T=100, H=1, HV=1, K=8, V=8, N=3)
+    chunk_fwd._LAYOUTS.clear()
+    info, seq = chunk_fwd.chunk_layout(with_host, torch.tensor([0, 50, 60, 100]), 32, "cpu")
+    assert seq.tolist() == [0, 1, 2, 5]  # (chunks per sequence: 1, 1, 3)
+    assert info.tolist() == [[0, 1], [1, 32], [33, 32], [65, 32], [97, 3]]  # (first token, rows)
+    chunk_fwd._LAYOUTS.clear()
+    info2, seq2 = chunk_fwd.chunk_layout(without, torch.tensor(cu), 32, "cpu")
+    assert torch.equal(info, info2) and torch.equal(seq, seq2)
+    again = chunk_fwd.chunk_layout(with_host, torch.tensor(cu), 32, "cpu")
+    assert again[0] is info2 and again[1] is seq2  # (cached by the offsets' values)
+    assert chunk_fwd.chunk_layout(with_host, torch.tensor(cu), 16, "cpu")[0] is not info2
+
+
 def test_varlen_initial_state_must_have_one_row_per_sequence():
     with pytest.raises(ValueError, match=r"initial_state must be \[N, HV, K, V\] = \[2, 2, 8, 8\]"):
         call(chunk_kda, varlen_base(torch.tensor([0, 4, 10]), initial_state=torch.zeros(1, 2, 8, 8)))

@@ -192,6 +192,39 @@ def test_varlen(gate):
     _per_sequence_calls_agree(inp, o, s, grads=True)
 
 
+def test_varlen_with_host_offsets_makes_no_host_sync():
+    """With cu_seqlens_cpu a varlen call never waits for the device (``torch.cuda.set_sync_debug_mode``
+    raises on any synchronising op): the inference forward, a training forward and its backward, and the
+    interior states; the results equal the call without the host copy (which synchronises once, in the
+    argument checks)."""
+    inp = cuda(make_inputs(B=1, T=CU[-1], H=2, HV=4, K=64, V=64, gate="softplus", dtype=torch.float64, seed=3,
+                           cu_seqlens=CU, extreme_gate_frac=0.01))
+    x = inp.cast(BF16)
+    cu_cpu = torch.tensor(CU, dtype=torch.int64)
+
+    def run(**extra):
+        with torch.no_grad():
+            o_inf, s_inf = x.call(chunk_kda, **extra)
+            _, _, states = x.call(chunk_kda, chunk_size=32, return_intermediate_states=True, **extra)
+        for t in x.tensors():
+            t.requires_grad_(True)
+        o, s = x.call(chunk_kda, **extra)
+        grads = torch.autograd.grad(o.float().square().sum() + s.square().sum(), x.tensors())
+        for t in x.tensors():
+            t.requires_grad_(False)
+        return [o_inf, s_inf, states, o, s, *grads]
+
+    want = run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run(cu_seqlens_cpu=cu_cpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert rel_rms(a, b) <= 1e-6, i
+
+
 def _per_sequence_calls_agree(inp: KDAInputs, o, s, grads: bool):
     """varlen equals per-sequence calls of the same kernels: with inputs that need gradients (64-row
     chunks, as check_fwd_bwd's varlen call with grads) or without (16-row chunks)."""

@@ -217,8 +217,10 @@ def chunk_kda(
         return_intermediate_states: also return the state entering every chunk,
             ``[B, NT, HV, K, V]`` (varlen: ``[1, sum of per-sequence chunk counts, HV, K, V]``).
         state_v_first / transpose_state_layout: states are laid out ``[.., V, K]`` instead of ``[.., K, V]``.
-        cu_seqlens_cpu: a CPU copy of cu_seqlens, used for the argument checks so GPU callers avoid a
-            host synchronisation.
+        cu_seqlens_cpu: a CPU copy of cu_seqlens, read (instead of cu_seqlens) by the argument checks and
+            the GPU path's chunk layout, so that a GPU call never waits for the device; without it the
+            checks copy cu_seqlens to the host once. Inside a CUDA-graph capture a varlen call needs it,
+            and a call with the same offsets before the capture.
         safe_gate, disable_recompute: accepted for FLA compatibility; the results do not depend on them
             (our kernels are safe for any gate).
 

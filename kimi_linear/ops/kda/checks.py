@@ -22,6 +22,10 @@ class KDAShapes:
     K: int
     V: int
     N: int  # number of sequences (B, or len(cu_seqlens) - 1)
+    # cu_seqlens on the host, when known (from cu_seqlens_cpu, or the one copy the checks made): the GPU
+    # path builds its chunk layout from it instead of copying cu_seqlens again. None for fixed length, and
+    # during a CUDA-graph capture without cu_seqlens_cpu.
+    cu: tuple | None = None
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -66,7 +70,7 @@ def check_kda_inputs(
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
-    N = B
+    N, cu = B, None
     if cu_seqlens is not None:
         _require_tensor("cu_seqlens", cu_seqlens, floating=False)
         if cu_seqlens.dtype not in (torch.int64, torch.int32):
@@ -83,16 +87,18 @@ def check_kda_inputs(
                                  f"got {_shape(cu_seqlens_cpu)}")
             cu = cu_seqlens_cpu.tolist()
         elif _capturing(cu_seqlens):
-            cu = [0] * (cu_seqlens.numel() - 1) + [T]
+            cu = None
         else:
             cu = cu_seqlens.tolist()
-        if cu[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-        if any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
-        if cu[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T={T} (the packed length), got {cu[-1]}")
-        N = len(cu) - 1
+        if cu is not None:
+            if cu[0] != 0:
+                raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+            if any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+            if cu[-1] != T:
+                raise ValueError(f"cu_seqlens must end at T={T} (the packed length), got {cu[-1]}")
+            cu = tuple(cu)
+        N = cu_seqlens.numel() - 1
 
     if use_gate_in_kernel:
         if A_log is None and lower_bound is None:
@@ -158,7 +164,7 @@ def check_kda_inputs(
                     f"ssm_state_indices must lie in [0, {slots}) (the pool has {slots} slots), "
                     f"got values from {low} to {high}"
                 )
-    return KDAShapes(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N)
+    return KDAShapes(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N, cu=cu)
 
 
 def _capturing(x: torch.Tensor) -> bool:

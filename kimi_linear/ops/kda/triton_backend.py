@@ -108,21 +108,21 @@ class ChunkKDAFunction(torch.autograd.Function):
         return dq, dk, dv, dg, dbeta, dA, dbias, dh0, None
 
 
-def _every_chunk(states, BT, chunk_size, B, cu_seqlens):
+def _every_chunk(states, BT, chunk_size, B, cu):
     """Kernel-chunk (BT rows) start states [NC, HV, K, V] -> the caller's chunk starts: [B, NT, ...] for
-    fixed length, [1, sum_n ceil(len_n / chunk_size), ...] for varlen (every chunk_size / BT-th state)."""
+    fixed length (``cu`` None), [1, sum_n ceil(len_n / chunk_size), ...] for varlen at host offsets ``cu``
+    (every chunk_size / BT-th state)."""
     step = chunk_size // BT
-    if cu_seqlens is None:
+    if cu is None:
         states = states.reshape(B, states.shape[0] // B, *states.shape[1:])
         return states[:, ::step] if step > 1 else states
     if step > 1:
-        cu = cu_seqlens.tolist()  # the chunk layout was built from the host copy too
         keep, start = [], 0
         for a, b in zip(cu, cu[1:]):
             n = -(-(b - a) // BT)
             keep.extend(range(start, start + n, step))
             start += n
-        states = states[torch.tensor(keep, device=states.device, dtype=torch.long)]
+        states = states[torch.tensor(keep, dtype=torch.long).to(states.device, non_blocking=True)]
     return states.unsqueeze(0)
 
 
@@ -156,7 +156,8 @@ def chunk_kda(
     o, ht = outs[0], outs[1]
     ht = _state_out(ht, state_v_first) if output_final_state else None
     if return_intermediate_states:
-        states = _every_chunk(outs[2], BT, chunk_size, shapes.B, cu_seqlens)
+        cu = None if cu_seqlens is None else (shapes.cu if shapes.cu is not None else tuple(cu_seqlens.tolist()))
+        states = _every_chunk(outs[2], BT, chunk_size, shapes.B, cu)
         return o, ht, _state_out(states, state_v_first)
     return o, ht
 

@@ -610,10 +610,14 @@ def _chunk_recur_kernel(
 LAUNCHED: dict = {}
 
 
-# Fixed-length layouts by (B, T, BT, device), oldest dropped first: building one costs about ten small
-# device ops on the host (read-only tensors, so sharing them between calls is safe).
+# Chunk layouts by shape (fixed length) or by the host offsets (varlen), oldest dropped first: building
+# one costs about ten small device ops (fixed) or host work and an upload (varlen) per call, and a model
+# calls every layer with the same layout (read-only tensors, so sharing them between calls is safe).
 _LAYOUTS: dict = {}
 _LAYOUTS_MAX = 64
+# Layouts a CUDA graph captured from the cache: a graph reads them at every replay, so they are never
+# dropped (dropping one from _LAYOUTS alone would free memory a graph still reads).
+_GRAPH_LAYOUTS: dict = {}
 
 
 def _fixed_layout(B: int, T: int, BT: int, device):
@@ -627,26 +631,9 @@ def _fixed_layout(B: int, T: int, BT: int, device):
     return info, seq
 
 
-def chunk_layout(shapes, cu_seqlens, BT: int, device):
-    """Chunk list over the flattened token axis (B*T for fixed length: B sequences of T).
-
-    Returns (chunk_info int32 [NC, 2] = (first token, rows), seq_chunks int32 [N + 1]).
-    Fixed-length batches build it on the device without a host synchronisation, once per shape (``_LAYOUTS``).
-    """
-    if cu_seqlens is None:
-        key = (shapes.B, shapes.T, BT, str(device))
-        if key in _LAYOUTS:
-            return _LAYOUTS[key]
-        layout = _fixed_layout(shapes.B, shapes.T, BT, device)
-        # (not while a CUDA graph is being captured: the tensors would live in the graph's private pool)
-        if torch.device(device).type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            if len(_LAYOUTS) >= _LAYOUTS_MAX:
-                del _LAYOUTS[next(iter(_LAYOUTS))]
-            _LAYOUTS[key] = layout
-        return layout
-    # Vectorized on the host (one copy of cu_seqlens, one upload): a Python loop over the chunks cost
-    # more than the kernels' savings at 16-row chunks (H200, session 13: a 32K varlen forward 6.9 ms).
-    cu = cu_seqlens.to("cpu", torch.int64)
+def _varlen_layout(cu, BT: int, device):
+    """The layout of the sequences at host offsets ``cu`` (int64 CPU tensor), built on the host and
+    uploaded without waiting for the device (the copy from pageable memory is staged at once)."""
     lens = cu[1:] - cu[:-1]
     per_seq = (lens + BT - 1) // BT
     seq = torch.zeros(len(per_seq) + 1, dtype=torch.int64)
@@ -654,7 +641,48 @@ def chunk_layout(shapes, cu_seqlens, BT: int, device):
     sid = torch.repeat_interleave(torch.arange(len(per_seq)), per_seq)
     j = torch.arange(int(seq[-1])) - seq[:-1][sid]  # chunk index within its sequence
     info = torch.stack([cu[:-1][sid] + j * BT, torch.clamp(lens[sid] - j * BT, max=BT)], dim=1)
-    return info.to(torch.int32).to(device), seq.to(torch.int32).to(device)
+    return (info.to(torch.int32).to(device, non_blocking=True), seq.to(torch.int32).to(device, non_blocking=True))
+
+
+def chunk_layout(shapes, cu_seqlens, BT: int, device):
+    """Chunk list over the flattened token axis (B*T for fixed length: B sequences of T).
+
+    Returns (chunk_info int32 [NC, 2] = (first token, rows), seq_chunks int32 [N + 1]).
+    Fixed-length batches build it on the device, varlen ones on the host from ``shapes.cu`` (the checks'
+    host copy of cu_seqlens; copied here only when absent), so with ``cu_seqlens_cpu`` given a call makes
+    no host synchronisation. Cached per shape or offsets (``_LAYOUTS``); nothing is added to the cache
+    during a CUDA-graph capture (the tensors would live in the graph's private pool), and a cached layout a
+    capture uses is kept for good (``_GRAPH_LAYOUTS``).
+    """
+    capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if cu_seqlens is None:
+        key = ("fixed", shapes.B, shapes.T, BT, str(device))
+    else:
+        if shapes.cu is None and capturing:
+            raise RuntimeError("chunk_kda with cu_seqlens inside a CUDA-graph capture needs cu_seqlens_cpu (the "
+                               "offsets on the host), and a call with the same offsets before the capture")
+        # (a vectorized host build: a Python loop over the chunks cost more than the kernels' savings at
+        # 16-row chunks; H200, session 13: a 32K varlen forward 6.9 ms)
+        cu = shapes.cu if shapes.cu is not None else tuple(cu_seqlens.to("cpu").tolist())
+        key = ("varlen", cu, BT, str(device))
+    if key in _LAYOUTS:
+        if capturing:
+            _GRAPH_LAYOUTS[key] = _LAYOUTS[key]
+        return _LAYOUTS[key]
+    if key in _GRAPH_LAYOUTS:
+        return _GRAPH_LAYOUTS[key]
+    if cu_seqlens is None:
+        layout = _fixed_layout(shapes.B, shapes.T, BT, device)
+    else:
+        if capturing:  # (an upload from pageable host memory cannot be captured)
+            raise RuntimeError("chunk_kda with cu_seqlens inside a CUDA-graph capture: call it once with the same "
+                               "offsets before the capture, so that their chunk layout is built and kept")
+        layout = _varlen_layout(torch.tensor(cu, dtype=torch.int64), BT, device)
+    if not capturing:
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            del _LAYOUTS[next(iter(_LAYOUTS))]
+        _LAYOUTS[key] = layout
+    return layout
 
 
 def storage_dtype(x: torch.Tensor) -> torch.dtype:
