@@ -47,7 +47,8 @@ def _profile(fn, n: int, top: int = 20) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def cpu_calls(T: int = 256, H: int = 4, D: int = 128, repeat: int = 100, profile: bool = False) -> dict:
-    """Per case (inference forward, training forward + backward, one decode step at batch 64): microseconds
+    """Per case (inference forward, training forward + backward, a varlen inference forward of up to nine
+    sequences with cu_seqlens_cpu, one decode step at batch 64): microseconds
     of host time per call with the Triton launches replaced by no-ops, and the kernels launched per call
     (in order). Small shapes by default: the Python does not depend on them, and large CPU tensors would add
     the host's own tensor work (on the GPU that is kernels). Restores the launch path before returning."""
@@ -98,6 +99,16 @@ def cpu_calls(T: int = 256, H: int = 4, D: int = 128, repeat: int = 100, profile
             # (the no-op launches leave o empty: backward through it with a zero gradient of o's shape)
             torch.autograd.backward([o], [do])
 
+        # (nine sequences packed as in kda_gpu.py's varlen row, scaled to T; the host copy given, as an
+        # engine does)
+        cu = sorted({c for c in [0, 1, 15, T] + [T * f // 32 for f in (1, 4, 5, 9, 16, 20)] if c <= T})
+        var_kw = dict(kw, cu_seqlens=torch.tensor(cu), cu_seqlens_cpu=torch.tensor(cu),
+                      initial_state=torch.zeros(len(cu) - 1, H, D, D))
+
+        def varlen():
+            with torch.no_grad():
+                chunk_kda(*inf, **var_kw)
+
         def decode():
             fused_recurrent_kda(*dec, initial_state=pool, inplace_final_state=True, ssm_state_indices=idx,
                                 **{key: val for key, val in kw.items() if key != "output_final_state"})
@@ -105,7 +116,7 @@ def cpu_calls(T: int = 256, H: int = 4, D: int = 128, repeat: int = 100, profile
         result = {}
         for name, fn, n in (("inference forward", inference, repeat), ("training forward + backward", training,
                                                                        max(repeat // 4, 5)),
-                            ("decode step, batch 64", decode, repeat)):
+                            ("varlen inference forward", varlen, repeat), ("decode step, batch 64", decode, repeat)):
             for _ in range(3):
                 fn()
             launched.clear()

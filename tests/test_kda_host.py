@@ -30,6 +30,7 @@ def test_cpu_calls_launch_sequence_and_restore():
     assert train[7:11] == ["_chunk_wy_kernel", "_chunk_recur_kernel", "_chunk_recur_bwd_kernel",
                            "_chunk_bwd_grads_kernel"]
     assert train[-1] == "_chunk_prep_bwd_kernel" and len(train) == 16
+    assert res["varlen inference forward"]["launches"] == res["inference forward"]["launches"]
     assert res["decode step, batch 64"]["launches"] == ["_recurrent_kda_kernel"]
     assert all(d["us"] > 0 for d in res.values())
     after = (JITFunction.__dict__.get("__getitem__"), InterpretedFunction.__dict__.get("__getitem__"),
