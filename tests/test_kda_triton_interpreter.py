@@ -442,6 +442,39 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert 0 < wide < 1
 
 
+@pytest.mark.parametrize("BT", [32, 64])
+def test_prep_split_subchunks(BT, monkeypatch):
+    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1``: sub-chunks wider than the span limit whose 8-row halves are each
+    within it take the tensor-core kernel's split products (pairs inside the halves by their own
+    midpoints, pairs across them from row 7). The limit is lowered to a value between the sub-chunks'
+    spans, so that all three paths run; the exact kernel then gets exactly the sub-chunks whose halves are
+    too wide too, and the outputs match their float64 definitions."""
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    T, H, K, V = BT + 21, 2, 20, 24
+    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, dtype=torch.float64).cast(torch.float32)
+    # Each sub-chunk's span (the widest channel's sum of |g| over rows 1-15: _cumgate starts at row 1) and
+    # the wider of its halves' (rows 1-7, rows 9-15), per (head, sub-chunk) as the kernel's wide flags.
+    a = kda_gate(inp.g.double(), inp.A_log.double(), inp.dt_bias.double(), None)[0].abs()  # [T, H, K]
+    n_sub = -(-T // BT) * (BT // 16)
+    a = torch.cat([a, a.new_zeros(n_sub * 16 - T, H, K)]).reshape(n_sub, 16, H, K)
+    full = a[:, 1:].sum(1).amax(-1).T
+    half = torch.maximum(a[:, 1:8].sum(1), a[:, 9:].sum(1)).amax(-1).T
+    values = sorted(set(half.flatten().tolist()))
+    limit = 0.5 * (values[-2] + values[-1])  # (between the two widest halves)
+    want_wide = (full > limit) & (half > limit)
+    assert ((full > limit) & (half <= limit)).any() and want_wide.any() and (full <= limit).any()
+    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", str(limit))
+    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPLIT", "1")
+    got, _ = _softplus_prep(inp, BT, dtype=torch.float32, store_t=True)
+    assert torch.equal(chunk_fwd.LAUNCHED["diag_wide"].bool(), want_wide)
+    ref = _prep_reference(inp, BT)
+    for name, x in zip(("w", "u", "qg", "kg", "aqk", "gc", "t"), got):
+        x = {"w": x[..., :K], "qg": x[..., :K], "gc": x[..., :K], "u": x[..., :V], "kg": x[:, :, :K]}.get(name, x)
+        assert torch.isfinite(x).all(), name
+        assert rel_rms(x, ref[name]) < TOL, (name, rel_rms(x, ref[name]))
+
+
 @pytest.mark.parametrize("tree", ["masked", "subchunk"])
 def test_prep_blocks_weak_decay(tree, monkeypatch):
     """Aqk and T block by block (16 x 16) with weak decays (A_log = -8), where the blocks far from the

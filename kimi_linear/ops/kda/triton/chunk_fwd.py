@@ -58,9 +58,9 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_prepass,
-    head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
-    norm_prepass, sequence_program, subchunk_block, subchunk_column, subchunk_program,
+    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_half_spans,
+    gate_prepass, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors,
+    next_pow2, norm_prepass, sequence_program, split_factors, subchunk_block, subchunk_column, subchunk_program,
     subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
@@ -126,30 +126,38 @@ def _diag_inverse(A_kk, r, INV_PREC: tl.constexpr):
 @triton.jit
 def _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
                        SK: tl.constexpr, BK: tl.constexpr, NR: tl.constexpr,
-                       GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+                       GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                       split=False):
     """Aqk and Akk (unscaled, strictly lower) and the diagonal q.k of the NR rows r, for tiles whose log-decay
     span is within DIAG_SPAN_MAX: exp(G_i - G_j) = ea_i * eb_j (``midpoint_factors``), one tensor-core
-    product per K block and matrix."""
+    product per K block and matrix. ``split`` (16-row tiles whose 8-row halves are each within the span):
+    ``split_factors``, two products per K block and matrix, one for the pairs inside the halves and one
+    for those across them."""
     A_qk = tl.zeros([NR, NR], dtype=tl.float32)
     A_kk = tl.zeros([NR, NR], dtype=tl.float32)
+    X_qk = tl.zeros([NR, NR], dtype=tl.float32)
+    X_kk = tl.zeros([NR, NR], dtype=tl.float32)
     d_qk = tl.zeros([NR], dtype=tl.float32)
     for kb in range(0, SK, BK):
         o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                                lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
         d_qk += tl.sum(bq * bk, axis=1)
-        A_qk, A_kk = _midpoint_block(bq, bk, bg, r, A_qk, A_kk, PREC)
+        if split:
+            ea, eb, xa, xb = split_factors(bg, r)
+            kx = tl.trans(bk * xb)
+            X_qk = tl.dot(bq * xa, kx, X_qk, input_precision=PREC)
+            X_kk = tl.dot(bk * xa, kx, X_kk, input_precision=PREC)
+        else:
+            ea, eb = midpoint_factors(bg, r)
+        kb_ = tl.trans(bk * eb)
+        A_qk = tl.dot(bq * ea, kb_, A_qk, input_precision=PREC)
+        A_kk = tl.dot(bk * ea, kb_, A_kk, input_precision=PREC)
     below = r[:, None] > r[None, :]  # (the pairs i < j may overflow to inf: never read)
+    if split:  # (the entries across the halves come from the second products)
+        across = (r[:, None] >= 8) & (r[None, :] < 8)
+        A_qk = tl.where(across, X_qk, A_qk)
+        A_kk = tl.where(across, X_kk, A_kk)
     return tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk
-
-
-@triton.jit
-def _midpoint_block(bq, bk, bg, r, A_qk, A_kk, PREC: tl.constexpr):
-    """One K block of ``_midpoint_products``: adds (q ea)(k eb)^T and (k ea)(k eb)^T to Aqk and Akk (the
-    pairs i < j may overflow to inf: the caller masks them)."""
-    ea, eb = midpoint_factors(bg, r)
-    kb_ = tl.trans(bk * eb)
-    return (tl.dot(bq * ea, kb_, A_qk, input_precision=PREC),
-            tl.dot(bk * ea, kb_, A_kk, input_precision=PREC))
 
 
 @triton.jit
@@ -176,16 +184,30 @@ def _chunk_diag_fast_kernel(
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr, SPLIT: tl.constexpr = False,
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), for sub-chunks
     whose log-decay span is at most ``span_max`` in every channel: the diagonal 16 x 16 blocks of Aqk and
     T, as ``_chunk_diag_kernel``, by ``_midpoint_products``. A first pass over the gates alone finds the
     span; wider sub-chunks are marked in ``wide`` and left at once to that kernel, which is exact for any
-    gate."""
+    gate. ``SPLIT`` (opt-in, ``KIMI_LINEAR_KDA_DIAG_SPLIT=1``): a wider sub-chunk whose two 8-row halves
+    are each within ``span_max`` stays here, with ``split_factors``."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    if subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                BK, GATE, HAS_A, HAS_BIAS):
+    if SPLIT:
+        span, half = gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A,
+                                     HAS_BIAS)
+        split = ~(span <= span_max)
+        ok = (span <= span_max) | (half <= span_max)  # (False for NaN spans)
+        tl.store(wide_flag(wide), (~ok).to(tl.int8))
+        if ok:
+            rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+                                         L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+            A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                  lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC,
+                                                  split)
+            _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
+    elif subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                  BK, GATE, HAS_A, HAS_BIAS):
         rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
@@ -787,7 +809,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
         LAUNCHED["diag_fast"] = _chunk_diag_fast_kernel[grid](
             q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, diag_span_max(), H, HV, K,
-            BT=BT, PREC=prec, INV_PREC=prec, **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
+            BT=BT, PREC=prec, INV_PREC=prec, SPLIT=diag_split(),
+            **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
         LAUNCHED["diag_wide"] = wide  # (benchmarks and tests read the share of wide sub-chunks)
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
@@ -833,6 +856,13 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, CUMG=g_cum is not None, **wy_inputs)
     return outs
+
+
+def diag_split() -> bool:
+    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1`` (opt-in, session 17, untimed): the forward's tensor-core sub-chunk
+    kernel also takes sub-chunks wider than the span limit whose 8-row halves are each within it
+    (``utils.split_factors``), which otherwise go to the exact kernel (most of them with stress gates)."""
+    return env_choice("KIMI_LINEAR_KDA_DIAG_SPLIT", "0", ("0", "1")) == "1"
 
 
 def prep_warps(BT: int) -> int:

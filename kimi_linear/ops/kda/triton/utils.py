@@ -150,6 +150,25 @@ def gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.con
 
 
 @triton.jit
+def gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.constexpr,
+                    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``gate_span`` of the sub-chunk, and the wider of the spans inside its two 8-row halves (the pairs
+    ``split_factors`` takes by midpoints), over all K blocks."""
+    span = tl.zeros([], dtype=tl.float32)
+    half = tl.zeros([], dtype=tl.float32)
+    lo = (r < 8)[:, None]
+    for kb in range(0, K, BK):
+        o_k, _, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
+        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
+        G = _cumgate(bg, r)
+        span = tl.maximum(span, tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0))
+        s0 = tl.max(tl.where(lo, G, -float("inf")), axis=0) - tl.min(tl.where(lo, G, float("inf")), axis=0)
+        s1 = tl.max(tl.where(lo, -float("inf"), G), axis=0) - tl.min(tl.where(lo, float("inf"), G), axis=0)
+        half = tl.maximum(half, tl.max(tl.maximum(s0, s1), axis=0))
+    return span, half
+
+
+@triton.jit
 def subchunk_column(E, dec, bk, r, j: tl.constexpr):
     """One column step of the sub-chunk kernels (columns j from the last): E_i becomes the product of the
     decays of rows j+1 .. i (factors <= 1, so exact for any gate); returns it, its copy masked to the rows
@@ -196,6 +215,24 @@ def tile_span(bg, r):
     NaN gates: compare it with DIAG_SPAN_MAX, which is False for NaN)."""
     G = _cumgate(bg, r)
     return tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0)
+
+
+@triton.jit
+def split_factors(bg, r):
+    """Factors for a 16-row tile whose halves (rows 0-7, 8-15) each span at most DIAG_SPAN_MAX: the
+    pairs inside each half as ``midpoint_factors`` with the half's own midpoint (ea, eb; entries across
+    the halves are wrong and may overflow: the caller masks them), and the pairs across them
+    exp(G_i - G_j) = xa_i * xb_j with row 7 as reference: both factors <= 1 (G falls with the row), so
+    exact for any gate (xa 0 above row 8, xb 0 below row 7)."""
+    G = _cumgate(bg, r)
+    lo = (r < 8)[:, None]
+    mid0 = 0.5 * (tl.max(tl.where(lo, G, -float("inf")), axis=0) + tl.min(tl.where(lo, G, float("inf")), axis=0))
+    mid1 = 0.5 * (tl.max(tl.where(lo, -float("inf"), G), axis=0) + tl.min(tl.where(lo, float("inf"), G), axis=0))
+    mid = tl.where(lo, mid0[None, :], mid1[None, :])
+    g7 = tl.sum(tl.where((r == 7)[:, None], G, 0.0), axis=0)[None, :]
+    xa = tl.where(lo, 0.0, tl.exp(tl.minimum(G - g7, 0.0)))
+    xb = tl.where(lo, tl.exp(tl.minimum(g7 - G, 0.0)), 0.0)
+    return tl.exp(G - mid), tl.exp(mid - G), xa, xb
 
 
 @triton.jit
