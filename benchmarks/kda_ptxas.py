@@ -120,6 +120,15 @@ def kernels():
         yield (f"streamed recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
                dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True,
                     STREAM_GROUP=group, SPIN_LIMIT=2 ** 30), recur_warps, recur_stages, {"ready": "*i32"})
+    if os.environ.get("KIMI_LINEAR_KDA_PTXAS_VARLEN", "0") == "1":  # varlen batches' programs longest first
+        yield (f"varlen-ordered recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
+               dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True,
+                    ORDERED=True), recur_warps, recur_stages)
+        yield ("varlen-ordered reverse sweep", chunk_bwd._chunk_recur_bwd_kernel,
+               dict(SK=K, BT=BT, BK=K, BV=_env_int("KIMI_LINEAR_KDA_SWEEP_BV", 32), HAS_DHT=True,
+                    DOT16=chunk_bwd.sweep_dot16(torch.bfloat16), ORDERED=True),
+               _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 2),
+               {name: "*bf16" for name in ("w", "qg", "kg")})
     # The backward's rebuild of the chunk states, no output, in the storage types the backward picks for
     # bf16 inputs (by default w, qg, kg in bf16 and u in float32; all float32: tf32 products, one stage).
     w_dtype, u_dtype = chunk_bwd.recompute_dtypes(torch.zeros(1, dtype=torch.bfloat16))

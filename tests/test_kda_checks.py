@@ -119,7 +119,8 @@ def test_varlen_chunk_layout_from_host_offsets_and_cached():
     without = KDAShapes(B=1, T=100, H=1, HV=1, K=8, V=8, N=3)
     chunk_fwd._LAYOUTS.clear()
     info, seq = chunk_fwd.chunk_layout(with_host, torch.tensor([0, 50, 60, 100]), 32, "cpu")
-    assert seq.tolist() == [0, 1, 2, 5]  # (chunks per sequence: 1, 1, 3)
+    # (chunks per sequence: 1, 1, 3; then the order the recurrence's programs take them: longest first)
+    assert seq.tolist() == [0, 1, 2, 5, 2, 0, 1]
     assert info.tolist() == [[0, 1], [1, 32], [33, 32], [65, 32], [97, 3]]  # (first token, rows)
     chunk_fwd._LAYOUTS.clear()
     info2, seq2 = chunk_fwd.chunk_layout(without, torch.tensor(cu), 32, "cpu")
@@ -127,6 +128,26 @@ def test_varlen_chunk_layout_from_host_offsets_and_cached():
     again = chunk_fwd.chunk_layout(with_host, torch.tensor(cu), 32, "cpu")
     assert again[0] is info2 and again[1] is seq2  # (cached by the offsets' values)
     assert chunk_fwd.chunk_layout(with_host, torch.tensor(cu), 16, "cpu")[0] is not info2
+
+
+def test_varlen_program_order(monkeypatch):
+    """Varlen batches run their sequences' programs longest first (ties in batch order); equal lengths,
+    one sequence and ``KIMI_LINEAR_KDA_SEQ_ORDER=given`` keep the plain offsets."""
+    from kimi_linear.ops.kda.checks import KDAShapes
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    def seq_of(cu):
+        shapes = KDAShapes(B=1, T=cu[-1], H=1, HV=1, K=8, V=8, N=len(cu) - 1, cu=tuple(cu))
+        return chunk_fwd.chunk_layout(shapes, torch.tensor(cu), 16, "cpu")[1].tolist()
+
+    assert seq_of([0, 16, 80, 96, 150]) == [0, 1, 5, 6, 10, 1, 3, 0, 2]
+    assert seq_of([0, 16, 32]) == [0, 1, 2]
+    assert seq_of([0, 100]) == [0, 7]
+    monkeypatch.setenv("KIMI_LINEAR_KDA_SEQ_ORDER", "given")
+    assert seq_of([0, 16, 80, 96, 150]) == [0, 1, 5, 6, 10]
+    monkeypatch.setenv("KIMI_LINEAR_KDA_SEQ_ORDER", "shortest")
+    with pytest.raises(ValueError, match="KIMI_LINEAR_KDA_SEQ_ORDER"):
+        seq_of([0, 16, 80, 96, 150])
 
 
 def test_varlen_initial_state_must_have_one_row_per_sequence():

@@ -35,7 +35,8 @@ from .chunk_fwd import storage_dtype
 from .overlap import prep_and_recur
 from .prep_bwd import chunk_prep_bwd
 from .utils import (
-    INTERPRET, cdiv, chunk_program, chunk_rows, dummy, env_choice, gate_prepass, next_pow2, sequence_program,
+    INTERPRET, cdiv, chunk_program, chunk_rows, dummy, env_choice, gate_prepass, next_pow2, seq_ordered,
+    sequence_program,
 )
 
 
@@ -45,13 +46,14 @@ def _chunk_recur_bwd_kernel(
     du, ds_out, dh0,
     HV, K, V, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, DOT16: tl.constexpr = 0,
+    ORDERED: tl.constexpr = False,
 ):
     """Reverse sweep, grid (V / BV, N * HV): only the dependent chain. Per chunk it stores dv (= du) and
     the state gradient dS entering the sweep step (the gradient of the state after the chunk);
     ``_chunk_bwd_grads_kernel`` turns those into the other gradients chunk-parallel. Every store is
     exclusive to its V slice (no atomics). v_new comes from the state rebuild (``chunk_recur`` with
     ``v_new``), so the sweep neither loads the chunk states nor u."""
-    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
+    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV, ORDERED)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -231,7 +233,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
         w, kg, aqk, gc, qg, info, seq, dht if dht is not None else dummy(dev), do,
         du, ds, dh0,
         HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        DOT16=sweep_dot16(w.dtype),
+        DOT16=sweep_dot16(w.dtype), ORDERED=seq_ordered(seq, N),
         num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)),
         num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 2)),
     )

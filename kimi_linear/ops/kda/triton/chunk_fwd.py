@@ -60,7 +60,7 @@ import triton.language as tl
 from .utils import (
     INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_half_spans,
     gate_prepass, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors,
-    next_pow2, norm_prepass, sequence_program, split_factors, subchunk_block, subchunk_column, subchunk_program,
+    next_pow2, norm_prepass, seq_ordered, sequence_program, split_factors, subchunk_block, subchunk_column, subchunk_program,
     subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
@@ -576,7 +576,7 @@ def _chunk_recur_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
     STORE_O: tl.constexpr = True, STORE_VNEW: tl.constexpr = False,
-    ready=None, STREAM_GROUP: tl.constexpr = 0, SPIN_LIMIT: tl.constexpr = 0,
+    ready=None, STREAM_GROUP: tl.constexpr = 0, SPIN_LIMIT: tl.constexpr = 0, ORDERED: tl.constexpr = False,
 ):
     """The sequential pass, one program per (V slice, sequence, head). ``STREAM_GROUP`` > 0 (one sequence,
     its chunk range starting at chunk 0): before each group of that many chunks the program waits until
@@ -584,7 +584,7 @@ def _chunk_recur_kernel(
     written), then runs the group. The wait sits outside the group's loop, so the loads the loop
     prefetches are issued after it. ``SPIN_LIMIT`` bounds the wait (the interpreter runs the w/u kernel
     first, so there it passes at once or the results are wrong, never a hang)."""
-    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV)
+    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV, ORDERED)
     r = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -655,7 +655,10 @@ def _fixed_layout(B: int, T: int, BT: int, device):
 
 def _varlen_layout(cu, BT: int, device):
     """The layout of the sequences at host offsets ``cu`` (int64 CPU tensor), built on the host and
-    uploaded without waiting for the device (the copy from pageable memory is staged at once)."""
+    uploaded without waiting for the device (the copy from pageable memory is staged at once). With
+    sequences of different chunk counts, seq_chunks also lists the sequences longest first after its
+    offsets (``utils.sequence_program``): the recurrence's programs start in grid order, so the longest
+    chains start first instead of waiting behind short ones for a free slot."""
     lens = cu[1:] - cu[:-1]
     per_seq = (lens + BT - 1) // BT
     seq = torch.zeros(len(per_seq) + 1, dtype=torch.int64)
@@ -663,13 +666,22 @@ def _varlen_layout(cu, BT: int, device):
     sid = torch.repeat_interleave(torch.arange(len(per_seq)), per_seq)
     j = torch.arange(int(seq[-1])) - seq[:-1][sid]  # chunk index within its sequence
     info = torch.stack([cu[:-1][sid] + j * BT, torch.clamp(lens[sid] - j * BT, max=BT)], dim=1)
+    if len(per_seq) > 1 and bool((per_seq != per_seq[0]).any()) and seq_order() == "longest":
+        seq = torch.cat([seq, torch.sort(per_seq, descending=True, stable=True).indices])
     return (info.to(torch.int32).to(device, non_blocking=True), seq.to(torch.int32).to(device, non_blocking=True))
+
+
+def seq_order() -> str:
+    """``KIMI_LINEAR_KDA_SEQ_ORDER``: ``longest`` (default; session 17, untimed) starts the sequential
+    kernels' programs of a varlen batch longest sequence first, ``given`` in the batch's order."""
+    return env_choice("KIMI_LINEAR_KDA_SEQ_ORDER", "longest", ("longest", "given"))
 
 
 def chunk_layout(shapes, cu_seqlens, BT: int, device):
     """Chunk list over the flattened token axis (B*T for fixed length: B sequences of T).
 
-    Returns (chunk_info int32 [NC, 2] = (first token, rows), seq_chunks int32 [N + 1]).
+    Returns (chunk_info int32 [NC, 2] = (first token, rows), seq_chunks int32 [N + 1] (chunk offsets per
+    sequence), or [2N + 1] for a varlen batch run longest first (the offsets, then the program order)).
     Fixed-length batches build it on the device, varlen ones on the host from ``shapes.cu`` (the checks'
     host copy of cu_seqlens; copied here only when absent), so with ``cu_seqlens_cpu`` given a call makes
     no host synchronisation. Cached per shape or offsets (``_LAYOUTS``); nothing is added to the cache
@@ -686,7 +698,7 @@ def chunk_layout(shapes, cu_seqlens, BT: int, device):
         # (a vectorized host build: a Python loop over the chunks cost more than the kernels' savings at
         # 16-row chunks; H200, session 13: a 32K varlen forward 6.9 ms)
         cu = shapes.cu if shapes.cu is not None else tuple(cu_seqlens.to("cpu").tolist())
-        key = ("varlen", cu, BT, str(device))
+        key = ("varlen", cu, BT, str(device), seq_order())
     if key in _LAYOUTS:
         if capturing:
             _GRAPH_LAYOUTS[key] = _LAYOUTS[key]
@@ -937,7 +949,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
         states if states is not None else d, out if out is not None else d, v_new if v_new is not None else d,
         HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None,
         STORE_HT=store_final, STORE_STATES=store_states, DOT_DTYPE=dot_dtype, STORE_O=out is not None,
-        STORE_VNEW=v_new is not None,
+        STORE_VNEW=v_new is not None, ORDERED=seq_ordered(seq_chunks, N),
         num_warps=warps, num_stages=stages,
         **({} if stream_plan is None else dict(ready=stream_plan.ready, STREAM_GROUP=stream_plan.group,
                                                SPIN_LIMIT=0 if INTERPRET else 2 ** 30)),

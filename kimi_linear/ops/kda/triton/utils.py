@@ -364,13 +364,24 @@ def tree_factor(bg, bgn, r, BT: tl.constexpr, BK: tl.constexpr, B: tl.constexpr)
 
 
 @triton.jit
-def sequence_program(seq_chunks, HV):
+def sequence_program(seq_chunks, HV, ORDERED: tl.constexpr = False):
     """Program ids of the sequential kernels, grid (V slices, N * HV): the V slice, the (sequence, head)
-    index, the value head, and the sequence's chunk range [c0, c1)."""
+    index, the value head, and the sequence's chunk range [c0, c1). ``ORDERED``: seq_chunks holds, after
+    its N + 1 chunk offsets, the sequences in the order their programs take them (``chunk_fwd.
+    _varlen_layout``: longest first, so that the longest chains start first when the programs outnumber
+    the GPU's slots)."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // HV
+    if ORDERED:
+        i_n = tl.load(seq_chunks + tl.num_programs(1) // HV + 1 + i_n)
+        i_nh = i_n * HV + i_nh % HV
     return i_v, i_nh, i_nh % HV, tl.load(seq_chunks + i_n), tl.load(seq_chunks + i_n + 1)
+
+
+def seq_ordered(seq_chunks, N: int) -> bool:
+    """Whether a chunk layout's ``seq_chunks`` carries a program order after its N + 1 offsets."""
+    return seq_chunks.numel() > N + 1
 
 
 @triton.jit
