@@ -71,7 +71,7 @@ def kernels():
     prep_bv = _env_int("KIMI_LINEAR_KDA_PREP_BV", 64)
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32",
-                SPLIT=chunk_fwd.diag_split(), **fwd_gate), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, g32)
+                SPLIT=utils.diag_split(), **fwd_gate), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, g32)
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **fwd_gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1), 1, g32)
@@ -172,7 +172,7 @@ def kernels():
     fuse = tree and env_choice("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "0", ("0", "1")) == "1"
     if not fuse:
         yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
-               dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
+               dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), SPLIT=utils.diag_split(), **no_norm),
                _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1), 1, g32)
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=tree_bk if fuse else _env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), PER_BLOCK=int(fuse),

@@ -475,6 +475,21 @@ def test_prep_split_subchunks(BT, monkeypatch):
         assert rel_rms(x, ref[name]) < TOL, (name, rel_rms(x, ref[name]))
 
 
+def test_split_subchunks_forward_backward(monkeypatch):
+    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1`` through the whole operator, forward and backward at 64-row chunks:
+    log decay -0.5 per token with the span limit lowered to 5 nats, so every full sub-chunk (span 7.5)
+    takes the split products in both directions (halves of 3.5), against float64."""
+    from kimi_linear.ops.kda.triton import chunk_fwd, prep_bwd
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "5")
+    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPLIT", "1")
+    inp64 = make_inputs(B=1, T=150, H=2, K=20, V=24, gate="pregated", seed=5, extreme_gate_frac=1.0,
+                        extreme_value=-0.5, requires_grad=True, dtype=torch.float64)
+    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=3)
+    assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (o_err, s_err, errs)
+    assert chunk_fwd.LAUNCHED["diag_wide"].sum() == 0 and prep_bwd.LAUNCHED["diag_wide"].sum() == 0
+
+
 @pytest.mark.parametrize("tree", ["masked", "subchunk"])
 def test_prep_blocks_weak_decay(tree, monkeypatch):
     """Aqk and T block by block (16 x 16) with weak decays (A_log = -8), where the blocks far from the

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_half_spans,
+    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, diag_split, dummy, env_choice, gate_half_spans,
     gate_prepass, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors,
     next_pow2, norm_prepass, seq_ordered, sequence_program, split_factors, subchunk_block, subchunk_column, subchunk_program,
     subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
@@ -868,13 +868,6 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, CUMG=g_cum is not None, **wy_inputs)
     return outs
-
-
-def diag_split() -> bool:
-    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1`` (opt-in, session 17, untimed): the forward's tensor-core sub-chunk
-    kernel also takes sub-chunks wider than the span limit whose 8-row halves are each within it
-    (``utils.split_factors``), which otherwise go to the exact kernel (most of them with stress gates)."""
-    return env_choice("KIMI_LINEAR_KDA_DIAG_SPLIT", "0", ("0", "1")) == "1"
 
 
 def prep_warps(BT: int) -> int:

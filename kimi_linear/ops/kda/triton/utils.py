@@ -192,6 +192,14 @@ def diag_span_max() -> float:
     return min(float(os.environ.get("KIMI_LINEAR_KDA_DIAG_SPAN", DIAG_SPAN_MAX)), DIAG_SPAN_MAX)
 
 
+def diag_split() -> bool:
+    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1`` (opt-in, session 17, untimed): the tensor-core sub-chunk kernels
+    (forward and backward) also take sub-chunks wider than the span limit whose 8-row halves are each
+    within it (``split_factors``), which otherwise go to the exact kernels (most of them with stress
+    gates)."""
+    return env_choice("KIMI_LINEAR_KDA_DIAG_SPLIT", "0", ("0", "1")) == "1"
+
+
 @triton.jit
 def subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
                              BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
