@@ -58,10 +58,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, diag_split, dummy, env_choice, gate_half_spans,
+    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, diag_split, dummy, env_choice,
     gate_prepass, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors,
-    next_pow2, norm_prepass, seq_ordered, sequence_program, split_factors, subchunk_block, subchunk_column, subchunk_program,
-    subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
+    next_pow2, norm_prepass, seq_ordered, sequence_program, split_factors, subchunk_block, subchunk_column,
+    subchunk_fast_or_split, subchunk_program, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
 
@@ -193,25 +193,18 @@ def _chunk_diag_fast_kernel(
     gate. ``SPLIT`` (opt-in, ``KIMI_LINEAR_KDA_DIAG_SPLIT=1``): a wider sub-chunk whose two 8-row halves
     are each within ``span_max`` stays here, with ``split_factors``."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    if SPLIT:
-        span, half = gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A,
-                                     HAS_BIAS)
-        split = ~(span <= span_max)
-        ok = (span <= span_max) | (half <= span_max)  # (False for NaN spans)
-        tl.store(wide_flag(wide), (~ok).to(tl.int8))
-        if ok:
-            rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
-                                         L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+    ok, split = subchunk_fast_or_split(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                       BK, GATE, HAS_A, HAS_BIAS, SPLIT)
+    if ok:
+        rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
+                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
+        if SPLIT:
             A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                                   lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC,
                                                   split)
-            _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
-    elif subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                  BK, GATE, HAS_A, HAS_BIAS):
-        rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
-                                     L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-        A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
-                                              lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
+        else:
+            A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                                  lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
         _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
 
 

@@ -65,9 +65,9 @@ import triton.language as tl
 
 from .utils import (
     INTERPRET, apply_beta, block_channels, block_cumsum, cdiv, chunk_program, diag_span_max, diag_split, dummy,
-    env_choice, gate_half_spans, gate_prepass, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next,
-    midpoint_factors, next_pow2, split_factors, subchunk_block, subchunk_column, subchunk_program,
-    subchunk_takes_fast_path, subchunk_tiles, tile_span, tree_factor, tree_pairs, wide_flag,
+    env_choice, gate_prepass, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next,
+    midpoint_factors, next_pow2, split_factors, subchunk_block, subchunk_column, subchunk_fast_or_split,
+    subchunk_program, subchunk_tiles, tile_span, tree_factor, tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -281,16 +281,8 @@ def _prep_bwd_diag_fast_kernel(
     Either way exp(G_i - G_j) is a row factor times a column factor whose reference cancels, so the
     exponent gradients are the same d_row - d_col."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    if SPLIT:
-        span, half = gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A,
-                                     HAS_BIAS)
-        split = ~(span <= span_max)
-        ok = (span <= span_max) | (half <= span_max)  # (False for NaN spans)
-        tl.store(wide_flag(wide), (~ok).to(tl.int8))
-    else:
-        split = False
-        ok = subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                      BK, GATE, HAS_A, HAS_BIAS)
+    ok, split = subchunk_fast_or_split(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                       BK, GATE, HAS_A, HAS_BIAS, SPLIT)
     if ok:
         row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
                                                     HV, BT, BETA_SIGMOID, NEG_EIGVAL)

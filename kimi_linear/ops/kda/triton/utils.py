@@ -211,6 +211,26 @@ def subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bou
 
 
 @triton.jit
+def subchunk_fast_or_split(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                           BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SPLIT: tl.constexpr):
+    """``subchunk_takes_fast_path``, and with ``SPLIT`` (``diag_split``) also the wider sub-chunks whose
+    8-row halves are each within ``span_max``: (tensor-core path, split factoring), the rest marked in
+    ``wide`` for the exact kernels."""
+    if SPLIT:
+        span, half = gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A,
+                                     HAS_BIAS)
+        split = ~(span <= span_max)
+        ok = (span <= span_max) | (half <= span_max)  # (False for NaN spans)
+        tl.store(wide_flag(wide), (~ok).to(tl.int8))
+    else:
+        split = False
+        ok = subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                      BK, GATE, HAS_A, HAS_BIAS)
+    return ok, split
+
+
+@triton.jit
 def _cumgate(bg, r):
     """Cumulative log decay of a tile of rows r from row 1 (row 0's own gate enters no pair): same-sign
     sums of the tile's gates."""
