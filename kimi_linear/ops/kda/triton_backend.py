@@ -156,8 +156,9 @@ def chunk_kda(
     o, ht = outs[0], outs[1]
     ht = _state_out(ht, state_v_first) if output_final_state else None
     if return_intermediate_states:
-        cu = None if cu_seqlens is None else (shapes.cu if shapes.cu is not None else tuple(cu_seqlens.tolist()))
-        states = _every_chunk(outs[2], BT, chunk_size, shapes.B, cu)
+        # (shapes.cu: the checks' host offsets, set for every varlen call that got this far: chunk_layout
+        # refuses one without them)
+        states = _every_chunk(outs[2], BT, chunk_size, shapes.B, shapes.cu)
         return o, ht, _state_out(states, state_v_first)
     return o, ht
 

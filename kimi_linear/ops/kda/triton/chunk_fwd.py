@@ -198,13 +198,8 @@ def _chunk_diag_fast_kernel(
     if ok:
         rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
-        if SPLIT:
-            A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
-                                                  lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC,
-                                                  split)
-        else:
-            A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
-                                                  lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
+        A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
+                                              lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC, split)
         _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
 
 

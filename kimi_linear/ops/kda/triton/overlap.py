@@ -87,11 +87,8 @@ def stream_group(shapes, n_chunks: int, device, BT: int) -> int:
     shared memory, which leaves room for one w/u program (32 KB) beside it instead of about six: forward
     + backward at 8K took 1.74x the defaults' time streamed (H100, session 17); at 32 rows it holds 72 KB.
     The streamed w/u grid puts the chunks on its second axis, which CUDA limits to 65535."""
-    if env_choice("KIMI_LINEAR_KDA_STREAM", STREAM_DEFAULT, ("0", "1")) == "0" or shapes.N != 1 or n_chunks < 2:
-        return 0
-    if BT > 32:
-        return 0
-    if n_chunks > 65535:
+    if (env_choice("KIMI_LINEAR_KDA_STREAM", STREAM_DEFAULT, ("0", "1")) == "0" or shapes.N != 1 or BT > 32
+            or not 2 <= n_chunks <= 65535):
         return 0
     try:
         group = int(os.environ.get("KIMI_LINEAR_KDA_STREAM_GROUP", STREAM_GROUP_DEFAULT))

@@ -291,17 +291,13 @@ def _prep_bwd_diag_fast_kernel(
         for kb in range(0, K, BK):
             o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                                    lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-            if SPLIT:
-                if split:
-                    ea, eb, xa, xb = split_factors(bg, r)
-                    d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, tl.where(across, 0.0, Mq),
-                                                         tl.where(across, 0.0, Mk), "tf32x3")
-                    x_q, x_k, x_row, x_col, x_b = _pairs(bq, bk, bb, xa, xb, tl.where(across, Mq, 0.0),
-                                                         tl.where(across, Mk, 0.0), "tf32x3")
-                    d_q, d_k, d_row, d_col, d_b = d_q + x_q, d_k + x_k, d_row + x_row, d_col + x_col, d_b + x_b
-                else:
-                    ea, eb = midpoint_factors(bg, r)
-                    d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
+            if split:
+                ea, eb, xa, xb = split_factors(bg, r)
+                d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, tl.where(across, 0.0, Mq),
+                                                     tl.where(across, 0.0, Mk), "tf32x3")
+                x_q, x_k, x_row, x_col, x_b = _pairs(bq, bk, bb, xa, xb, tl.where(across, Mq, 0.0),
+                                                     tl.where(across, Mk, 0.0), "tf32x3")
+                d_q, d_k, d_row, d_col, d_b = d_q + x_q, d_k + x_k, d_row + x_row, d_col + x_col, d_b + x_b
             else:
                 ea, eb = midpoint_factors(bg, r)
                 d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")

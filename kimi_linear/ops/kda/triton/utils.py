@@ -156,16 +156,22 @@ def gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: 
     ``split_factors`` takes by midpoints), over all K blocks."""
     span = tl.zeros([], dtype=tl.float32)
     half = tl.zeros([], dtype=tl.float32)
-    lo = (r < 8)[:, None]
     for kb in range(0, K, BK):
         o_k, _, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
         _, bg = load_gate(g, rows0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
         G = _cumgate(bg, r)
         span = tl.maximum(span, tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0))
-        s0 = tl.max(tl.where(lo, G, -float("inf")), axis=0) - tl.min(tl.where(lo, G, float("inf")), axis=0)
-        s1 = tl.max(tl.where(lo, -float("inf"), G), axis=0) - tl.min(tl.where(lo, float("inf"), G), axis=0)
-        half = tl.maximum(half, tl.max(tl.maximum(s0, s1), axis=0))
+        hi0, lo0, hi1, lo1 = _half_extents(G, r)
+        half = tl.maximum(half, tl.max(tl.maximum(hi0 - lo0, hi1 - lo1), axis=0))
     return span, half
+
+
+@triton.jit
+def _half_extents(G, r):
+    """Per channel, the largest and smallest G of rows 0-7 and of rows 8-15 of a 16-row tile."""
+    lo = (r < 8)[:, None]
+    return (tl.max(tl.where(lo, G, -float("inf")), axis=0), tl.min(tl.where(lo, G, float("inf")), axis=0),
+            tl.max(tl.where(lo, -float("inf"), G), axis=0), tl.min(tl.where(lo, float("inf"), G), axis=0))
 
 
 @triton.jit
@@ -254,9 +260,8 @@ def split_factors(bg, r):
     exact for any gate (xa 0 above row 8, xb 0 below row 7)."""
     G = _cumgate(bg, r)
     lo = (r < 8)[:, None]
-    mid0 = 0.5 * (tl.max(tl.where(lo, G, -float("inf")), axis=0) + tl.min(tl.where(lo, G, float("inf")), axis=0))
-    mid1 = 0.5 * (tl.max(tl.where(lo, -float("inf"), G), axis=0) + tl.min(tl.where(lo, float("inf"), G), axis=0))
-    mid = tl.where(lo, mid0[None, :], mid1[None, :])
+    hi0, lo0, hi1, lo1 = _half_extents(G, r)
+    mid = tl.where(lo, 0.5 * (hi0 + lo0)[None, :], 0.5 * (hi1 + lo1)[None, :])
     g7 = tl.sum(tl.where((r == 7)[:, None], G, 0.0), axis=0)[None, :]
     xa = tl.where(lo, 0.0, tl.exp(tl.minimum(G - g7, 0.0)))
     xb = tl.where(lo, tl.exp(tl.minimum(g7 - G, 0.0)), 0.0)
