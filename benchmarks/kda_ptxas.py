@@ -71,7 +71,7 @@ def kernels():
     prep_bv = _env_int("KIMI_LINEAR_KDA_PREP_BV", 64)
     yield ("fwd diag fast", chunk_fwd._chunk_diag_fast_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32",
-                SPLIT=utils.diag_split(), **fwd_gate), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, g32)
+                **fwd_gate), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, g32)
     yield ("fwd diag", chunk_fwd._chunk_diag_kernel,
            dict(SK=K, BT=BT, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **fwd_gate),
            _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1), 1, g32)
@@ -112,6 +112,19 @@ def kernels():
     yield (f"inference recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
            dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
+    if utils.gate_read() == "cum":  # opt-in: the inference forward's pair kernels on the gate's chunk sums
+        cum = dict(fwd_gate, GATE=utils.GATE_CUM, HAS_A=False, HAS_BIAS=False)
+        yield ("fwd diag fast (chunk sums)", chunk_fwd._chunk_diag_fast_kernel,
+               dict(SK=K, BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32",
+                    **cum), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, {"g": "*fp32"})
+        yield ("fwd diag (chunk sums)", chunk_fwd._chunk_diag_kernel,
+               dict(SK=K, BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **cum),
+               _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1), 1, {"g": "*fp32"})
+        if ibt == 32:
+            yield ("inference pairs (chunk sums)", chunk_fwd._chunk_pair_subchunk_kernel,
+                   dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **cum),
+                   _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 1), _env_int("KIMI_LINEAR_KDA_TREE_STAGES", 2),
+                   {"g": "*fp32"})
     if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
         group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)
         yield (f"streamed w/u ({ibt}-row chunks)", chunk_fwd._chunk_wy_kernel,
@@ -172,7 +185,7 @@ def kernels():
     fuse = tree and env_choice("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "0", ("0", "1")) == "1"
     if not fuse:
         yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
-               dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), SPLIT=utils.diag_split(), **no_norm),
+               dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
                _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1), 1, g32)
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
            dict(BT=BT, BK=tree_bk if fuse else _env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), PER_BLOCK=int(fuse),

@@ -130,57 +130,35 @@ def test_gates_near_cutoff(value):
     _run(T=40, H=1, BT=16, gate="pregated", extreme=0.1, extreme_value=value, seed=6)
 
 
-# (case, _run arguments, share of wide sub-chunks expected on the default path and with
-# KIMI_LINEAR_KDA_DIAG_SPLIT=1: 0, "some" or 1)
+# (case, _run arguments, share of wide sub-chunks expected on the default path: 0, "some" or 1)
 SUBCHUNK_CASES = {
-    "moderate": (dict(T=40, H=1, HV=2, BT=16, gate="softplus", seed=1), 0, 0),
-    "mixed": (dict(T=73, H=1, BT=64, gate="pregated", extreme=0.03, seed=1), "some", "some"),
+    "moderate": (dict(T=40, H=1, HV=2, BT=16, gate="softplus", seed=1), 0),
+    "mixed": (dict(T=73, H=1, BT=64, gate="pregated", extreme=0.03, seed=1), "some"),
     # -7.8 per token: a span of 15 * 7.8 = 117 nats, just inside the tensor-core path's 120 (factors up
-    # to e^58.5); -8.2: 123, just outside, with halves of 7 * 8.2 = 57 nats (split: all on tensor cores);
-    # -18: halves of 126 nats, too wide for the split too.
-    "inside_limit": (dict(T=48, H=1, BT=16, gate="pregated", extreme=1.0, extreme_value=-7.8, seed=2), 0, 0),
-    "outside_limit": (dict(T=48, H=1, BT=16, gate="pregated", extreme=1.0, extreme_value=-8.2, seed=2), 1, 0),
-    "outside_halves": (dict(T=48, H=1, BT=16, gate="pregated", extreme=1.0, extreme_value=-18.0, seed=2), 1, 1),
+    # to e^58.5); -8.2: 123, just outside.
+    "inside_limit": (dict(T=48, H=1, BT=16, gate="pregated", extreme=1.0, extreme_value=-7.8, seed=2), 0),
+    "outside_limit": (dict(T=48, H=1, BT=16, gate="pregated", extreme=1.0, extreme_value=-8.2, seed=2), 1),
     "neg_eigval_varlen": (dict(B=1, T=32, H=1, HV=2, K=20, V=24, BT=16, gate="softplus", neg_eigval=True,
-                               cu_seqlens=[0, 1, 6, 23, 32], seed=4, overwrite_t=True), 0, 0),
+                               cu_seqlens=[0, 1, 6, 23, 32], seed=4, overwrite_t=True), 0),
 }
 
 
-@pytest.mark.parametrize("path", ["default", "exact", "split"])
+@pytest.mark.parametrize("path", ["default", "exact"])
 @pytest.mark.parametrize("case", list(SUBCHUNK_CASES))
 def test_subchunk_paths(case, path, monkeypatch):
     """The two sub-chunk kernels against float64: the default split (tensor cores where a sub-chunk's
-    log-decay span is <= 120 nats, the exact column-by-column kernel for the rest), every sub-chunk
-    down the exact path (KIMI_LINEAR_KDA_DIAG_SPAN=-1), and the opt-in halves on tensor cores
-    (KIMI_LINEAR_KDA_DIAG_SPLIT=1: wider sub-chunks whose 8-row halves fit). The share of wide sub-chunks
-    is checked, so each case really takes the path it is meant to."""
+    log-decay span is <= 120 nats, the exact column-by-column kernel for the rest) and every sub-chunk
+    down the exact path (KIMI_LINEAR_KDA_DIAG_SPAN=-1). The share of wide sub-chunks is checked, so each
+    case really takes the path it is meant to."""
     from kimi_linear.ops.kda.triton import prep_bwd
 
-    kw, share, split_share = SUBCHUNK_CASES[case]
+    kw, share = SUBCHUNK_CASES[case]
     if path == "exact":
         monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
         share = 1
-    if path == "split":
-        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPLIT", "1")
-        share = split_share
     _run(**kw)
     wide = prep_bwd.LAUNCHED["diag_wide"].float().mean().item()
     assert (0 < wide < 1) if share == "some" else wide == share, wide
-
-
-@pytest.mark.parametrize("split", ["0", "1"])
-def test_subchunk_split_halves_carry_weight(split, monkeypatch):
-    """The opt-in halves (``KIMI_LINEAR_KDA_DIAG_SPLIT=1``) where the pairs across them matter: log decay
-    -0.5 per token (sub-chunk span 7.5 nats, halves 3.5) with the span limit lowered to 5, so that every
-    sub-chunk is too wide for one factoring and fits as two; without the switch all go exact. Against
-    float64 at 64-row chunks, the share of exact sub-chunks checked."""
-    from kimi_linear.ops.kda.triton import prep_bwd
-
-    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "5")
-    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPLIT", split)
-    _run(T=128, H=1, HV=2, BT=64, gate="pregated", extreme=1.0, extreme_value=-0.5, seed=3)
-    wide = prep_bwd.LAUNCHED["diag_wide"].float().mean().item()
-    assert wide == (0 if split == "1" else 1), wide
 
 
 @pytest.mark.parametrize("case", [

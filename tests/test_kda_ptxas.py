@@ -49,9 +49,9 @@ def test_kernels_compile_for_hopper():
     ({"KIMI_LINEAR_KDA_BWD_HANDOFF": "all"}, ["rebuild", "sweep", "gradients", "pass"], 5),
     ({"KIMI_LINEAR_KDA_BT": "32"}, ["bwd pairs"], 1),  # training at 32-row chunks: the backward's pair kernel
     ({"KIMI_LINEAR_KDA_STREAM": "1"}, ["streamed"], 2),  # w/u and recurrence side by side, with their flags
-    ({"KIMI_LINEAR_KDA_DIAG_SPLIT": "1"}, ["diag fast"], 2),  # wide sub-chunks in two halves
     ({"KIMI_LINEAR_KDA_PTXAS_VARLEN": "1"}, ["varlen-ordered"], 2),  # varlen programs longest first
-], ids=["fused_subchunk_tree", "handoff16", "bwd_pairs32", "streamed", "diag_split", "varlen_ordered"])
+    ({"KIMI_LINEAR_KDA_GATE_READ": "cum"}, ["chunk sums"], 3),  # inference pairs on the gate's chunk sums
+], ids=["fused_subchunk_tree", "handoff16", "bwd_pairs32", "streamed", "varlen_ordered", "gate_read_cum"])
 def test_opt_in_kernels_compile_for_hopper(env, only, n):
     """The opt-in launches (not run by default, so not covered above) compile for sm_90a too."""
     lines, out = _ptxas_lines("--only", *only, env=env)

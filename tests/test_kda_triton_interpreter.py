@@ -159,6 +159,45 @@ def test_inference_forward(gate, monkeypatch):
         assert rel_rms(o3, ref_o) < TOL and rel_rms(s3, ref_s) < TOL
 
 
+@pytest.mark.parametrize("bt", ["16", "32", "64"])
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+def test_inference_pairs_read_chunk_sums(gate, bt, monkeypatch):
+    """``KIMI_LINEAR_KDA_GATE_READ=cum``: the inference forward's pair kernels read the gate pre-pass's
+    chunk sums (a row's decay is the step from the row before; at a chunk's first row that step reads the
+    previous chunk's sums, which no pair may use) and the pre-pass writes no activated gate. Packed odd
+    lengths, GVA, -1000 log decays with the softplus gate (so the steps after them cancel large sums; both
+    sub-chunk paths taken), against float64 at every kernel chunk length; a forward with gradients still reads the activated gate."""
+    from kimi_linear.ops.kda import triton_backend
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    stored = []
+    prepass = triton_backend.gate_chunk_prepass
+
+    def recording(*args, store_act):
+        stored.append(store_act)
+        return prepass(*args, store_act=store_act)
+
+    monkeypatch.setattr(triton_backend, "gate_chunk_prepass", recording)
+    monkeypatch.setenv("KIMI_LINEAR_KDA_GATE_READ", "cum")
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BT", bt)
+    cu = [0, 1, 38, 107, 170]
+    inp64 = make_inputs(B=1, T=cu[-1], H=1, HV=2, K=20, V=24, gate=gate, extreme_gate_frac=0.05, seed=5,
+                        cu_seqlens=cu, dtype=torch.float64)
+    ref_o, ref_s = reference(inp64)
+    x = inp64.cast(torch.float32)
+    with torch.no_grad():
+        o, s = x.call(chunk_kda)
+    assert stored == [False]
+    wide = chunk_fwd.LAUNCHED["diag_wide"].float().mean().item()
+    assert (0 < wide < 1) if gate == "softplus" else wide == 0, wide  # (lower-bound decays stay above -5)
+    assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL, (rel_rms(o, ref_o), rel_rms(s, ref_s))
+    for t in x.tensors():
+        t.requires_grad_(True)
+    o2, s2 = x.call(chunk_kda)
+    assert stored == [False, True]  # (the backward reads the kept activated gate)
+    assert rel_rms(o2, ref_o) < TOL and rel_rms(s2, ref_s) < TOL
+
+
 @pytest.mark.parametrize("K,V", [(256, 256), (200, 136)])
 def test_wide_heads(K, V):
     """Heads up to the issue's K = V = 256, and wide ones that are not powers of two: the training
@@ -440,54 +479,6 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
         assert wide == 0
     elif extreme < 1:
         assert 0 < wide < 1
-
-
-@pytest.mark.parametrize("BT", [32, 64])
-def test_prep_split_subchunks(BT, monkeypatch):
-    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1``: sub-chunks wider than the span limit whose 8-row halves are each
-    within it take the tensor-core kernel's split products (pairs inside the halves by their own
-    midpoints, pairs across them from row 7). The limit is lowered to a value between the sub-chunks'
-    spans, so that all three paths run; the exact kernel then gets exactly the sub-chunks whose halves are
-    too wide too, and the outputs match their float64 definitions."""
-    from kimi_linear.ops.kda.triton import chunk_fwd
-
-    T, H, K, V = BT + 21, 2, 20, 24
-    inp = make_inputs(B=1, T=T, H=H, K=K, V=V, gate="softplus", seed=7, dtype=torch.float64).cast(torch.float32)
-    # Each sub-chunk's span (the widest channel's sum of |g| over rows 1-15: _cumgate starts at row 1) and
-    # the wider of its halves' (rows 1-7, rows 9-15), per (head, sub-chunk) as the kernel's wide flags.
-    a = kda_gate(inp.g.double(), inp.A_log.double(), inp.dt_bias.double(), None)[0].abs()  # [T, H, K]
-    n_sub = -(-T // BT) * (BT // 16)
-    a = torch.cat([a, a.new_zeros(n_sub * 16 - T, H, K)]).reshape(n_sub, 16, H, K)
-    full = a[:, 1:].sum(1).amax(-1).T
-    half = torch.maximum(a[:, 1:8].sum(1), a[:, 9:].sum(1)).amax(-1).T
-    values = sorted(set(half.flatten().tolist()))
-    limit = 0.5 * (values[-2] + values[-1])  # (between the two widest halves)
-    want_wide = (full > limit) & (half > limit)
-    assert ((full > limit) & (half <= limit)).any() and want_wide.any() and (full <= limit).any()
-    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", str(limit))
-    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPLIT", "1")
-    got, _ = _softplus_prep(inp, BT, dtype=torch.float32, store_t=True)
-    assert torch.equal(chunk_fwd.LAUNCHED["diag_wide"].bool(), want_wide)
-    ref = _prep_reference(inp, BT)
-    for name, x in zip(("w", "u", "qg", "kg", "aqk", "gc", "t"), got):
-        x = {"w": x[..., :K], "qg": x[..., :K], "gc": x[..., :K], "u": x[..., :V], "kg": x[:, :, :K]}.get(name, x)
-        assert torch.isfinite(x).all(), name
-        assert rel_rms(x, ref[name]) < TOL, (name, rel_rms(x, ref[name]))
-
-
-def test_split_subchunks_forward_backward(monkeypatch):
-    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1`` through the whole operator, forward and backward at 64-row chunks:
-    log decay -0.5 per token with the span limit lowered to 5 nats, so every full sub-chunk (span 7.5)
-    takes the split products in both directions (halves of 3.5), against float64."""
-    from kimi_linear.ops.kda.triton import chunk_fwd, prep_bwd
-
-    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "5")
-    monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPLIT", "1")
-    inp64 = make_inputs(B=1, T=150, H=2, K=20, V=24, gate="pregated", seed=5, extreme_gate_frac=1.0,
-                        extreme_value=-0.5, requires_grad=True, dtype=torch.float64)
-    o_err, s_err, errs = _fp32_vs_float64(inp64, seed=3)
-    assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (o_err, s_err, errs)
-    assert chunk_fwd.LAUNCHED["diag_wide"].sum() == 0 and prep_bwd.LAUNCHED["diag_wide"].sum() == 0
 
 
 @pytest.mark.parametrize("tree", ["masked", "subchunk"])

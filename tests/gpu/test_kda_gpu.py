@@ -97,7 +97,7 @@ def test_chunk_grid(T, K, V, gate):
                                      "chunk32", "bwd_fp32", "tree_pass2", "extreme_tree_pass2",
                                      "tree_masked", "extreme_tree_masked", "extreme_fused_passes", "sweep_tf32",
                                      "sweep_16bit", "grads_bk32", "extreme_handoff16", "final_cast", "fuse_subchunk_tree",
-                                     "extreme_fuse_subchunk_tree", "extreme_bt32", "diag_split", "extreme_diag_split"])
+                                     "extreme_fuse_subchunk_tree", "extreme_bt32"])
 def test_chunk_variants(variant, gate, monkeypatch):
     kw = dict(B=2, T=200, H=2, K=64, V=64, gate=gate, dtype=torch.float64, seed=7)
     if variant.startswith("extreme"):
@@ -107,10 +107,6 @@ def test_chunk_variants(variant, gate, monkeypatch):
     if variant == "bwd_fp32":  # opt-out: the backward's rebuild all in float32 (the default keeps only u so)
         kw["extreme_gate_frac"] = 0.05
         monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE_16BIT", "0")
-    if variant.endswith("diag_split"):  # opt-in: wide sub-chunks in two halves on tensor cores; the span
-        # limit lowered so that these gates give all three paths (the interpreter test checks which ran)
-        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPLIT", "1")
-        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "20")
     if variant == "extreme_bt32":  # training at 32-row kernel chunks: the pair kernels, forward and backward
         monkeypatch.setenv("KIMI_LINEAR_KDA_BT", "32")
     if variant.endswith("tree_pass2"):  # opt-out: the backward's tree levels inside pass 2 (as at BT 128)

@@ -58,10 +58,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, diag_split, dummy, env_choice,
-    gate_prepass, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors,
-    next_pow2, norm_prepass, seq_ordered, sequence_program, split_factors, subchunk_block, subchunk_column,
-    subchunk_fast_or_split, subchunk_program, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
+    GATE_CUM, INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice,
+    gate_cumsum_mode, gate_prepass, gate_read, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
+    norm_prepass, seq_ordered, sequence_program, subchunk_block, subchunk_column, subchunk_program,
+    subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
 
 
@@ -126,37 +126,22 @@ def _diag_inverse(A_kk, r, INV_PREC: tl.constexpr):
 @triton.jit
 def _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
                        SK: tl.constexpr, BK: tl.constexpr, NR: tl.constexpr,
-                       GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-                       split=False):
+                       GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     """Aqk and Akk (unscaled, strictly lower) and the diagonal q.k of the NR rows r, for tiles whose log-decay
     span is within DIAG_SPAN_MAX: exp(G_i - G_j) = ea_i * eb_j (``midpoint_factors``), one tensor-core
-    product per K block and matrix. ``split`` (16-row tiles whose 8-row halves are each within the span):
-    ``split_factors``, two products per K block and matrix, one for the pairs inside the halves and one
-    for those across them."""
+    product per K block and matrix."""
     A_qk = tl.zeros([NR, NR], dtype=tl.float32)
     A_kk = tl.zeros([NR, NR], dtype=tl.float32)
-    X_qk = tl.zeros([NR, NR], dtype=tl.float32)
-    X_kk = tl.zeros([NR, NR], dtype=tl.float32)
     d_qk = tl.zeros([NR], dtype=tl.float32)
     for kb in range(0, SK, BK):
         o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                                lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
         d_qk += tl.sum(bq * bk, axis=1)
-        if split:
-            ea, eb, xa, xb = split_factors(bg, r)
-            kx = tl.trans(bk * xb)
-            X_qk = tl.dot(bq * xa, kx, X_qk, input_precision=PREC)
-            X_kk = tl.dot(bk * xa, kx, X_kk, input_precision=PREC)
-        else:
-            ea, eb = midpoint_factors(bg, r)
+        ea, eb = midpoint_factors(bg, r)
         kb_ = tl.trans(bk * eb)
         A_qk = tl.dot(bq * ea, kb_, A_qk, input_precision=PREC)
         A_kk = tl.dot(bk * ea, kb_, A_kk, input_precision=PREC)
     below = r[:, None] > r[None, :]  # (the pairs i < j may overflow to inf: never read)
-    if split:  # (the entries across the halves come from the second products)
-        across = (r[:, None] >= 8) & (r[None, :] < 8)
-        A_qk = tl.where(across, X_qk, A_qk)
-        A_kk = tl.where(across, X_kk, A_kk)
     return tl.where(below, A_qk, 0.0), tl.where(below, A_kk, 0.0), d_qk
 
 
@@ -184,22 +169,20 @@ def _chunk_diag_fast_kernel(
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
-    PREC: tl.constexpr, INV_PREC: tl.constexpr, SPLIT: tl.constexpr = False,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), for sub-chunks
     whose log-decay span is at most ``span_max`` in every channel: the diagonal 16 x 16 blocks of Aqk and
     T, as ``_chunk_diag_kernel``, by ``_midpoint_products``. A first pass over the gates alone finds the
     span; wider sub-chunks are marked in ``wide`` and left at once to that kernel, which is exact for any
-    gate. ``SPLIT`` (opt-in, ``KIMI_LINEAR_KDA_DIAG_SPLIT=1``): a wider sub-chunk whose two 8-row halves
-    are each within ``span_max`` stays here, with ``split_factors``."""
+    gate."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    ok, split = subchunk_fast_or_split(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                       BK, GATE, HAS_A, HAS_BIAS, SPLIT)
-    if ok:
+    if subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                BK, GATE, HAS_A, HAS_BIAS):
         rq, rk, b_beta = _row_scales(q, k, beta, norms, rows0, r, m_r, i_h, i_hv, H, HV, K, 16, BK,
                                      L2NORM, BETA_SIGMOID, NEG_EIGVAL)
         A_qk, A_kk, d_qk = _midpoint_products(q, k, g, dt_bias, rows0, r, m_r, i_h, i_hv, rq, rk, a,
-                                              lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC, split)
+                                              lower_bound, H, HV, K, SK, BK, 16, GATE, HAS_A, HAS_BIAS, PREC)
         _store_blocks(A_qk, A_kk, d_qk, b_beta, scale, r, s * 16, base, aqk_out, t_out, BT, INV_PREC)
 
 
@@ -738,7 +721,8 @@ def prep_buffers(NC, shapes, BT, dtype, *, pad=False, aqk_dtype=None, u_dtype=No
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None, stream_plan=None):
+               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None, stream_plan=None,
+               pairs_cum=False):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
@@ -750,7 +734,8 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     instead of activating the raw one each; with the in-kernel L2 norm and ``norm_once`` they read the
     norm factors (``norms``, or ``qk_norms``' here) instead of computing them each. With ``g_cum``
     (``gate_chunk_prepass``' within-chunk cumulative log decay, same chunks) the w/u launch reads it
-    instead of summing the gate itself. ``out`` (``prep_buffers``' tuple, or views of one over these
+    instead of summing the gate itself, and with ``pairs_cum`` (``pairs_read_cum``) so do the pair kernels
+    (``GATE_CUM``: no activated gate is read or needed). ``out`` (``prep_buffers``' tuple, or views of one over these
     chunks) receives the results instead of new tensors. ``stream_plan`` (``overlap.StreamPlan``): the w/u launch
     runs chunk by chunk and counts each chunk written in ``stream_plan.ready``, and its ``before_wy()`` is
     called just before it (to let a recurrence start beside it).
@@ -759,9 +744,14 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
 
     # H200, session 10, T=8K, H=32: the in-register activation cost the forward's prep kernels 0.21 ms
     # (and the forward + backward 0.6 ms) against a pre-activated gate.
-    g_act = gate_prepass(g, A_log, dt_bias, lower_bound, gate, g_act)
-    if g_act is not None:
-        g, gate, A_log, dt_bias = g_act, 0, None, None
+    if pairs_cum:
+        if g_cum is None:
+            raise ValueError("chunk_prep: pairs_cum needs the gate's chunk sums (g_cum)")
+        g, gate, A_log, dt_bias = g_cum, GATE_CUM, None, None
+    else:
+        g_act = gate_prepass(g, A_log, dt_bias, lower_bound, gate, g_act)
+        if g_act is not None:
+            g, gate, A_log, dt_bias = g_act, 0, None, None
 
     H, HV, K, V = shapes.H, shapes.HV, shapes.K, shapes.V
     NC = chunk_info.shape[0]
@@ -809,8 +799,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
         LAUNCHED["diag_fast"] = _chunk_diag_fast_kernel[grid](
             q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, diag_span_max(), H, HV, K,
-            BT=BT, PREC=prec, INV_PREC=prec, SPLIT=diag_split(),
-            **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
+            BT=BT, PREC=prec, INV_PREC=prec, **dict(inputs, BK=FAST_BK, num_warps=fast_warps))
         LAUNCHED["diag_wide"] = wide  # (benchmarks and tests read the share of wide sub-chunks)
         LAUNCHED["diag"] = _chunk_diag_kernel[grid](
             q, k, g, beta, nrm, a_log, bias, chunk_info, aqk, t, wide, float(scale), lb, H, HV, K,
@@ -856,6 +845,18 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, CUMG=g_cum is not None, **wy_inputs)
     return outs
+
+
+def pairs_read_cum(gate: int, BT: int) -> bool:
+    """Whether a forward that keeps nothing for a backward lets its pair kernels read the gate's chunk sums
+    (``utils.gate_read`` = ``cum``) instead of an activated gate: only with an in-kernel gate (a pre-gated
+    16-bit g is cheaper to read than float32 sums) and the kernels whose pairs never take a chunk's first
+    row's own decay (the sub-chunk kernels, the pair kernel at 32 rows and the sub-chunk tree at 64; not the
+    masked tree)."""
+    if gate == 0 or gate_read() != "cum" or gate_cumsum_mode() != "prepass":
+        return False
+    return BT == 16 or (BT in (32, 64) and env_choice("KIMI_LINEAR_KDA_TREE", "subchunk", ("subchunk", "masked"))
+                                    == "subchunk")
 
 
 def prep_warps(BT: int) -> int:

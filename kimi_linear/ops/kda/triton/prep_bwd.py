@@ -64,10 +64,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    INTERPRET, apply_beta, block_channels, block_cumsum, cdiv, chunk_program, diag_span_max, diag_split, dummy,
-    env_choice, gate_prepass, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next,
-    midpoint_factors, next_pow2, split_factors, subchunk_block, subchunk_column, subchunk_fast_or_split,
-    subchunk_program, subchunk_tiles, tile_span, tree_factor, tree_pairs, wide_flag,
+    INTERPRET, apply_beta, block_channels, block_cumsum, cdiv, chunk_program, diag_span_max, dummy,
+    env_choice, gate_prepass, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next, midpoint_factors,
+    next_pow2, subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles,
+    tile_span, tree_factor, tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -269,38 +269,24 @@ def _prep_bwd_diag_fast_kernel(
     H, HV, K,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, SPLIT: tl.constexpr = False,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
 ):
     """The pairs inside one 16-row sub-chunk on tensor cores, grid (chunks * BT / 16, HV), after pass 1,
     for sub-chunks whose log-decay span is at most ``span_max`` (``midpoint_factors``): as
     ``_prep_bwd_diag_kernel``. A first pass over the gates alone finds the span; wider sub-chunks are
     marked in ``wide`` and left at once to that kernel. tf32x3 products: the gate gradient's + / - sums
-    cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``). ``SPLIT`` (opt-in,
-    ``KIMI_LINEAR_KDA_DIAG_SPLIT=1``): a wider sub-chunk whose 8-row halves are each within ``span_max``
-    stays here, as two factorings (``split_factors``): the pairs inside the halves and those across them.
-    Either way exp(G_i - G_j) is a row factor times a column factor whose reference cancels, so the
-    exponent gradients are the same d_row - d_col."""
+    cancel, and their residue must stay at fp32 level (see ``_store_diag_grads``)."""
     i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
-    ok, split = subchunk_fast_or_split(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                       BK, GATE, HAS_A, HAS_BIAS, SPLIT)
-    if ok:
+    if subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
+                                BK, GATE, HAS_A, HAS_BIAS):
         row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
                                                     HV, BT, BETA_SIGMOID, NEG_EIGVAL)
         db = tl.zeros([16], dtype=tl.float32)
-        across = (r[:, None] >= 8) & (r[None, :] < 8)
         for kb in range(0, K, BK):
             o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                                    lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
-            if split:
-                ea, eb, xa, xb = split_factors(bg, r)
-                d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, tl.where(across, 0.0, Mq),
-                                                     tl.where(across, 0.0, Mk), "tf32x3")
-                x_q, x_k, x_row, x_col, x_b = _pairs(bq, bk, bb, xa, xb, tl.where(across, Mq, 0.0),
-                                                     tl.where(across, Mk, 0.0), "tf32x3")
-                d_q, d_k, d_row, d_col, d_b = d_q + x_q, d_k + x_k, d_row + x_row, d_col + x_col, d_b + x_b
-            else:
-                ea, eb = midpoint_factors(bg, r)
-                d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
+            ea, eb = midpoint_factors(bg, r)
+            d_q, d_k, d_row, d_col, d_b = _pairs(bq, bk, bb, ea, eb, Mq, Mk, "tf32x3")
             db += d_b
             _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_row - d_col, K)
         _add_diag_db(db_part, base, s, r, db, BT)
@@ -852,7 +838,7 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         else:
             LAUNCHED["diag_fast"] = _prep_bwd_diag_fast_kernel[grid](
                 q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1],
-                diag[2], wide, float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT, SPLIT=diag_split(),
+                diag[2], wide, float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT,
                 BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32)), next_pow2(K))), **flags_pre,
                 num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1)), num_stages=1,
             )

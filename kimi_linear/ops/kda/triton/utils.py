@@ -14,6 +14,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GATE_NONE = 0  # g is already the log decay
 GATE_SOFTPLUS = 1  # -exp(A_log) * softplus(g + dt_bias), threshold 20
 GATE_LOWER = 2  # lower_bound * sigmoid(exp(A_log) * (g + dt_bias))
+# g holds gate_chunk_prepass' within-chunk inclusive sums of the log decay; a row's own decay is the step
+# from the row before. Only for the forward's chunk-local pair kernels, whose pairs never take a chunk's
+# first row's own decay (there the step reads the previous chunk's last sum: a finite value no pair uses).
+GATE_CUM = 3
 
 SOFTPLUS_THRESHOLD = 20.0
 L2_EPS = 1e-6
@@ -150,31 +154,6 @@ def gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.con
 
 
 @triton.jit
-def gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK: tl.constexpr,
-                    GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``gate_span`` of the sub-chunk, and the wider of the spans inside its two 8-row halves (the pairs
-    ``split_factors`` takes by midpoints), over all K blocks."""
-    span = tl.zeros([], dtype=tl.float32)
-    half = tl.zeros([], dtype=tl.float32)
-    for kb in range(0, K, BK):
-        o_k, _, m_rk, bias = block_channels(dt_bias, kb, m_r, i_hv, K, BK, HAS_BIAS)
-        _, bg = load_gate(g, rows0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K, GATE, HAS_A, HAS_BIAS)
-        G = _cumgate(bg, r)
-        span = tl.maximum(span, tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0))
-        hi0, lo0, hi1, lo1 = _half_extents(G, r)
-        half = tl.maximum(half, tl.max(tl.maximum(hi0 - lo0, hi1 - lo1), axis=0))
-    return span, half
-
-
-@triton.jit
-def _half_extents(G, r):
-    """Per channel, the largest and smallest G of rows 0-7 and of rows 8-15 of a 16-row tile."""
-    lo = (r < 8)[:, None]
-    return (tl.max(tl.where(lo, G, -float("inf")), axis=0), tl.min(tl.where(lo, G, float("inf")), axis=0),
-            tl.max(tl.where(lo, -float("inf"), G), axis=0), tl.min(tl.where(lo, float("inf"), G), axis=0))
-
-
-@triton.jit
 def subchunk_column(E, dec, bk, r, j: tl.constexpr):
     """One column step of the sub-chunk kernels (columns j from the last): E_i becomes the product of the
     decays of rows j+1 .. i (factors <= 1, so exact for any gate); returns it, its copy masked to the rows
@@ -198,14 +177,6 @@ def diag_span_max() -> float:
     return min(float(os.environ.get("KIMI_LINEAR_KDA_DIAG_SPAN", DIAG_SPAN_MAX)), DIAG_SPAN_MAX)
 
 
-def diag_split() -> bool:
-    """``KIMI_LINEAR_KDA_DIAG_SPLIT=1`` (opt-in, session 17, untimed): the tensor-core sub-chunk kernels
-    (forward and backward) also take sub-chunks wider than the span limit whose 8-row halves are each
-    within it (``split_factors``), which otherwise go to the exact kernels (most of them with stress
-    gates)."""
-    return env_choice("KIMI_LINEAR_KDA_DIAG_SPLIT", "0", ("0", "1")) == "1"
-
-
 @triton.jit
 def subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
                              BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -214,26 +185,6 @@ def subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bou
     ok = gate_span(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A, HAS_BIAS) <= span_max
     tl.store(wide_flag(wide), (~ok).to(tl.int8))
     return ok  # False for NaN spans too
-
-
-@triton.jit
-def subchunk_fast_or_split(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                           BK: tl.constexpr, GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           SPLIT: tl.constexpr):
-    """``subchunk_takes_fast_path``, and with ``SPLIT`` (``diag_split``) also the wider sub-chunks whose
-    8-row halves are each within ``span_max``: (tensor-core path, split factoring), the rest marked in
-    ``wide`` for the exact kernels."""
-    if SPLIT:
-        span, half = gate_half_spans(g, dt_bias, rows0, r, m_r, i_hv, a, lower_bound, HV, K, BK, GATE, HAS_A,
-                                     HAS_BIAS)
-        split = ~(span <= span_max)
-        ok = (span <= span_max) | (half <= span_max)  # (False for NaN spans)
-        tl.store(wide_flag(wide), (~ok).to(tl.int8))
-    else:
-        split = False
-        ok = subchunk_takes_fast_path(g, dt_bias, wide, rows0, r, m_r, i_hv, a, lower_bound, span_max, HV, K,
-                                      BK, GATE, HAS_A, HAS_BIAS)
-    return ok, split
 
 
 @triton.jit
@@ -252,23 +203,6 @@ def tile_span(bg, r):
 
 
 @triton.jit
-def split_factors(bg, r):
-    """Factors for a 16-row tile whose halves (rows 0-7, 8-15) each span at most DIAG_SPAN_MAX: the
-    pairs inside each half as ``midpoint_factors`` with the half's own midpoint (ea, eb; entries across
-    the halves are wrong and may overflow: the caller masks them), and the pairs across them
-    exp(G_i - G_j) = xa_i * xb_j with row 7 as reference: both factors <= 1 (G falls with the row), so
-    exact for any gate (xa 0 above row 8, xb 0 below row 7)."""
-    G = _cumgate(bg, r)
-    lo = (r < 8)[:, None]
-    hi0, lo0, hi1, lo1 = _half_extents(G, r)
-    mid = tl.where(lo, 0.5 * (hi0 + lo0)[None, :], 0.5 * (hi1 + lo1)[None, :])
-    g7 = tl.sum(tl.where((r == 7)[:, None], G, 0.0), axis=0)[None, :]
-    xa = tl.where(lo, 0.0, tl.exp(tl.minimum(G - g7, 0.0)))
-    xb = tl.where(lo, tl.exp(tl.minimum(g7 - G, 0.0)), 0.0)
-    return tl.exp(G - mid), tl.exp(mid - G), xa, xb
-
-
-@triton.jit
 def midpoint_factors(bg, r):
     """Per-row factors of a tile (rows r, log decays bg; a 16-row sub-chunk) with
     exp(G_i - G_j) = ea_i * eb_j for every pair: G (``_cumgate``) measured from the per-channel midpoint of
@@ -282,8 +216,15 @@ def midpoint_factors(bg, r):
 def load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Raw gate of rows r (chunk-relative) and channels o_k, and its activated log decay (0 where masked)."""
-    xg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
-    bg = tl.where(m_rk, apply_gate(xg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
+    p = ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :]
+    xg = tl.load(g + p, mask=m_rk, other=0.0).to(tl.float32)
+    if GATE == 3:  # (GATE_CUM: the step between neighbouring rows' sums; none before the first token. Kept
+        # <= 0 as every log decay is: the rounding of a sum cannot make a decay grow, and a chunk's first
+        # row, whose step no pair uses, cannot overflow an exp.)
+        prev = tl.load(g + p - HV * K, mask=m_rk & ((row0 + r) > 0)[:, None], other=0.0)
+        bg = tl.where(m_rk, tl.minimum(xg - prev, 0.0), 0.0)
+    else:
+        bg = tl.where(m_rk, apply_gate(xg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
     return xg, bg
 
 
@@ -511,6 +452,14 @@ def gate_chunk_prepass(g, A_log, dt_bias, lower_bound, gate, chunk_info, BT, sto
             STORE_ACT=store_act, num_warps=4,
         )
     return act, cum
+
+
+def gate_read() -> str:
+    """What the inference forward's chunk-local pair kernels read for the gate (``KIMI_LINEAR_KDA_GATE_READ``):
+    the float32 activated gate that the gate pre-pass writes beside its chunk sums (``act``), or the chunk
+    sums alone, a row's decay being the step between neighbouring rows' sums (``cum``: the pre-pass then
+    writes one float32 tensor instead of two)."""
+    return env_choice("KIMI_LINEAR_KDA_GATE_READ", "act", ("act", "cum"))
 
 
 def gate_once(gate: int) -> bool:
