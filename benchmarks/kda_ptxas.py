@@ -114,14 +114,17 @@ def kernels():
            recur_stages)
     if utils.gate_read() == "cum":  # opt-in: the inference forward's pair kernels on the gate's chunk sums
         cum = dict(fwd_gate, GATE=utils.GATE_CUM, HAS_A=False, HAS_BIAS=False)
-        yield ("fwd diag fast (chunk sums)", chunk_fwd._chunk_diag_fast_kernel,
+        yield ("gate + chunk sums, no activated gate (GATE_CUM)", utils._gate_chunk_kernel,
+               dict(BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_GATE_BK", 64), STORE_ACT=False, **{
+                   k: gate[k] for k in ("GATE", "HAS_A", "HAS_BIAS")}), 4, 1, {"act_out": "*fp32", "cum_out": "*fp32"})
+        yield ("fwd diag fast (GATE_CUM)", chunk_fwd._chunk_diag_fast_kernel,
                dict(SK=K, BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32",
                     **cum), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, {"g": "*fp32"})
-        yield ("fwd diag (chunk sums)", chunk_fwd._chunk_diag_kernel,
+        yield ("fwd diag (GATE_CUM)", chunk_fwd._chunk_diag_kernel,
                dict(SK=K, BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **cum),
                _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1), 1, {"g": "*fp32"})
         if ibt == 32:
-            yield ("inference pairs (chunk sums)", chunk_fwd._chunk_pair_subchunk_kernel,
+            yield ("inference pairs (GATE_CUM)", chunk_fwd._chunk_pair_subchunk_kernel,
                    dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **cum),
                    _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 1), _env_int("KIMI_LINEAR_KDA_TREE_STAGES", 2),
                    {"g": "*fp32"})
