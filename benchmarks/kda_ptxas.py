@@ -112,22 +112,6 @@ def kernels():
     yield (f"inference recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
            dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
-    if utils.gate_read() == "cum":  # opt-in: the inference forward's pair kernels on the gate's chunk sums
-        cum = dict(fwd_gate, GATE=utils.GATE_CUM, HAS_A=False, HAS_BIAS=False)
-        yield ("gate + chunk sums, no activated gate (GATE_CUM)", utils._gate_chunk_kernel,
-               dict(BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_GATE_BK", 64), STORE_ACT=False, **{
-                   k: gate[k] for k in ("GATE", "HAS_A", "HAS_BIAS")}), 4, 1, {"act_out": "*fp32", "cum_out": "*fp32"})
-        yield ("fwd diag fast (GATE_CUM)", chunk_fwd._chunk_diag_fast_kernel,
-               dict(SK=K, BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_DIAG_FAST_BK", 32), PREC="tf32", INV_PREC="tf32",
-                    **cum), _env_int("KIMI_LINEAR_KDA_DIAG_FAST_WARPS", 1), 1, {"g": "*fp32"})
-        yield ("fwd diag (GATE_CUM)", chunk_fwd._chunk_diag_kernel,
-               dict(SK=K, BT=ibt, BK=_env_int("KIMI_LINEAR_KDA_DIAG_BK", 64), INV_PREC="tf32", **cum),
-               _env_int("KIMI_LINEAR_KDA_DIAG_WARPS", 1), 1, {"g": "*fp32"})
-        if ibt == 32:
-            yield ("inference pairs (GATE_CUM)", chunk_fwd._chunk_pair_subchunk_kernel,
-                   dict(BK=_env_int("KIMI_LINEAR_KDA_TREE_BK", 32), PREC="tf32", INV_PREC="tf32", **cum),
-                   _env_int("KIMI_LINEAR_KDA_TREE_WARPS", 1), _env_int("KIMI_LINEAR_KDA_TREE_STAGES", 2),
-                   {"g": "*fp32"})
     if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
         group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)
         yield (f"streamed w/u ({ibt}-row chunks)", chunk_fwd._chunk_wy_kernel,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .triton.chunk_bwd import chunk_kda_bwd
-from .triton.chunk_fwd import chunk_layout, pairs_read_cum, storage_dtype
+from .triton.chunk_fwd import chunk_layout, storage_dtype
 from .triton.overlap import prep_and_recur
 from .triton.recurrent import recurrent_kda_fwd
 from .triton.utils import (
@@ -68,12 +68,9 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False
     info, seq = chunk_layout(shapes, cfg.cu_seqlens, BT, q.device)
     # The pre-passes here rather than inside chunk_prep, so that a training forward can keep them.
     g_cum = None
-    # (a forward that keeps nothing may let the pair kernels read the chunk sums: one float32 tensor the
-    # size of g less to write; KIMI_LINEAR_KDA_GATE_READ)
-    pairs_cum = not keep and pairs_read_cum(cfg.gate, BT)
     if gate_cumsum_mode() == "prepass":
         g_act, g_cum = gate_chunk_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate, info, BT,
-                                          store_act=gate_once(cfg.gate) and not pairs_cum)
+                                          store_act=gate_once(cfg.gate))
     else:
         g_act = gate_prepass(g, A_log, dt_bias, cfg.lower_bound, cfg.gate)
     norms = norm_prepass(q, k, cfg.l2norm)
@@ -81,7 +78,7 @@ def _forward(q, k, v, g, beta, A_log, dt_bias, h0, cfg, store_states, keep=False
                   lower_bound=cfg.lower_bound, l2norm=cfg.l2norm, beta_sigmoid=cfg.beta_sigmoid,
                   neg_eigval=cfg.neg_eigval, BT=BT, g_act=g_act, norms=norms)
     prep_kw = dict(dtype=storage_dtype(q), pad=True, store_t=keep, aqk_dtype=torch.float32 if keep else None,
-                   g_cum=g_cum, pairs_cum=pairs_cum, **common)
+                   g_cum=g_cum, **common)
     o = torch.empty(shapes.B, shapes.T, shapes.HV, shapes.V, device=q.device, dtype=q.dtype)
     outs, ht, states = prep_and_recur(q, k, v, g, beta, info, seq, prep_kw, h0=h0, out=o, store_final=True,
                                       store_states=store_states)

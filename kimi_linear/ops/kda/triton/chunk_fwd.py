@@ -58,8 +58,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    GATE_CUM, INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice,
-    gate_cumsum_mode, gate_prepass, gate_read, head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
+    INTERPRET, apply_beta, cdiv, chunk_program, chunk_rows, diag_span_max, dummy, env_choice, gate_prepass,
+    head_a_log, inverse_step, l2_norm_factor, load_qkg_block, load_qkg_next, midpoint_factors, next_pow2,
     norm_prepass, seq_ordered, sequence_program, subchunk_block, subchunk_column, subchunk_program,
     subchunk_takes_fast_path, subchunk_tiles, tree_factor, tree_pairs, wide_flag,
 )
@@ -721,8 +721,7 @@ def prep_buffers(NC, shapes, BT, dtype, *, pad=False, aqk_dtype=None, u_dtype=No
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
-               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None, stream_plan=None,
-               pairs_cum=False):
+               t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None, stream_plan=None):
     """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
@@ -734,8 +733,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     instead of activating the raw one each; with the in-kernel L2 norm and ``norm_once`` they read the
     norm factors (``norms``, or ``qk_norms``' here) instead of computing them each. With ``g_cum``
     (``gate_chunk_prepass``' within-chunk cumulative log decay, same chunks) the w/u launch reads it
-    instead of summing the gate itself, and with ``pairs_cum`` (``pairs_read_cum``) so do the pair kernels
-    (``GATE_CUM``: no activated gate is read or needed). ``out`` (``prep_buffers``' tuple, or views of one over these
+    instead of summing the gate itself. ``out`` (``prep_buffers``' tuple, or views of one over these
     chunks) receives the results instead of new tensors. ``stream_plan`` (``overlap.StreamPlan``): the w/u launch
     runs chunk by chunk and counts each chunk written in ``stream_plan.ready``, and its ``before_wy()`` is
     called just before it (to let a recurrence start beside it).
@@ -744,14 +742,9 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
 
     # H200, session 10, T=8K, H=32: the in-register activation cost the forward's prep kernels 0.21 ms
     # (and the forward + backward 0.6 ms) against a pre-activated gate.
-    if pairs_cum:
-        if g_cum is None:
-            raise ValueError("chunk_prep: pairs_cum needs the gate's chunk sums (g_cum)")
-        g, gate, A_log, dt_bias = g_cum, GATE_CUM, None, None
-    else:
-        g_act = gate_prepass(g, A_log, dt_bias, lower_bound, gate, g_act)
-        if g_act is not None:
-            g, gate, A_log, dt_bias = g_act, 0, None, None
+    g_act = gate_prepass(g, A_log, dt_bias, lower_bound, gate, g_act)
+    if g_act is not None:
+        g, gate, A_log, dt_bias = g_act, 0, None, None
 
     H, HV, K, V = shapes.H, shapes.HV, shapes.K, shapes.V
     NC = chunk_info.shape[0]
@@ -845,18 +838,6 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, CUMG=g_cum is not None, **wy_inputs)
     return outs
-
-
-def pairs_read_cum(gate: int, BT: int) -> bool:
-    """Whether a forward that keeps nothing for a backward lets its pair kernels read the gate's chunk sums
-    (``utils.gate_read`` = ``cum``) instead of an activated gate: only with an in-kernel gate (a pre-gated
-    16-bit g is cheaper to read than float32 sums) and the kernels whose pairs never take a chunk's first
-    row's own decay (the sub-chunk kernels, the pair kernel at 32 rows and the sub-chunk tree at 64; not the
-    masked tree)."""
-    if gate == 0 or gate_read() != "cum" or gate_cumsum_mode() != "prepass":
-        return False
-    return BT == 16 or (BT in (32, 64) and env_choice("KIMI_LINEAR_KDA_TREE", "subchunk", ("subchunk", "masked"))
-                                    == "subchunk")
 
 
 def prep_warps(BT: int) -> int:

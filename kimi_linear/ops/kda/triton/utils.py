@@ -14,10 +14,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GATE_NONE = 0  # g is already the log decay
 GATE_SOFTPLUS = 1  # -exp(A_log) * softplus(g + dt_bias), threshold 20
 GATE_LOWER = 2  # lower_bound * sigmoid(exp(A_log) * (g + dt_bias))
-# g holds gate_chunk_prepass' within-chunk inclusive sums of the log decay; a row's own decay is the step
-# from the row before. Only for the forward's chunk-local pair kernels, whose pairs never take a chunk's
-# first row's own decay (there the step reads the previous chunk's last sum: a finite value no pair uses).
-GATE_CUM = 3
 
 SOFTPLUS_THRESHOLD = 20.0
 L2_EPS = 1e-6
@@ -216,15 +212,8 @@ def midpoint_factors(bg, r):
 def load_gate(g, row0, r, i_hv, o_k, m_rk, a, bias, lower_bound, HV, K,
               GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Raw gate of rows r (chunk-relative) and channels o_k, and its activated log decay (0 where masked)."""
-    p = ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :]
-    xg = tl.load(g + p, mask=m_rk, other=0.0).to(tl.float32)
-    if GATE == 3:  # (GATE_CUM: the step between neighbouring rows' sums; none before the first token. Kept
-        # <= 0 as every log decay is: the rounding of a sum cannot make a decay grow, and a chunk's first
-        # row, whose step no pair uses, cannot overflow an exp.)
-        prev = tl.load(g + p - HV * K, mask=m_rk & ((row0 + r) > 0)[:, None], other=0.0)
-        bg = tl.where(m_rk, tl.minimum(xg - prev, 0.0), 0.0)
-    else:
-        bg = tl.where(m_rk, apply_gate(xg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
+    xg = tl.load(g + ((row0 + r)[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+    bg = tl.where(m_rk, apply_gate(xg, a, bias[None, :], lower_bound, GATE, HAS_A, HAS_BIAS), 0.0)
     return xg, bg
 
 
@@ -452,14 +441,6 @@ def gate_chunk_prepass(g, A_log, dt_bias, lower_bound, gate, chunk_info, BT, sto
             STORE_ACT=store_act, num_warps=4,
         )
     return act, cum
-
-
-def gate_read() -> str:
-    """What the inference forward's chunk-local pair kernels read for the gate (``KIMI_LINEAR_KDA_GATE_READ``):
-    the float32 activated gate that the gate pre-pass writes beside its chunk sums (``act``), or the chunk
-    sums alone, a row's decay being the step between neighbouring rows' sums (``cum``: the pre-pass then
-    writes one float32 tensor instead of two)."""
-    return env_choice("KIMI_LINEAR_KDA_GATE_READ", "act", ("act", "cum"))
 
 
 def gate_once(gate: int) -> bool:
