@@ -1,11 +1,12 @@
 """Host-side cost of the KDA Triton path: what a call costs the CPU before the GPU does any work.
 
 Session 16 found the 8K inference forward's eager call spending 0.90 ms of host time for 1.13 ms of GPU
-time (H100), and the opt-in ``KIMI_LINEAR_KDA_OVERLAP`` (more, smaller launches) 3.1 ms: host-bound.
+time (H100), and the since-removed opt-in ``KIMI_LINEAR_KDA_OVERLAP`` (more, smaller launches) 3.1 ms:
+host-bound.
 
     # GPU: per switch set, host time per call (launches queued, no sync), eager time (do_bench), the
     # same call replayed from a CUDA graph (no host work at all), and the graph output's difference
-    python benchmarks/kda_host.py gpu [--t 8192] [--profile] "" OVERLAP=4 "OVERLAP=4,GATE_PASS=fused"
+    python benchmarks/kda_host.py gpu [--t 8192] [--profile] "" STREAM=1 "STREAM=1,GATE_PASS=fused"
     # CPU, no GPU: our own Python per call, with every Triton launch replaced by a no-op (Triton's own
     # launch cost, about 10-30 us per launch, comes on top), and the launches each call makes
     python benchmarks/kda_host.py cpu [--t 256] [--profile]

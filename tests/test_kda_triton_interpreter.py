@@ -244,18 +244,16 @@ def test_varlen_and_interior_states(C, cu):
     assert rel_rms(states, torch.cat(want, 0).unsqueeze(0)) < TOL
 
 
-def _one_sequence_paths_vs_float64(monkeypatch, after_training=None):
+def _one_sequence_paths_vs_float64(monkeypatch):
     """The paths a launch mode for one sequence must keep exact, on one odd-length sequence against float64:
-    forward + backward with the forward's T kept and rebuilt (``KIMI_LINEAR_KDA_BWD_RECOMPUTE``), then
-    (after ``after_training()``) the inference forward and the interior states at 32-row chunks."""
+    forward + backward with the forward's T kept and rebuilt (``KIMI_LINEAR_KDA_BWD_RECOMPUTE``), then the
+    inference forward and the interior states at 32-row chunks."""
     inp64 = make_inputs(B=1, T=203, H=2, K=20, V=24, gate="softplus", seed=4, extreme_gate_frac=0.02,
                         requires_grad=True, dtype=torch.float64)
     for recompute in ("partial", "full"):
         monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_RECOMPUTE", recompute)
         o_err, s_err, errs = _fp32_vs_float64(inp64, seed=2)
         assert o_err < TOL and s_err < TOL and max(errs) < 2 * TOL, (recompute, o_err, s_err, errs)
-    if after_training is not None:
-        after_training()
     x = inp64.cast(torch.float32)
     for t in x.tensors():
         t.requires_grad_(False)
@@ -267,31 +265,6 @@ def _one_sequence_paths_vs_float64(monkeypatch, after_training=None):
         assert rel_rms(a, b) < TOL
     want = torch.cat([x.initial_state.double()] + [ref_all[:, c - 1] for c in range(32, 203, 32)])
     assert rel_rms(states[0], want) < TOL
-
-
-def test_overlapped_parts(monkeypatch):
-    """One sequence cut into chunk ranges (``KIMI_LINEAR_KDA_OVERLAP``; on a GPU the prep of range p + 1
-    runs beside the recurrence of range p, here one after the other): the prep on each range, the
-    recurrence carried from range to range through its final state. Forward + backward (training keeps
-    the prep's outputs; the backward's rebuild is cut the same way, with the kept T and without it), the
-    inference forward and the interior states, against float64."""
-    from kimi_linear.ops.kda.triton import overlap
-
-    calls = []
-    run = overlap.run_overlapped
-
-    def recording(parts, *args):
-        calls.append(parts)
-        return run(parts, *args)
-
-    monkeypatch.setattr(overlap, "run_overlapped", recording)
-    monkeypatch.setenv("KIMI_LINEAR_KDA_OVERLAP", "3")
-
-    def after_training():  # forward, then the backward's rebuild, twice (64-row chunks: 4 of them in 3 ranges)
-        assert calls == [3, 3, 3, 3]
-
-    _one_sequence_paths_vs_float64(monkeypatch, after_training)
-    assert calls == [3] * 6  # (then the two 32-row forwards: 7 chunks in 3 ranges)
 
 
 def test_streamed_wy_and_recurrence(monkeypatch):
@@ -507,8 +480,7 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FUSE", "KIMI_LINEAR_KDA_BT",
-                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_OVERLAP",
-                                  "KIMI_LINEAR_KDA_STREAM"])
+                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_STREAM"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

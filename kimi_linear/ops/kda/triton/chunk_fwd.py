@@ -893,7 +893,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     backward 10.57 vs 10.79 ms). ``v_new`` ([chunks, HV, BT, V], float32 or 16-bit) also receives u - w S of
     every chunk (the rebuild stores it for the backward). The chunk states are stored as ``states_dtype``:
     float32 for the caller's interior states, 16-bit for the backward's hand-offs (``chunk_bwd.handoff_dtypes``),
-    into ``states`` where given (every chunk's slot: the overlapped forward passes one tensor to each part).
+    into ``states`` where given (a caller-owned buffer with a slot per chunk).
     ``stream_plan`` (``overlap.StreamPlan``, one sequence): wait for each group of chunks in its ``ready``."""
     HV, K, V, N = shapes.HV, shapes.K, shapes.V, shapes.N
     dev = w.device
