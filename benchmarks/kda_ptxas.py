@@ -112,6 +112,14 @@ def kernels():
     yield (f"inference recurrence ({ibt}-row chunks)", chunk_fwd._chunk_recur_kernel,
            dict(recur, BT=ibt, STORE_HT=True, STORE_STATES=False, DOT_DTYPE=tl.bfloat16, STORE_O=True), recur_warps,
            recur_stages)
+    if chunk_fwd.recur_impl() == "wgmma":  # opt-in: the forward recurrence on warp-group MMA (Gluon)
+        from triton.experimental.gluon import language as gl
+
+        from kimi_linear.ops.kda.triton import recur_wgmma
+
+        yield (f"inference recurrence, wgmma ({ibt}-row chunks)", recur_wgmma.recur_wgmma_kernel,
+               dict(SK=K, SV=V, BT=ibt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False),
+               recur_wgmma.WARPS.value, 1, {n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")})
     if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
         group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)
         yield (f"streamed w/u ({ibt}-row chunks)", chunk_fwd._chunk_wy_kernel,
@@ -250,8 +258,11 @@ def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str =
     # As the launcher specialises them on the card: pointers and the head / width arguments divisible by 16.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name].startswith("*") or name in INTS or name in STRIDES}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # (a Gluon kernel: its own front end, same back end)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                 attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ptxas = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:

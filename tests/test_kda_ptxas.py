@@ -50,7 +50,8 @@ def test_kernels_compile_for_hopper():
     ({"KIMI_LINEAR_KDA_BT": "32"}, ["bwd pairs"], 1),  # training at 32-row chunks: the backward's pair kernel
     ({"KIMI_LINEAR_KDA_STREAM": "1"}, ["streamed"], 2),  # w/u and recurrence side by side, with their flags
     ({"KIMI_LINEAR_KDA_PTXAS_VARLEN": "1"}, ["varlen-ordered"], 2),  # varlen programs longest first
-], ids=["fused_subchunk_tree", "handoff16", "bwd_pairs32", "streamed", "varlen_ordered"])
+    ({"KIMI_LINEAR_KDA_RECUR": "wgmma"}, ["wgmma"], 1),  # the forward recurrence in Gluon
+], ids=["fused_subchunk_tree", "handoff16", "bwd_pairs32", "streamed", "varlen_ordered", "recur_wgmma"])
 def test_opt_in_kernels_compile_for_hopper(env, only, n):
     """The opt-in launches (not run by default, so not covered above) compile for sm_90a too."""
     lines, out = _ptxas_lines("--only", *only, env=env)
@@ -96,3 +97,17 @@ def test_recurrence_loop_report():
     m = re.search(r"loop (\d+) instructions: (.*)$", lines[0])
     assert m and int(m.group(1)) > 0, lines[0]
     assert re.search(r"H(G)?MMA \d+", m.group(2)) and re.search(r"BAR \d+", m.group(2)), lines[0]
+
+
+@pytest.mark.parametrize("bt", ["16", "32", "64"])
+def test_wgmma_recurrence_keeps_its_chain_in_registers(bt):
+    """The Gluon recurrence (``KIMI_LINEAR_KDA_RECUR=wgmma``) compiles for sm_90a at every kernel chunk length,
+    and its chunk loop is what it was written for: warp-group MMAs with their left operands in registers
+    (no mma.sync; shared-memory matrix stores only for the output tile's change to a store layout, one per
+    16 rows: the chain's operands never go through shared memory), the loads arriving by cp.async."""
+    lines, out = _ptxas_lines("--only", "wgmma", "--loops", env={"KIMI_LINEAR_KDA_RECUR": "wgmma",
+                                                                  "KIMI_LINEAR_KDA_BT": bt})
+    assert len(lines) == 1, out
+    loop = dict((op, int(n)) for op, n in re.findall(r"([A-Z]+) (\d+)", lines[0].split("loop", 1)[1]))
+    assert loop.get("HGMMA", 0) >= 10 and loop.get("LDGSTS", 0) > 0 and "HMMA" not in loop, out
+    assert loop.get("STSM", 0) <= int(bt) // 16, out

@@ -159,6 +159,20 @@ def test_inference_forward(gate, monkeypatch):
         assert rel_rms(o3, ref_o) < TOL and rel_rms(s3, ref_s) < TOL
 
 
+def test_recur_wgmma_falls_back_off_the_gpu(monkeypatch):
+    """``KIMI_LINEAR_KDA_RECUR=wgmma`` asks for the Gluon recurrence, which runs only on a Hopper GPU: under
+    the interpreter the Triton recurrence runs instead (``LAUNCHED["recur_impl"]``), with the same result."""
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    monkeypatch.setenv("KIMI_LINEAR_KDA_RECUR", "wgmma")
+    inp64 = make_inputs(B=1, T=45, H=1, HV=2, K=64, V=64, gate="softplus", seed=3, dtype=torch.float64)
+    ref_o, ref_s = reference(inp64)
+    with torch.no_grad():
+        o, s = inp64.cast(torch.float32).call(chunk_kda)
+    assert chunk_fwd.LAUNCHED["recur_impl"] == "triton"
+    assert rel_rms(o, ref_o) < TOL and rel_rms(s, ref_s) < TOL
+
+
 @pytest.mark.parametrize("K,V", [(256, 256), (200, 136)])
 def test_wide_heads(K, V):
     """Heads up to the issue's K = V = 256, and wide ones that are not powers of two: the training
@@ -480,7 +494,8 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FUSE", "KIMI_LINEAR_KDA_BT",
-                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_STREAM"])
+                                  "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_STREAM",
+                                  "KIMI_LINEAR_KDA_RECUR"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

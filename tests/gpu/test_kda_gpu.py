@@ -405,3 +405,35 @@ def test_interior_states(chunk_size):
     err = rel_rms(st, want)
     _log(f"interior states C={chunk_size}", states=err)
     assert err <= OUT_TOL
+
+
+@pytest.mark.parametrize("bt", ["16", "32", "64"])
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+def test_recur_wgmma(gate, bt, monkeypatch):
+    """The opt-in forward recurrence on warp-group MMA (``KIMI_LINEAR_KDA_RECUR=wgmma``, Gluon): the
+    inference forward at every kernel chunk length against float64 (odd lengths, padded K and V, GVA, -1000
+    gates, a varlen batch with per-sequence calls, T = 8192), that it really ran where it applies (K, V
+    padded to 64 or 128; Hopper), and that it agrees with the Triton recurrence it replaces."""
+    from kimi_linear.ops.kda.triton import chunk_fwd
+
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BT", bt)
+    for T, K, V in ((1, 64, 64), (65, 128, 128), (200, 100, 60), (1000, 60, 100), (63, 32, 32)):
+        inp = cuda(make_inputs(B=2, T=T, H=2, HV=4, K=K, V=V, gate=gate, dtype=torch.float64, seed=T + K,
+                               extreme_gate_frac=0.01))
+        monkeypatch.setenv("KIMI_LINEAR_KDA_RECUR", "wgmma")
+        o, s = check_fwd_bwd(f"recur wgmma BT={bt} T={T} K={K} V={V} {gate}", inp, grads=False)
+        assert chunk_fwd.LAUNCHED["recur_impl"] == ("wgmma" if hopper and K > 32 else "triton")
+        monkeypatch.setenv("KIMI_LINEAR_KDA_RECUR", "triton")
+        with torch.no_grad():
+            o2, s2 = inp.cast(BF16).call(chunk_kda)
+        _log(f"recur wgmma vs triton BT={bt} T={T} K={K} {gate}", o=rel_rms(o, o2), ht=rel_rms(s, s2))
+        assert rel_rms(o, o2) < 2e-3 and rel_rms(s, s2) < 2e-3
+    monkeypatch.setenv("KIMI_LINEAR_KDA_RECUR", "wgmma")
+    inp = cuda(make_inputs(B=1, T=CU[-1], H=2, HV=4, K=100, V=64, gate=gate, dtype=torch.float64, seed=3,
+                           cu_seqlens=CU, extreme_gate_frac=0.01))
+    o, s = check_fwd_bwd(f"recur wgmma varlen BT={bt} {gate}", inp, grads=False)
+    _per_sequence_calls_agree(inp, o, s, grads=False)
+    inp = cuda(make_inputs(B=1, T=8192, H=2, K=128, V=128, gate=gate, dtype=torch.float64, seed=11,
+                           extreme_gate_frac=1e-3))
+    check_fwd_bwd(f"recur wgmma long BT={bt} {gate}", inp, grads=False, ref_fn=_chunked_f64)

@@ -848,6 +848,15 @@ def prep_warps(BT: int) -> int:
     return int(os.environ.get("KIMI_LINEAR_KDA_PREP_WARPS", 1 if BT == 16 else 4 if BT <= 64 else 8))
 
 
+def recur_impl() -> str:
+    """The forward recurrence's kernel (``KIMI_LINEAR_KDA_RECUR``): ``triton`` (``_chunk_recur_kernel``), or
+    ``wgmma`` (opt-in, session 18, untimed: ``recur_wgmma``, the transposed state on Hopper's warp-group MMA,
+    written in Gluon) where it applies: a CUDA Hopper GPU, an output wanted (not the backward's rebuild), no
+    interior states, 16-bit intermediates with K of 64 or 128; elsewhere the Triton kernel runs
+    (``LAUNCHED["recur_impl"]`` says which)."""
+    return env_choice("KIMI_LINEAR_KDA_RECUR", "triton", ("triton", "wgmma"))
+
+
 def recur_launch(dtype, BK: int, BV: int):
     """Warps and pipeline stages of ``_chunk_recur_kernel`` for intermediates of ``dtype`` and a [BK, BV]
     state slice (``KIMI_LINEAR_KDA_RECUR_WARPS`` / ``_STAGES``): 8 warps past a [128, 32] slice."""
@@ -901,6 +910,17 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if store_final else None
     if store_states and states is None:
         states = torch.empty(NC, HV, K, V, device=dev, dtype=states_dtype)
+    if (recur_impl() == "wgmma" and not INTERPRET and out is not None and v_new is None and not store_states
+            and stream_plan is None):
+        from . import recur_wgmma  # (Gluon: imported only where it can run)
+
+        if recur_wgmma.applies(w, u, aqk, BT, NC):
+            LAUNCHED["recur"] = recur_wgmma.launch(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, shapes=shapes,
+                                                   initial_state=initial_state, out=out, ht=ht, BT=BT,
+                                                   ordered=seq_ordered(seq_chunks, N))
+            LAUNCHED["recur_impl"] = "wgmma"
+            return out, ht, states
+    LAUNCHED["recur_impl"] = "triton"
     BK = max(16, next_pow2(K))
     BV = recur_bv(V, N * HV, BK)
     d = dummy(dev)

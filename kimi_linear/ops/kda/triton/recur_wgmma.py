@@ -1,0 +1,186 @@
+"""The forward recurrence on Hopper's warp-group MMA, written in Gluon (opt-in, ``KIMI_LINEAR_KDA_RECUR=wgmma``).
+
+Same math as ``chunk_fwd._chunk_recur_kernel``, on the transposed state: one program per (V slice of 64,
+sequence, head) holds S^T [64, K] in float32 registers, in the accumulator layout of ``wgmma``, and per
+chunk computes
+
+    P^T   = S^T w^T                   v_new^T = u^T - P^T
+    o^T   = S^T qg^T + v_new^T Aqk^T
+    S^T  <- S^T Diag(e^gC) + v_new^T kg
+
+Every product takes its left operand from registers (S^T, then v_new^T, converted in registers from the
+accumulator layout, with no shared-memory round trip) and its right operand (w^T, qg^T, Aqk^T, kg, views of
+the chunk's tiles) from shared memory. Why: Triton gave the transposed state of session 14 the same
+products but routed the operand through shared memory with a wait after each product (1.57x slower);
+Gluon fixes the layouts by hand. wgmma needs M >= 64, so the V slices are 64 wide (64 programs at H = 32
+and V = 128, against the Triton kernel's 128), and each step must be more than twice as short to gain.
+
+The next chunk's tiles are loaded into registers while the current chunk's products run, then stored to
+shared memory for the next step. Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit
+type for the products, float32 accumulation and state.
+
+Gluon runs only on a GPU (not under ``TRITON_INTERPRET=1``): the CPU tests compile this kernel for
+sm_90a (``tests/test_kda_ptxas.py``), and the GPU suite checks it against float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+# (the CTA barrier is gl.thread_barrier in triton 3.6, the GPU machines' version, and gl.barrier in 3.7)
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+BV = gl.constexpr(64)  # the warp group's M: 4 warps x 16 rows
+WARPS = gl.constexpr(4)
+
+
+@gluon.constexpr_function
+def _tile_layout(rows, cols):
+    """A blocked layout for loading a [rows, cols] tile with one warp group: 8 contiguous 16-bit values
+    (16 B) per thread along the columns where they fit."""
+    per = min(8, cols)
+    across = min(32, cols // per)
+    return gl.BlockedLayout([1, per], [32 // across, across], [4, 1], [1, 0])
+
+
+@gluon.jit
+def _tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0):
+    """Offsets r * stride + col0 + c of an [R, C] tile in ``_tile_layout(R, C)`` (recomputed at each use:
+    held across the loop they would cost about 90 registers)."""
+    layout: gl.constexpr = _tile_layout(R, C)
+    r = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+    c = col0 + gl.arange(0, C, layout=gl.SliceLayout(0, layout))
+    return r[:, None] * stride + c[None, :]
+
+
+@gluon.jit
+def _issue_copies(w, u, qg, kg, aqk, gc, base, stage, w_s, q_s, k_s, a_s, u_s, g_s, i_v,
+                  SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr):
+    """Start the asynchronous copies of one chunk's tiles into shared-memory stage ``stage``: w, qg
+    [BT, SK]; kg as stored, [SK, BT]; Aqk [BT, BT]; the V slice of u [BT, 64] (SV a multiple of 64, so no
+    mask: cp.async copies 16 B at a time only where the whole vector is kept); gC [SK]."""
+    offs_a = _tile_offsets(BT, SK, SK, 0)
+    async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
+    async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
+    async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + _tile_offsets(SK, BT, BT, 0))
+    async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) + _tile_offsets(BT, BT, BT, 0))
+    async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) + _tile_offsets(BT, 64, SV, i_v * 64))
+    async_copy.async_copy_global_to_shared(g_s.index(stage),
+                                           gc + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [4], [0])))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
+    """Offsets and mask of this program's S^T [64, SK] in a [N * HV, K, V] state (h0, ht)."""
+    v = i_v * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    k = gl.arange(0, SK, layout=gl.SliceLayout(0, layout))
+    return (i_nh.to(gl.int64) * K + k[None, :]) * V + v[:, None], (k < K)[None, :] & (v < V)[:, None]
+
+
+@gluon.jit
+def recur_wgmma_kernel(
+    w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, h0, ht, o,
+    HV, K, V,
+    SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr,
+    HAS_H0: gl.constexpr, STORE_HT: gl.constexpr, ORDERED: gl.constexpr,
+):
+    """Grid (V slices of 64, sequences * HV), one warp group per program. The chunk-major inputs are
+    ``chunk_fwd.chunk_prep``'s with ``pad=True`` (K, V padded to SK, SV; kg stored [SK, BT] per chunk; Aqk
+    in the same 16-bit type as w)."""
+    i_v = gl.program_id(0)
+    i_nh = gl.program_id(1)
+    i_n = i_nh // HV
+    if ORDERED:  # (utils.sequence_program: the varlen programs' sequence order after the offsets)
+        i_n = gl.load(seq_chunks + gl.num_programs(1) // HV + 1 + i_n)
+        i_nh = i_n * HV + i_nh % HV
+    i_hv = i_nh % HV
+    c0 = gl.load(seq_chunks + i_n)
+    c1 = gl.load(seq_chunks + i_n + 1)
+
+    acc_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SK, 16])
+    acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
+    op_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_s, k_width=2)  # A of [BV, BT] x [BT, SK]
+    op_t: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_t, k_width=2)  # A of [BV, *] x [*, BT]
+    # two stages of every tile: the next chunk's copies run while this chunk's products do
+    w_s = gl.allocate_shared_memory(DT, [2, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
+    q_s = gl.allocate_shared_memory(DT, [2, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
+    k_s = gl.allocate_shared_memory(DT, [2, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
+    a_s = gl.allocate_shared_memory(DT, [2, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
+    u_s = gl.allocate_shared_memory(DT, [2, BT, 64], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    g_s = gl.allocate_shared_memory(gl.float32, [2, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+
+    st_o: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])  # o^T [64, BT], V fastest
+    v_o = i_v * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_o))
+    t_o = gl.arange(0, BT, layout=gl.SliceLayout(0, st_o))
+    St = gl.zeros([64, SK], gl.float32, layout=acc_s)
+    if HAS_H0:
+        p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
+        St = gl.load(h0 + p_s, mask=m_s, other=0.0).to(gl.float32)
+    # (the first chunk's copies; an empty sequence copies a valid chunk it does not use)
+    cn = gl.maximum(gl.minimum(c0, c1 - 1), 0)
+    _issue_copies(w, u, qg, kg, aqk, gc, (cn * HV + i_hv).to(gl.int64), 0, w_s, q_s, k_s, a_s, u_s, g_s, i_v,
+                  SK, SV, BT)
+    for c in range(c0, c1):
+        stage = (c - c0) % 2
+        # the next chunk's copies into the other stage (the last chunk's again at the end)
+        cn = gl.minimum(c + 1, c1 - 1)
+        _issue_copies(w, u, qg, kg, aqk, gc, (cn * HV + i_hv).to(gl.int64), 1 - stage, w_s, q_s, k_s, a_s, u_s, g_s,
+                      i_v, SK, SV, BT)
+        async_copy.wait_group(1)  # this thread's copies of this chunk are done,
+        _cta_barrier()  # and every thread's,
+        fence_async_shared()  # and visible to the tensor cores' reads
+        s_a = gl.convert_layout(St.to(DT), op_t)
+        zero = gl.zeros([64, BT], gl.float32, layout=acc_t)
+        p_t = warpgroup_mma(s_a, w_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
+        o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
+        # (the decay applied while those run: the products read S through s_a, so St is free)
+        St = St * gl.exp(g_s.index(stage).load(gl.SliceLayout(0, acc_s)))[None, :]
+        u_t = u_s.index(stage).permute((1, 0)).load(acc_t).to(gl.float32)
+        # (register operands stay in the wait's deps: an in-flight product still reads them)
+        p_t, o_t, s_a = warpgroup_mma_wait(num_outstanding=0, deps=(p_t, o_t, s_a))
+        vd = (u_t - p_t).to(DT)
+        v_t_op = gl.convert_layout(vd, op_t)
+        v_s_op = gl.convert_layout(vd, op_s)
+        o_t = warpgroup_mma(v_t_op, a_s.index(stage).permute((1, 0)), o_t, is_async=True)
+        St = warpgroup_mma(v_s_op, k_s.index(stage).permute((1, 0)), St, is_async=True)
+        o_t, St, v_t_op, v_s_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_t, St, v_t_op, v_s_op))
+        row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
+        n_rows = gl.load(chunk_info + 2 * c + 1)
+        # (o is [tokens, HV, V]: stored from a layout with 8 consecutive V channels per thread, 16 B at a
+        # time; the accumulator's own layout would scatter 2-byte stores across tokens)
+        o_st = gl.convert_layout(o_t.to(o.dtype.element_ty), st_o)
+        gl.store(o + ((row0 + t_o[None, :]) * HV + i_hv) * V + v_o[:, None], o_st,
+                 mask=(t_o < n_rows)[None, :] & (v_o < V)[:, None])
+        _cta_barrier()  # (every warp has read this stage before the next step's copies overwrite it)
+    async_copy.wait_group(0)
+    if STORE_HT:
+        p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
+        gl.store(ht + p_s, St, mask=m_s)
+
+
+def applies(w, u, aqk, BT: int, n_chunks: int) -> bool:
+    """Whether this kernel can run a forward recurrence: a Hopper GPU, 16-bit intermediates (Aqk too: the
+    inference forward's, not the float32 one a training forward keeps) padded to K of 64 or 128, chunks of
+    16, 32 or 64 rows, V padded to a multiple of 64, and at least one chunk."""
+    return (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] == 9 and w.dtype in (torch.bfloat16, torch.float16)
+            and aqk.dtype == w.dtype and w.shape[-1] in (64, 128) and u.shape[-1] % 64 == 0 and BT in (16, 32, 64)
+            and n_chunks > 0)
+
+
+def launch(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out, ht, BT: int, ordered: bool):
+    """Run the recurrence for ``chunk_fwd.chunk_recur`` (output and final state only)."""
+    dt = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
+    dummy = torch.empty(1, device=w.device, dtype=torch.float32)
+    grid = (triton.cdiv(shapes.V, BV.value), shapes.N * shapes.HV)
+    return recur_wgmma_kernel[grid](
+        w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
+        initial_state if initial_state is not None else dummy, ht if ht is not None else dummy, out,
+        shapes.HV, shapes.K, shapes.V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, DT=dt,
+        HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered, num_warps=WARPS.value,
+    )
