@@ -12,12 +12,16 @@ Every product takes its left operand from registers (S^T, then v_new^T, converte
 accumulator layout, with no shared-memory round trip) and its right operand (w^T, qg^T, Aqk^T, kg, views of
 the chunk's tiles) from shared memory. Why: Triton gave the transposed state of session 14 the same
 products but routed the operand through shared memory with a wait after each product (1.57x slower);
-Gluon fixes the layouts by hand. wgmma needs M >= 64, so the V slices are 64 wide (64 programs at H = 32
-and V = 128, against the Triton kernel's 128), and each step must be more than twice as short to gain.
+Gluon fixes the layouts by hand. wgmma needs M >= 64, so the V slices are 64 wide: 64 programs at H = 32
+and V = 128 against the Triton kernel's 128, each on its own SM, so a step that does twice the Triton
+kernel's columns gains if it is still shorter than the Triton kernel's (about 1.3 us per 32-row chunk on
+an H100). On the tensor cores one step is about 0.5 M multiply-adds on the chain (w, then kg) and 0.3 M
+off it (qg, Aqk), roughly 500 and 300 cycles at an SM's ~1000 per cycle.
 
-The next chunk's tiles are loaded into registers while the current chunk's products run, then stored to
-shared memory for the next step. Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit
-type for the products, float32 accumulation and state.
+The next chunk's tiles are copied into a second shared-memory stage (cp.async) while the current chunk's
+products run. Only P^T is on the chain: the step waits for it alone while the tensor cores go on with S^T qg^T.
+Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit type for the products, float32
+accumulation and state.
 
 Gluon runs only on a GPU (not under ``TRITON_INTERPRET=1``): the CPU tests compile this kernel for
 sm_90a (``tests/test_kda_ptxas.py``), and the GPU suite checks it against float64.
@@ -142,14 +146,16 @@ def recur_wgmma_kernel(
         # (the decay applied while those run: the products read S through s_a, so St is free)
         St = St * gl.exp(g_s.index(stage).load(gl.SliceLayout(0, acc_s)))[None, :]
         u_t = u_s.index(stage).permute((1, 0)).load(acc_t).to(gl.float32)
-        # (register operands stay in the wait's deps: an in-flight product still reads them)
-        p_t, o_t, s_a = warpgroup_mma_wait(num_outstanding=0, deps=(p_t, o_t, s_a))
+        # Only P^T is on the chain: wait for it alone (the products complete in issue order) and let the
+        # tensor cores run S^T qg^T while v_new is formed. Register operands stay in the waits' deps while
+        # an issued product may still read them.
+        p_t, s_a = warpgroup_mma_wait(num_outstanding=1, deps=(p_t, s_a))
         vd = (u_t - p_t).to(DT)
-        v_t_op = gl.convert_layout(vd, op_t)
         v_s_op = gl.convert_layout(vd, op_s)
-        o_t = warpgroup_mma(v_t_op, a_s.index(stage).permute((1, 0)), o_t, is_async=True)
+        v_t_op = gl.convert_layout(vd, op_t)
         St = warpgroup_mma(v_s_op, k_s.index(stage).permute((1, 0)), St, is_async=True)
-        o_t, St, v_t_op, v_s_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_t, St, v_t_op, v_s_op))
+        o_t = warpgroup_mma(v_t_op, a_s.index(stage).permute((1, 0)), o_t, is_async=True)
+        St, o_t, s_a, v_s_op, v_t_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, o_t, s_a, v_s_op, v_t_op))
         row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
         n_rows = gl.load(chunk_info + 2 * c + 1)
         # (o is [tokens, HV, V]: stored from a layout with 8 consecutive V channels per thread, 16 B at a
