@@ -413,7 +413,8 @@ def test_recur_wgmma(gate, bt, monkeypatch):
     """The opt-in forward recurrence on warp-group MMA (``KIMI_LINEAR_KDA_RECUR=wgmma``, Gluon): the
     inference forward at every kernel chunk length against float64 (odd lengths, padded K and V, GVA, -1000
     gates, a varlen batch with per-sequence calls, T = 8192), that it really ran where it applies (K, V
-    padded to 64 or 128; Hopper), and that it agrees with the Triton recurrence it replaces."""
+    padded to 64 or 128; Hopper), and that it agrees with the Triton recurrence it replaces (within the
+    output bound)."""
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     hopper = torch.cuda.get_device_capability()[0] == 9
@@ -428,7 +429,9 @@ def test_recur_wgmma(gate, bt, monkeypatch):
         with torch.no_grad():
             o2, s2 = inp.cast(BF16).call(chunk_kda)
         _log(f"recur wgmma vs triton BT={bt} T={T} K={K} {gate}", o=rel_rms(o, o2), ht=rel_rms(s, s2))
-        assert rel_rms(o, o2) < 2e-3 and rel_rms(s, s2) < 2e-3
+        # (both round S and v_new to bf16 for their products, in different orders: the outputs' own bf16
+        # rounding alone makes them differ by up to an ulp, 3.9e-3 relative)
+        assert rel_rms(o, o2) < OUT_TOL and rel_rms(s, s2) < OUT_TOL
     monkeypatch.setenv("KIMI_LINEAR_KDA_RECUR", "wgmma")
     inp = cuda(make_inputs(B=1, T=CU[-1], H=2, HV=4, K=100, V=64, gate=gate, dtype=torch.float64, seed=3,
                            cu_seqlens=CU, extreme_gate_frac=0.01))
