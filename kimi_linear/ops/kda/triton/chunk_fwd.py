@@ -643,8 +643,9 @@ def _varlen_layout(cu, BT: int, device):
 
 
 def seq_order() -> str:
-    """``KIMI_LINEAR_KDA_SEQ_ORDER``: ``longest`` (default; session 17, untimed) starts the sequential
-    kernels' programs of a varlen batch longest sequence first, ``given`` in the batch's order."""
+    """``KIMI_LINEAR_KDA_SEQ_ORDER``: ``longest`` (default) starts the sequential kernels' programs of a
+    varlen batch longest sequence first, ``given`` in the batch's order (H200, session 18: a 9-sequence,
+    32K-token varlen forward 4.20 ms against 4.54)."""
     return env_choice("KIMI_LINEAR_KDA_SEQ_ORDER", "longest", ("longest", "given"))
 
 

@@ -49,7 +49,7 @@ def _tile_layout(rows, cols):
     (16 B) per thread along the columns where they fit."""
     per = min(8, cols)
     across = min(32, cols // per)
-    return gl.BlockedLayout([1, per], [32 // across, across], [4, 1], [1, 0])
+    return gl.BlockedLayout([1, per], [32 // across, across], [WARPS.value, 1], [1, 0])
 
 
 @gluon.jit
@@ -66,23 +66,23 @@ def _tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0):
 def _issue_copies(w, u, qg, kg, aqk, gc, base, stage, w_s, q_s, k_s, a_s, u_s, g_s, i_v,
                   SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr):
     """Start the asynchronous copies of one chunk's tiles into shared-memory stage ``stage``: w, qg
-    [BT, SK]; kg as stored, [SK, BT]; Aqk [BT, BT]; the V slice of u [BT, 64] (SV a multiple of 64, so no
+    [BT, SK]; kg as stored, [SK, BT]; Aqk [BT, BT]; the V slice of u [BT, BV] (SV a multiple of 64, so no
     mask: cp.async copies 16 B at a time only where the whole vector is kept); gC [SK]."""
     offs_a = _tile_offsets(BT, SK, SK, 0)
     async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
     async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
     async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + _tile_offsets(SK, BT, BT, 0))
     async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) + _tile_offsets(BT, BT, BT, 0))
-    async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) + _tile_offsets(BT, 64, SV, i_v * 64))
+    async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) + _tile_offsets(BT, BV, SV, i_v * BV))
     async_copy.async_copy_global_to_shared(g_s.index(stage),
-                                           gc + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [4], [0])))
+                                           gc + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [WARPS], [0])))
     async_copy.commit_group()
 
 
 @gluon.jit
 def _state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
-    """Offsets and mask of this program's S^T [64, SK] in a [N * HV, K, V] state (h0, ht)."""
-    v = i_v * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    """Offsets and mask of this program's S^T [BV, SK] in a [N * HV, K, V] state (h0, ht)."""
+    v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(1, layout))
     k = gl.arange(0, SK, layout=gl.SliceLayout(0, layout))
     return (i_nh.to(gl.int64) * K + k[None, :]) * V + v[:, None], (k < K)[None, :] & (v < V)[:, None]
 
@@ -107,8 +107,8 @@ def recur_wgmma_kernel(
     c0 = gl.load(seq_chunks + i_n)
     c1 = gl.load(seq_chunks + i_n + 1)
 
-    acc_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SK, 16])
-    acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
+    acc_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, SK, 16])
+    acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BT, 16])
     op_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_s, k_width=2)  # A of [BV, BT] x [BT, SK]
     op_t: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_t, k_width=2)  # A of [BV, *] x [*, BT]
     # two stages of every tile: the next chunk's copies run while this chunk's products do
@@ -116,13 +116,13 @@ def recur_wgmma_kernel(
     q_s = gl.allocate_shared_memory(DT, [2, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
     k_s = gl.allocate_shared_memory(DT, [2, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
     a_s = gl.allocate_shared_memory(DT, [2, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
-    u_s = gl.allocate_shared_memory(DT, [2, BT, 64], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    u_s = gl.allocate_shared_memory(DT, [2, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     g_s = gl.allocate_shared_memory(gl.float32, [2, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    st_o: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])  # o^T [64, BT], V fastest
-    v_o = i_v * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, st_o))
+    st_o: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, WARPS], [0, 1])  # o^T [BV, BT], V fastest
+    v_o = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(1, st_o))
     t_o = gl.arange(0, BT, layout=gl.SliceLayout(0, st_o))
-    St = gl.zeros([64, SK], gl.float32, layout=acc_s)
+    St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_H0:
         p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
         St = gl.load(h0 + p_s, mask=m_s, other=0.0).to(gl.float32)
@@ -140,7 +140,7 @@ def recur_wgmma_kernel(
         _cta_barrier()  # and every thread's,
         fence_async_shared()  # and visible to the tensor cores' reads
         s_a = gl.convert_layout(St.to(DT), op_t)
-        zero = gl.zeros([64, BT], gl.float32, layout=acc_t)
+        zero = gl.zeros([BV, BT], gl.float32, layout=acc_t)
         p_t = warpgroup_mma(s_a, w_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         # (the decay applied while those run: the products read S through s_a, so St is free)
@@ -175,7 +175,7 @@ def applies(w, u, aqk, BT: int, n_chunks: int) -> bool:
     inference forward's, not the float32 one a training forward keeps) padded to K of 64 or 128, chunks of
     16, 32 or 64 rows, V padded to a multiple of 64, and at least one chunk."""
     return (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] == 9 and w.dtype in (torch.bfloat16, torch.float16)
-            and aqk.dtype == w.dtype and w.shape[-1] in (64, 128) and u.shape[-1] % 64 == 0 and BT in (16, 32, 64)
+            and aqk.dtype == w.dtype and w.shape[-1] in (64, 128) and u.shape[-1] % BV.value == 0 and BT in (16, 32, 64)
             and n_chunks > 0)
 
 
