@@ -190,15 +190,15 @@ def _gpu_child():
 
 
 def gpu_table(specs, T: int, profile: bool) -> None:
+    from kda_variants import parse  # (benchmarks/: the switch sets' KEY=VALUE syntax, one parser)
+
     print(f"## chunk_kda inference forward, B=1 T={T} H=32 K=V=128 bf16, softplus gate, init-like gates; ms "
           "(host: per call, launches queued without a sync; eager: do_bench median; graph: the call replayed "
           "from a CUDA graph; diff: relative RMS of the graph's output from the eager one)")
     print("| variant | host | eager | graph | diff |\n|---|---|---|---|---|")
     for spec in specs:
-        env = dict(os.environ, KDA_HOST_CHILD="1", KDA_HOST_T=str(T), KDA_HOST_PROFILE="1" if profile else "0")
-        for item in filter(None, spec.split(",")):
-            key, _, val = item.partition("=")
-            env[key if key.startswith(PREFIX) else PREFIX + key] = val
+        env = dict(os.environ, KDA_HOST_CHILD="1", KDA_HOST_T=str(T), KDA_HOST_PROFILE="1" if profile else "0",
+                   **parse(spec))
         name = spec or "defaults"
         try:
             p = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,

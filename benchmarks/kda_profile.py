@@ -18,16 +18,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-PREFIX = "KIMI_LINEAR_KDA_"
-
-
-def _env(spec: str) -> dict:
-    pairs = [item.split("=", 1) for item in filter(None, spec.split(","))]
-    bad = [p[0] for p in pairs if len(p) != 2]
-    if bad:
-        raise SystemExit(f"kda_profile.py: expected KEY=VALUE, got {bad[0]!r}")
-    return {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in pairs}
-
 
 def profile(step, reps: int) -> collections.Counter:
     import torch
@@ -55,7 +45,9 @@ def main():
     ap.add_argument("--dists", nargs="+", default=["init", "stress"], choices=["init", "stress"])
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
-    envs = [("defaults", {})] + [(v, _env(v)) for v in args.variants]
+    from kda_variants import parse
+
+    envs = [("defaults", {})] + [(v, parse(v)) for v in args.variants]
 
     import torch
 
