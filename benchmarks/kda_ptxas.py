@@ -283,7 +283,10 @@ def ptxas_report(fn, consts, warps, stages: int = 1, ptr_types=None, arch: str =
     smem = compiled.metadata.shared
     return (f"{regs.group(1) if regs else '?':>4} regs, spill stores/loads {spill.group(1) if spill else '?'}"
             f"/{spill.group(2) if spill else '?'} B, stack {stack.group(1) if stack else '?'} B, "
-            f"shared {smem} B, {n_sass} SASS instructions" + (f"; {loop_mix(sass)}" if loops else ""))
+            f"shared {smem} B, {n_sass} SASS instructions" + (f"; {loop_mix(sass)}" if loops else "")
+            # (ptxas waits for every warp-group MMA in flight where registers they define are touched:
+            # the overlap the kernel was written for is then lost; session 19)
+            + ("; wgmma serialised by ptxas (C7517)" if "C7517" in text else ""))
 
 
 def main():

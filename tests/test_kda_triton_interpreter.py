@@ -350,7 +350,7 @@ def _prep_reference(inp, BT):
     g = kda_gate(g, x.A_log, x.dt_bias, kw.get("lower_bound"))
     beta = torch.sigmoid(beta)
     scale = q.shape[-1] ** -0.5
-    out = {n: [] for n in ("w", "u", "qg", "kg", "aqk", "gc", "t")}
+    out = {n: [] for n in ("w", "u", "qg", "kg", "aqk", "decay", "t")}
     for c0 in range(0, q.shape[0], BT):
         sl = slice(c0, min(c0 + BT, q.shape[0]))
         n = sl.stop - sl.start
@@ -368,7 +368,7 @@ def _prep_reference(inp, BT):
         out["qg"].append(pad(qc * torch.exp(G) * scale))
         out["kg"].append(pad(kc * torch.exp(G[:, -1:] - G)).transpose(-1, -2))
         out["aqk"].append(pad(aqk, BT, BT))
-        out["gc"].append(G[:, -1])
+        out["decay"].append(torch.exp(G[:, -1]))
         eye = torch.eye(BT, dtype=torch.float64).expand(t.shape[0], BT, BT).clone()
         eye[:, :n, :n] = t
         out["t"].append(eye)
@@ -409,9 +409,9 @@ def test_prep_kernel_definitions(BT, extreme, path, monkeypatch):
                       dtype=torch.float64).cast(torch.float32)
     got, _ = _softplus_prep(inp, BT, dtype=torch.float32, store_t=True)
     ref = _prep_reference(inp, BT)
-    for name, x in zip(("w", "u", "qg", "kg", "aqk", "gc", "t"), got):
+    for name, x in zip(("w", "u", "qg", "kg", "aqk", "decay", "t"), got):
         r = ref[name]
-        if name in ("w", "qg", "gc"):
+        if name in ("w", "qg", "decay"):
             assert torch.all(x[..., K:] == 0), name  # padding is written as zeros
             x = x[..., :K]
         elif name == "u":
@@ -654,8 +654,8 @@ def test_sweep_reads_padded_layout():
         _, _, states = chunk_recur(*outs, info, seq, shapes=shapes, initial_state=inp.initial_state,
                                    out=torch.empty(1, T, H, V), store_final=False, store_states=True, BT=BT,
                                    v_new=v_new)
-        w, _, qg, kg, aqk, gc = outs
-        results.append(chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, None, do, shapes=shapes,
+        w, _, qg, kg, aqk, decay = outs
+        results.append(chunk_recur_bwd(w, qg, kg, aqk, decay, info, seq, states, v_new, None, do, shapes=shapes,
                                        BT=BT))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)

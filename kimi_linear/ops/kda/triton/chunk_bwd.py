@@ -1,17 +1,17 @@
 """Chunked KDA backward.
 
-1. Recompute the chunk-local quantities (w, u, qg, kg, gC; Aqk and T unless the forward kept them) with
-   the prep kernels, and with the recurrence kernel the state h entering every chunk (``STORE_STATES``,
+1. Recompute the chunk-local quantities (w, u, qg, kg, the decay e^gC; Aqk and T unless the forward kept
+   them) with the prep kernels, and with the recurrence kernel the state h entering every chunk (``STORE_STATES``,
    float32) and v_new = u - w h (``STORE_VNEW``, float32). w, qg and kg are stored in the inputs' 16-bit
    type (the forward's padded layout), u in float32 (``recompute_dtypes``).
 2. ``_chunk_recur_bwd_kernel``: reverse sweep over each sequence's chunks, grid (V / BV, N * HV), with the
    state gradient dS ([K, BV], fp32) in registers. For a chunk:
 
-       dv_new = Aqk^T do + kg dS,   dS <- exp(gC) * dS + qg^T do - w^T dv_new
+       dv_new = Aqk^T do + kg dS,   dS <- e^gC * dS + qg^T do - w^T dv_new
 
    It stores dv_new (= du) and dS per chunk (each V slice its own part; dS after the first chunk is
    dh0). ``_chunk_bwd_grads_kernel`` then forms, chunk-parallel over full V rows,
-   dqg = do h^T, dkg = v_new dS^T, dw = -dv_new h^T, dAqk = do v_new^T, dgC = exp(gC) * rowsum(h * dS).
+   dqg = do h^T, dkg = v_new dS^T, dw = -dv_new h^T, dAqk = do v_new^T, dgC = e^gC * rowsum(h * dS).
    (The earlier single sweep summed those over V slices with fp32 atomics: 36 ms of sweep at T=32K, H=32
    on an H200.)
 3. Chunk-local gradients: ``prep_bwd.chunk_prep_bwd`` (one program per chunk and value head) takes
@@ -42,7 +42,7 @@ from .utils import (
 
 @triton.jit
 def _chunk_recur_bwd_kernel(
-    w, kg, aqk, gc, qg, chunk_info, seq_chunks, dht, do,
+    w, kg, aqk, decay, qg, chunk_info, seq_chunks, dht, do,
     du, ds_out, dh0,
     HV, K, V, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, DOT16: tl.constexpr = 0,
@@ -70,7 +70,7 @@ def _chunk_recur_bwd_kernel(
         base = (c * HV + i_hv).to(tl.int64)
         p_kv = (base * K + o_k[:, None]) * V + o_v[None, :]
         tl.store(ds_out + p_kv, dS.to(ds_out.dtype.element_ty), mask=m_kv)
-        # w, qg, kg, gC in the (possibly padded, SK wide) layout of the prep kernels.
+        # w, qg, kg, e^gC in the (possibly padded, SK wide) layout of the prep kernels.
         p_k = base * BT * SK + r[:, None] * SK + o_k[None, :]
         # DOT16: the products on 16-bit tensor cores in w's type: 1 those with do (Aqk and qg rounded for
         # them), 2 all of them (dS and dv rounded too); 0 tf32 on float32 operands.
@@ -80,13 +80,13 @@ def _chunk_recur_bwd_kernel(
         b_qg = tl.load(qg + p_k, mask=m_rk, other=0.0).to(DO_DT)
         b_kg = tl.load(kg + base * BT * SK + o_k[None, :] * BT + r[:, None], mask=m_rk, other=0.0).to(DT)
         b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :]).to(DO_DT)
-        b_gc = tl.load(gc + base * SK + o_k, mask=m_k, other=0.0)
+        b_decay = tl.load(decay + base * SK + o_k, mask=m_k, other=0.0)
         row0, n_rows = chunk_rows(chunk_info, c)
         b_do = tl.load(do + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :],
                        mask=(r < n_rows)[:, None] & m_v[None, :], other=0.0).to(DO_DT)
         dv = tl.dot(tl.trans(b_a), b_do) + tl.dot(b_kg, dS.to(DT))
         tl.store(du + base * BT * V + r[:, None] * V + o_v[None, :], dv.to(du.dtype.element_ty), mask=m_v[None, :])
-        dS = dS * tl.exp(b_gc)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), dv.to(DT))
+        dS = dS * b_decay[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), dv.to(DT))
     tl.store(dh0 + p_s, dS, mask=m_kv)
 
 
@@ -101,7 +101,7 @@ def _dot_nt(a, b, acc, SIXTEEN: tl.constexpr):
 
 @triton.jit
 def _chunk_bwd_grads_kernel(
-    gc, chunk_info, states, ds, do, dv, v_new,
+    decay, chunk_info, states, ds, do, dv, v_new,
     dqg, dkg, dw, daqk, dgc,
     HV, K, V, SK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -109,7 +109,7 @@ def _chunk_bwd_grads_kernel(
 ):
     """Chunk-parallel, grid (chunks, HV, K / BK), for a chunk with entering state h and state gradient dS:
 
-        dqg = do h^T,  dkg = v_new dS^T,  dw = -dv h^T,  dAqk = do v_new^T,  dgC = exp(gC) rowsum(h * dS)
+        dqg = do h^T,  dkg = v_new dS^T,  dw = -dv h^T,  dAqk = do v_new^T,  dgC = e^gC rowsum(h * dS)
 
     Q16 / K16 / W16 / A16: the product of dqg / dkg / dw / dAqk on 16-bit tensor cores (both operands
     handed over in the same 16-bit type, ``handoff_dtypes``). dqg, dkg, dw are stored in their buffers' type.
@@ -147,7 +147,7 @@ def _chunk_bwd_grads_kernel(
     tl.store(dqg + p_k, acc_q.to(dqg.dtype.element_ty), mask=m_rk)
     tl.store(dkg + p_k, acc_k.to(dkg.dtype.element_ty), mask=m_rk)
     tl.store(dw + p_k, (-acc_w).to(dw.dtype.element_ty), mask=m_rk)
-    tl.store(dgc + base * K + o_k, acc_g * tl.exp(tl.load(gc + base * SK + o_k, mask=m_k, other=0.0)), mask=m_k)
+    tl.store(dgc + base * K + o_k, acc_g * tl.load(decay + base * SK + o_k, mask=m_k, other=0.0), mask=m_k)
     if i_k == 0:
         tl.store(daqk + base * BT * BT + r[:, None] * BT + r[None, :], acc_a)
 
@@ -205,7 +205,7 @@ def handoff_dtypes(q) -> dict:
     return {x: HANDOFF_16BIT if half and x in names else torch.float32 for x in HANDOFFS}
 
 
-def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, shapes, BT, handoff=None):
+def chunk_recur_bwd(w, qg, kg, aqk, decay, info, seq, states, v_new, dht, do, *, shapes, BT, handoff=None):
     """Reverse sweep then the chunk-parallel gradients, from the rebuilt intermediates, the chunk states
     and v_new of the state rebuild (``chunk_recur`` with ``v_new``). Returns (du, dqg, dkg, dw, dAqk, dgC,
     dh0): du, dqg, dkg, dw in the types of ``handoff`` (``handoff_dtypes``; float32 if None), the rest
@@ -230,7 +230,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     ds = torch.empty(NC, HV, K, V, device=dev, dtype=handoff["ds"])
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32)
     _chunk_recur_bwd_kernel[(cdiv(V, BV), N * HV)](
-        w, kg, aqk, gc, qg, info, seq, dht if dht is not None else dummy(dev), do,
+        w, kg, aqk, decay, qg, info, seq, dht if dht is not None else dummy(dev), do,
         du, ds, dh0,
         HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
         DOT16=sweep_dot16(w.dtype), ORDERED=seq_ordered(seq, N),
@@ -245,7 +245,7 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
     GK, GV, g_warps, g_stages = grads_launch(K, V)
     if NC > 0:
         _chunk_bwd_grads_kernel[(NC, HV, cdiv(K, GK))](
-            gc, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=gc.shape[-1], BT=BT, BK=GK, BV=GV,
+            decay, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=decay.shape[-1], BT=BT, BK=GK, BV=GV,
             Q16=_same16(do, states), K16=_same16(v_new, ds), W16=_same16(du, states), A16=_same16(do, v_new),
             num_warps=g_warps, num_stages=1 if INTERPRET else g_stages,
         )
@@ -259,7 +259,8 @@ def chunk_recur_bwd(w, qg, kg, aqk, gc, info, seq, states, v_new, dht, do, *, sh
 def prep_torch(q, k, v, g, beta, valid, A_log, dt_bias, cfg, return_t=False):
     """q, k: [C, BT, H, K]; v: [C, BT, HV, V]; g: [C, BT, HV, K]; beta: [C, BT, HV]; valid: [C, BT] bool.
 
-    Returns w, u, qg, kg ([C, HV, BT, .]), Aqk [C, HV, BT, BT] and gC [C, HV, K], as the kernel computes them
+    Returns w, u, qg, kg ([C, HV, BT, .]), Aqk [C, HV, BT, BT] and gC [C, HV, K], as the kernels compute them
+    (they store gC as its exponential, the chunk's decay; here it stays a log, as ``dgc`` is its gradient)
     (and T = (I + Akk)^-1 [C, HV, BT, BT] with ``return_t``). Float64 inputs compute in float64 (the test
     oracle of ``chunk_prep_bwd``), others in float32.
     """
@@ -394,13 +395,13 @@ def chunk_kda_bwd(q, k, v, g, beta, A_log, dt_bias, h0, do, dht, cfg, info, seq,
                                      states_dtype=handoff["states"])
     if aqk is None:
         aqk = outs[4]
-    w, u, qg, kg, _, gc = outs[:6]
+    w, u, qg, kg, _, decay = outs[:6]
     tinv = outs[6] if use_kernel else None
     du, dqg, dkg, dw, daqk, dgc, dh0 = chunk_recur_bwd(
-        w, qg, kg, aqk, gc, info, seq, states, v_new, None if dht is None else dht.contiguous(), do,
+        w, qg, kg, aqk, decay, info, seq, states, v_new, None if dht is None else dht.contiguous(), do,
         shapes=shapes, BT=BT, handoff=handoff,
     )
-    del w, u, qg, kg, aqk, gc, states, v_new
+    del w, u, qg, kg, aqk, decay, states, v_new
     if use_kernel:
         # A kept T must survive a second backward (retain_graph), so it is not reused as scratch.
         grads = chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, info, tinv, dw, du, dqg, dkg, daqk, dgc, cfg=cfg,

@@ -7,7 +7,7 @@
 
        Aqk[i, j] = scale * sum_d q_id k_jd exp(G_id - G_jd)     (j <= i)
        Akk[i, j] = beta_i * sum_d k_id k_jd exp(G_id - G_jd)    (j < i),   T = (I + Akk)^-1
-       w = T (beta k exp(G)),  u = T (beta v),  qg = scale q exp(G),  kg = k exp(G_C - G),  gC = G_C
+       w = T (beta k exp(G)),  u = T (beta v),  qg = scale q exp(G),  kg = k exp(G_C - G),  decay = exp(G_C)
 
    stored chunk-major ([chunk, head, row, .]; kg transposed, [chunk, head, K, row]).
 
@@ -36,7 +36,7 @@
    chunks within the span limit in one piece: prep 1.33 vs 1.42 ms with trained-like gates, 1.85 vs
    1.63 with stress gates, and forward + backward slower with both; removed.)
 
-   Then ``_chunk_wy_kernel`` (w, u, qg, kg, gC), reading the within-chunk sums of the gate from the
+   Then ``_chunk_wy_kernel`` (w, u, qg, kg, decay), reading the within-chunk sums of the gate from the
    pre-pass ``utils.gate_chunk_prepass`` (session 13) unless ``KIMI_LINEAR_KDA_GATE_CUMSUM=kernel``.
    History (T=8K, H=32, H200, docs/benchmarks.md): session 3 had three launches with the in-sub-chunk
    pairs one by one (2.2 ms); session 4 one tree kernel with levels 1 ... 32 (1.25 ms, the levels inside
@@ -46,7 +46,7 @@
 2. ``_chunk_recur_kernel``, sequential over the chunks of a sequence, grid (V / BV, N * HV): keeps a
    [K, BV] fp32 state slice in registers and fuses the output:
 
-       v_new = u - w S;   o = qg S + Aqk v_new;   S <- exp(gC) * S + kg^T v_new
+       v_new = u - w S;   o = qg S + Aqk v_new;   S <- decay * S + kg^T v_new
 
    optionally storing the state entering every chunk (prefix caching, and the backward pass).
 """
@@ -449,7 +449,7 @@ def _chunk_pair_subchunk_kernel(
 @triton.jit
 def _chunk_wy_kernel(
     q, k, v, g, beta, norms, A_log, dt_bias, chunk_info, t_in,
-    w_out, u_out, qg_out, kg_out, gc_out,
+    w_out, u_out, qg_out, kg_out, decay_out,
     scale, lower_bound,
     H, HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -458,7 +458,8 @@ def _chunk_wy_kernel(
     CUMG: tl.constexpr = False, ready=None, STREAM_GROUP: tl.constexpr = 0,
 ):
     """Second half of the split prep, grid (chunks, HV): from the stored T, w = T (beta k e^G),
-    u = T (beta v), qg, kg, gC. Decays relative to the chunk start (e^G) and to its end (e^(G_C - G)) are
+    u = T (beta v), qg, kg and the chunk's decay e^(G_C) (stored as its exponential, so the recurrences
+    and the backward sweep take no exp of it per step). Decays relative to the chunk start (e^G) and to its end (e^(G_C - G)) are
     direct sums, so all <= 1. (Session 7 fused this into the tree kernel, which saved the second pass over
     q and k for the row norms and the load of T, but the tree kernel's extra registers cost more: prep
     1.54 vs 1.42 ms at T=8K, H200.)
@@ -492,7 +493,7 @@ def _chunk_wy_kernel(
         tl.store(qg_out + p_o, (bq * e_start * scale).to(qg_out.dtype.element_ty), mask=m_o)
         tl.store(kg_out + base * BT * SK + o_k[None, :] * BT + r[:, None], (bk * e_end).to(kg_out.dtype.element_ty),
                  mask=m_o)
-        tl.store(gc_out + base * SK + o_k, g_tot, mask=o_k < SK)
+        tl.store(decay_out + base * SK + o_k, tl.where(o_k < K, tl.exp(g_tot), 0.0), mask=o_k < SK)
         b_w = tl.dot(Tm, bk * e_start * b_beta[:, None], input_precision=WY_PREC)
         tl.store(w_out + p_o, b_w.to(w_out.dtype.element_ty), mask=m_o)
     for vb in range(0, SV, BV):
@@ -509,7 +510,7 @@ def _chunk_wy_kernel(
 
 
 @triton.jit
-def _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v, m_kv, m_v,
+def _recur_chunk(c, S, w, u, qg, kg, aqk, decay, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v, m_kv, m_v,
                  m_ks, m_vs, HV, K, V, SK: tl.constexpr, SV: tl.constexpr, BT: tl.constexpr,
                  STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr, STORE_O: tl.constexpr,
                  STORE_VNEW: tl.constexpr):
@@ -525,7 +526,7 @@ def _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, 
     b_u = tl.load(u + base * BT * SV + r[:, None] * SV + o_v[None, :], mask=m_vs[None, :], other=0.0).to(tl.float32)
     if STORE_O:
         b_a = tl.load(aqk + base * BT * BT + r[:, None] * BT + r[None, :])
-    b_gc = tl.load(gc + base * SK + o_k, mask=m_ks, other=0.0)
+    b_decay = tl.load(decay + base * SK + o_k, mask=m_ks, other=0.0)
     Sd = S.to(DOT_DTYPE)
     v_new = b_u - tl.dot(b_w.to(DOT_DTYPE), Sd)
     if STORE_VNEW:  # (for the backward's gradient kernel; [chunk, head, row, V], fp32 or 16-bit)
@@ -537,12 +538,12 @@ def _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, 
         row0, n_rows = chunk_rows(chunk_info, c)
         tl.store(o + ((row0 + r)[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=(r < n_rows)[:, None] & m_v[None, :])
-    return S * tl.exp(b_gc)[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
+    return S * b_decay[:, None] + tl.dot(b_kgt.to(DOT_DTYPE), vd)
 
 
 @triton.jit
 def _chunk_recur_kernel(
-    w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, h0, ht, states, o, v_new_out,
+    w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, h0, ht, states, o, v_new_out,
     HV, K, V, SK: tl.constexpr, SV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -583,12 +584,12 @@ def _chunk_recur_kernel(
                 spins += 1
             tl.debug_barrier()
             for c in range(g0, g1):
-                S = _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v,
+                S = _recur_chunk(c, S, w, u, qg, kg, aqk, decay, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v,
                                  m_kv, m_v, m_ks, m_vs, HV, K, V, SK, SV, BT, STORE_STATES, DOT_DTYPE, STORE_O,
                                  STORE_VNEW)
     else:
         for c in range(c0, c1):
-            S = _recur_chunk(c, S, w, u, qg, kg, aqk, gc, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v,
+            S = _recur_chunk(c, S, w, u, qg, kg, aqk, decay, chunk_info, states, o, v_new_out, i_hv, r, o_k, o_v,
                              m_kv, m_v, m_ks, m_vs, HV, K, V, SK, SV, BT, STORE_STATES, DOT_DTYPE, STORE_O,
                              STORE_VNEW)
     if STORE_HT:
@@ -707,23 +708,23 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype:
 
 def prep_buffers(NC, shapes, BT, dtype, *, pad=False, aqk_dtype=None, u_dtype=None, with_aqk=True, with_t=True,
                  device=None):
-    """Empty chunk-major outputs of ``chunk_prep`` for NC chunks: (w, u, qg, kg, Aqk or None, gC, T or None)."""
+    """Empty chunk-major outputs of ``chunk_prep`` for NC chunks: (w, u, qg, kg, Aqk or None, decay, T or None)."""
     HV, K, V = shapes.HV, shapes.K, shapes.V
     SK, SV = (next_pow2(max(K, 16)), next_pow2(max(V, 16))) if pad else (K, V)
     w = torch.empty(NC, HV, BT, SK, device=device, dtype=dtype)
     qg = torch.empty_like(w)
     kg = torch.empty(NC, HV, SK, BT, device=device, dtype=dtype)  # transposed
     u = torch.empty(NC, HV, BT, SV, device=device, dtype=u_dtype or dtype)
-    gc = torch.empty(NC, HV, SK, device=device, dtype=torch.float32)
+    decay = torch.empty(NC, HV, SK, device=device, dtype=torch.float32)
     aqk = torch.empty(NC, HV, BT, BT, device=device, dtype=aqk_dtype or dtype) if with_aqk else None
     t = torch.empty(NC, HV, BT, BT, device=device, dtype=torch.float32) if with_t else None  # (T: always written)
-    return w, u, qg, kg, aqk, gc, t
+    return w, u, qg, kg, aqk, decay, t
 
 
 def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_bias, lower_bound,
                l2norm, beta_sigmoid, neg_eigval, BT, dtype, pad=False, store_t=False, aqk_dtype=None,
                t_given=None, u_dtype=None, g_act=None, norms=None, g_cum=None, out=None, stream_plan=None):
-    """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, gC) in chunk-major layout, plus
+    """Launch the chunk-local kernels. Returns (w, u, qg, kg, Aqk, decay = e^gC) in chunk-major layout, plus
     T = (I + Akk)^-1 ([NC, HV, BT, BT] fp32) when ``store_t``.
 
     ``pad`` widens the K and V axes of the intermediates to powers of two (zeros past K and V), so the
@@ -754,10 +755,10 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
     if out is None:
         out = prep_buffers(NC, shapes, BT, dtype, pad=pad, aqk_dtype=aqk_dtype, u_dtype=u_dtype,
                            with_aqk=t_given is None, with_t=t_given is None, device=dev)
-    w, u, qg, kg, aqk, gc, t = out
+    w, u, qg, kg, aqk, decay, t = out
     if t_given is not None:
         aqk, t = None, t_given
-    outs = (w, u, qg, kg, aqk, gc) + ((t,) if store_t else ())
+    outs = (w, u, qg, kg, aqk, decay) + ((t,) if store_t else ())
     if NC == 0:
         return outs
     # K blocks and warps; env overrides for tuning. Measured on an H200 at T=8K, H=32, K=V=128, bf16
@@ -836,7 +837,7 @@ def chunk_prep(q, k, v, g, beta, chunk_info, *, scale, shapes, gate, A_log, dt_b
         grid = (HV, NC)
         wy_inputs.update(ready=stream_plan.ready, STREAM_GROUP=stream_plan.group)
     LAUNCHED["wy"] = _chunk_wy_kernel[grid](
-        q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, gc, float(scale), lb, H, HV, K, V,
+        q, k, v, g, beta, nrm, a_log, bias, chunk_info, t, w, u, qg, kg, decay, float(scale), lb, H, HV, K, V,
         BT=BT, SV=SV, BV=BV, WY_PREC=prec, CUMG=g_cum is not None, **wy_inputs)
     return outs
 
@@ -896,7 +897,7 @@ def _recur_stages(dtype, BK: int) -> int:
     return 3  # H200, T=32K, bf16: 3 stages 0.74 ms, 2 stages 1.10 ms
 
 
-def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out,
+def chunk_recur(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_state, out,
                 store_final, store_states, BT, v_new=None, states_dtype=torch.float32, states=None, stream_plan=None):
     """Launch the sequential kernel. Returns (o, final_state or None, chunk states or None); with
     ``out=None`` no output is computed (the backward's state rebuild; session 8, H200, T=8K: forward +
@@ -916,7 +917,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
         from . import recur_wgmma  # (Gluon: imported only where it can run)
 
         if recur_wgmma.applies(w, u, aqk, BT, NC):
-            LAUNCHED["recur"] = recur_wgmma.launch(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, shapes=shapes,
+            LAUNCHED["recur"] = recur_wgmma.launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, shapes=shapes,
                                                    initial_state=initial_state, out=out, ht=ht, BT=BT,
                                                    ordered=seq_ordered(seq_chunks, N))
             LAUNCHED["recur_impl"] = "wgmma"
@@ -928,7 +929,7 @@ def chunk_recur(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initia
     dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[w.dtype]
     warps, stages = recur_launch(w.dtype, BK, BV)
     LAUNCHED["recur"] = _chunk_recur_kernel[(cdiv(V, BV), N * HV)](
-        w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
+        w, u, qg, kg, aqk, decay, chunk_info, seq_chunks,
         initial_state if initial_state is not None else d, ht if ht is not None else d,
         states if states is not None else d, out if out is not None else d, v_new if v_new is not None else d,
         HV, K, V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None,

@@ -1,6 +1,6 @@
 """Backward of the chunk-local KDA prep (``chunk_fwd.chunk_prep``), four launches.
 
-Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk, gC (from the reverse
+Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk and the log chunk decay gC (from the reverse
 recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
 sigmoid). With X = T^T dw, Y = T^T du and dAkk = -T^T (dw W0^T + du U0^T) T^T (W0 = b k e^G, U0 = b v):
 

@@ -6,7 +6,7 @@ chunk computes
 
     P^T   = S^T w^T                   v_new^T = u^T - P^T
     o^T   = S^T qg^T + v_new^T Aqk^T
-    S^T  <- S^T Diag(e^gC) + v_new^T kg
+    S^T  <- S^T Diag(e^gC) + v_new^T kg        (e^gC as the prep stores it: the chunk's decay)
 
 Every product takes its left operand from registers (S^T, then v_new^T, converted in registers from the
 accumulator layout, with no shared-memory round trip) and its right operand (w^T, qg^T, Aqk^T, kg, views of
@@ -22,6 +22,12 @@ The next chunk's tiles are copied into a second shared-memory stage (cp.async) w
 products run. Only P^T is on the chain: the step waits for it alone while the tensor cores go on with S^T qg^T.
 Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit type for the products, float32
 accumulation and state.
+
+The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 252 registers, no spills, 370 instructions
+per step with 20 HGMMA and 3 barriers, and between P^T's wait and the state's product only v_new's
+subtraction and conversion. Session 18's version took the decay's exp in the loop and wrote the decay
+between the products' issue and their wait: 539 instructions, 60 B of spills, and a wait for both
+products that ptxas injected (C7517), so S^T qg^T ran on the chain. ``tests/test_kda_ptxas.py`` keeps it so.
 
 Gluon runs only on a GPU (not under ``TRITON_INTERPRET=1``): the CPU tests compile this kernel for
 sm_90a (``tests/test_kda_ptxas.py``), and the GPU suite checks it against float64.
@@ -63,19 +69,19 @@ def _tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0):
 
 
 @gluon.jit
-def _issue_copies(w, u, qg, kg, aqk, gc, base, stage, w_s, q_s, k_s, a_s, u_s, g_s, i_v,
+def _issue_copies(w, u, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, u_s, d_s, i_v,
                   SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr):
     """Start the asynchronous copies of one chunk's tiles into shared-memory stage ``stage``: w, qg
     [BT, SK]; kg as stored, [SK, BT]; Aqk [BT, BT]; the V slice of u [BT, BV] (SV a multiple of 64, so no
-    mask: cp.async copies 16 B at a time only where the whole vector is kept); gC [SK]."""
+    mask: cp.async copies 16 B at a time only where the whole vector is kept); e^gC [SK]."""
     offs_a = _tile_offsets(BT, SK, SK, 0)
     async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
     async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
     async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + _tile_offsets(SK, BT, BT, 0))
     async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) + _tile_offsets(BT, BT, BT, 0))
     async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) + _tile_offsets(BT, BV, SV, i_v * BV))
-    async_copy.async_copy_global_to_shared(g_s.index(stage),
-                                           gc + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [WARPS], [0])))
+    async_copy.async_copy_global_to_shared(d_s.index(stage),
+                                           decay + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [WARPS], [0])))
     async_copy.commit_group()
 
 
@@ -89,7 +95,7 @@ def _state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def recur_wgmma_kernel(
-    w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, h0, ht, o,
+    w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, h0, ht, o,
     HV, K, V,
     SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr,
     HAS_H0: gl.constexpr, STORE_HT: gl.constexpr, ORDERED: gl.constexpr,
@@ -117,24 +123,30 @@ def recur_wgmma_kernel(
     k_s = gl.allocate_shared_memory(DT, [2, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
     a_s = gl.allocate_shared_memory(DT, [2, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
     u_s = gl.allocate_shared_memory(DT, [2, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    g_s = gl.allocate_shared_memory(gl.float32, [2, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    d_s = gl.allocate_shared_memory(gl.float32, [2, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    st_o: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, WARPS], [0, 1])  # o^T [BV, BT], V fastest
-    v_o = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(1, st_o))
-    t_o = gl.arange(0, BT, layout=gl.SliceLayout(0, st_o))
+    # o's tile goes out through shared memory as [BT, BV], read back 8 V channels (16 B) per thread: o is
+    # [tokens, HV, V], and the accumulator's own layout would scatter 2-byte stores across tokens
+    o_sm = gl.allocate_shared_memory(o.dtype.element_ty, [BT, BV],
+                                     gl.NVMMASharedLayout.get_default_for([BT, BV], o.dtype.element_ty))
+    st_o: gl.constexpr = _tile_layout(BT, BV)
+    t_o = gl.arange(0, BT, layout=gl.SliceLayout(1, st_o))
+    v_o = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, st_o))
     St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_H0:
         p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
         St = gl.load(h0 + p_s, mask=m_s, other=0.0).to(gl.float32)
     # (the first chunk's copies; an empty sequence copies a valid chunk it does not use)
     cn = gl.maximum(gl.minimum(c0, c1 - 1), 0)
-    _issue_copies(w, u, qg, kg, aqk, gc, (cn * HV + i_hv).to(gl.int64), 0, w_s, q_s, k_s, a_s, u_s, g_s, i_v,
+    _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), 0, w_s, q_s, k_s, a_s, u_s, d_s, i_v,
                   SK, SV, BT)
     for c in range(c0, c1):
         stage = (c - c0) % 2
-        # the next chunk's copies into the other stage (the last chunk's again at the end)
+        # the next chunk's copies into the other stage (the last chunk's again at the end), once every warp
+        # has done reading it and o_sm, in the previous step
+        _cta_barrier()
         cn = gl.minimum(c + 1, c1 - 1)
-        _issue_copies(w, u, qg, kg, aqk, gc, (cn * HV + i_hv).to(gl.int64), 1 - stage, w_s, q_s, k_s, a_s, u_s, g_s,
+        _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), 1 - stage, w_s, q_s, k_s, a_s, u_s, d_s,
                       i_v, SK, SV, BT)
         async_copy.wait_group(1)  # this thread's copies of this chunk are done,
         _cta_barrier()  # and every thread's,
@@ -143,14 +155,17 @@ def recur_wgmma_kernel(
         zero = gl.zeros([BV, BT], gl.float32, layout=acc_t)
         p_t = warpgroup_mma(s_a, w_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
-        # (the decay applied while those run: the products read S through s_a, so St is free)
-        St = St * gl.exp(g_s.index(stage).load(gl.SliceLayout(0, acc_s)))[None, :]
         u_t = u_s.index(stage).permute((1, 0)).load(acc_t).to(gl.float32)
+        d_t = d_s.index(stage).load(gl.SliceLayout(0, acc_s))
         # Only P^T is on the chain: wait for it alone (the products complete in issue order) and let the
         # tensor cores run S^T qg^T while v_new is formed. Register operands stay in the waits' deps while
         # an issued product may still read them.
         p_t, s_a = warpgroup_mma_wait(num_outstanding=1, deps=(p_t, s_a))
         vd = (u_t - p_t).to(DT)
+        # (the decay written after that wait, loaded before it: ptxas then schedules the multiplies while
+        # the products run. Written between the issues with its exp, it made ptxas wait for both products
+        # first, "warpgroup.wait is injected" C7517, and the loop had 539 instructions with spills, not 373)
+        St = St * d_t[None, :]
         v_s_op = gl.convert_layout(vd, op_s)
         v_t_op = gl.convert_layout(vd, op_t)
         St = warpgroup_mma(v_s_op, k_s.index(stage).permute((1, 0)), St, is_async=True)
@@ -158,12 +173,10 @@ def recur_wgmma_kernel(
         St, o_t, s_a, v_s_op, v_t_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, o_t, s_a, v_s_op, v_t_op))
         row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
         n_rows = gl.load(chunk_info + 2 * c + 1)
-        # (o is [tokens, HV, V]: stored from a layout with 8 consecutive V channels per thread, 16 B at a
-        # time; the accumulator's own layout would scatter 2-byte stores across tokens)
-        o_st = gl.convert_layout(o_t.to(o.dtype.element_ty), st_o)
-        gl.store(o + ((row0 + t_o[None, :]) * HV + i_hv) * V + v_o[:, None], o_st,
-                 mask=(t_o < n_rows)[None, :] & (v_o < V)[:, None])
-        _cta_barrier()  # (every warp has read this stage before the next step's copies overwrite it)
+        o_sm.permute((1, 0)).store(o_t.to(o.dtype.element_ty))
+        _cta_barrier()
+        gl.store(o + ((row0 + t_o[:, None]) * HV + i_hv) * V + v_o[None, :], o_sm.load(st_o),
+                 mask=(t_o < n_rows)[:, None] & (v_o < V)[None, :])
     async_copy.wait_group(0)
     if STORE_HT:
         p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
@@ -179,13 +192,13 @@ def applies(w, u, aqk, BT: int, n_chunks: int) -> bool:
             and n_chunks > 0)
 
 
-def launch(w, u, qg, kg, aqk, gc, chunk_info, seq_chunks, *, shapes, initial_state, out, ht, BT: int, ordered: bool):
+def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_state, out, ht, BT: int, ordered: bool):
     """Run the recurrence for ``chunk_fwd.chunk_recur`` (output and final state only)."""
     dt = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     dummy = torch.empty(1, device=w.device, dtype=torch.float32)
     grid = (triton.cdiv(shapes.V, BV.value), shapes.N * shapes.HV)
     return recur_wgmma_kernel[grid](
-        w, u, qg, kg, aqk, gc, chunk_info, seq_chunks,
+        w, u, qg, kg, aqk, decay, chunk_info, seq_chunks,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy, out,
         shapes.HV, shapes.K, shapes.V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, DT=dt,
         HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered, num_warps=WARPS.value,
