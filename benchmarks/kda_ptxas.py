@@ -118,7 +118,8 @@ def kernels():
         from kimi_linear.ops.kda.triton import recur_wgmma
 
         yield (f"inference recurrence, wgmma ({ibt}-row chunks)", recur_wgmma.recur_wgmma_kernel,
-               dict(SK=K, SV=V, BT=ibt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False),
+               dict(SK=K, SV=V, BT=ibt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False,
+                    STAGES=_env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)),
                recur_wgmma.WARPS.value, 1, {n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")})
     if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
         group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)

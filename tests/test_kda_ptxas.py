@@ -104,8 +104,9 @@ def test_wgmma_recurrence_keeps_its_chain_in_registers(bt):
     """The Gluon recurrence (``KIMI_LINEAR_KDA_RECUR=wgmma``) compiles for sm_90a at every kernel chunk length,
     and its chunk loop is what it was written for: warp-group MMAs with their left operands in registers
     (no mma.sync; shared-memory matrix stores only for the output tile's change to a store layout, one per
-    16 rows: the chain's operands never go through shared memory), the loads arriving by cp.async, three
-    barriers per step, and no wait that ptxas injects (C7517: touching a register an in-flight product
+    16 rows: the chain's operands never go through shared memory), the loads arriving by cp.async, at most
+    four barriers per step (the copy wait's, o's tile's, and the two Triton puts around the copies), and no
+    wait that ptxas injects (C7517: touching a register an in-flight product
     defines made it wait for S^T qg^T too, serialising it with the chain; session 19). Below 64-row chunks
     nothing spills."""
     lines, out = _ptxas_lines("--only", "wgmma", "--loops", env={"KIMI_LINEAR_KDA_RECUR": "wgmma",
@@ -114,6 +115,6 @@ def test_wgmma_recurrence_keeps_its_chain_in_registers(bt):
     loop = dict((op, int(n)) for op, n in re.findall(r"([A-Z]+) (\d+)", lines[0].split("loop", 1)[1]))
     assert loop.get("HGMMA", 0) >= 10 and loop.get("LDGSTS", 0) > 0 and "HMMA" not in loop, out
     assert loop.get("STSM", 0) <= int(bt) // 16, out
-    assert loop.get("BAR", 0) <= 3 and "C7517" not in out, out
+    assert loop.get("BAR", 0) <= 4 and "C7517" not in out, out
     if bt != "64":
         assert "spill stores/loads 0/0 B" in lines[0], out

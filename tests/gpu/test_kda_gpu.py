@@ -407,9 +407,9 @@ def test_interior_states(chunk_size):
     assert err <= OUT_TOL
 
 
-@pytest.mark.parametrize("bt", ["16", "32", "64"])
+@pytest.mark.parametrize("bt,stages", [("16", "3"), ("32", "3"), ("64", "3"), ("32", "2"), ("64", "2")])
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
-def test_recur_wgmma(gate, bt, monkeypatch):
+def test_recur_wgmma(gate, bt, stages, monkeypatch):
     """The opt-in forward recurrence on warp-group MMA (``KIMI_LINEAR_KDA_RECUR=wgmma``, Gluon): the
     inference forward at every kernel chunk length against float64 (odd lengths, padded K and V, GVA, -1000
     gates, a varlen batch with per-sequence calls, T = 8192), that it really ran where it applies (K, V
@@ -419,6 +419,7 @@ def test_recur_wgmma(gate, bt, monkeypatch):
 
     hopper = torch.cuda.get_device_capability()[0] == 9
     monkeypatch.setenv("KIMI_LINEAR_KDA_BT", bt)
+    monkeypatch.setenv("KIMI_LINEAR_KDA_RECUR_STAGES", stages)  # (copies 2 chunks ahead, or 1)
     for T, K, V in ((1, 64, 64), (65, 128, 128), (200, 100, 60), (1000, 60, 100), (63, 32, 32)):
         inp = cuda(make_inputs(B=2, T=T, H=2, HV=4, K=K, V=V, gate=gate, dtype=torch.float64, seed=T + K,
                                extreme_gate_frac=0.01))

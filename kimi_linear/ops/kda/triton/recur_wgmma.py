@@ -18,13 +18,18 @@ kernel's columns gains if it is still shorter than the Triton kernel's (about 1.
 an H100). On the tensor cores one step is about 0.5 M multiply-adds on the chain (w, then kg) and 0.3 M
 off it (qg, Aqk), roughly 500 and 300 cycles at an SM's ~1000 per cycle.
 
-The next chunk's tiles are copied into a second shared-memory stage (cp.async) while the current chunk's
-products run. Only P^T is on the chain: the step waits for it alone while the tensor cores go on with S^T qg^T.
+The tiles of the chunk STAGES - 1 ahead are copied into shared memory (cp.async) while the current chunk's
+products run: three stages by default (``KIMI_LINEAR_KDA_RECUR_STAGES=2`` for two; 206 KB of shared memory
+at 64-row chunks with three), so each copy has two steps to land, since at about 0.5 us a step the
+copies run near the memory's rate. They are issued after the products, off the chain; Triton's barrier
+pass then adds a barrier on each side of them, since it cannot tell the stages apart. Only P^T is on the
+chain: the step waits for it alone while the tensor cores go on with S^T qg^T.
+
 Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit type for the products, float32
 accumulation and state.
 
-The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 252 registers, no spills, 370 instructions
-per step with 20 HGMMA and 3 barriers, and between P^T's wait and the state's product only v_new's
+The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 255 registers, no spills, 374 instructions
+per step with 20 HGMMA and 4 barriers (2 before the copies moved off the chain), and between P^T's wait and the state's product only v_new's
 subtraction and conversion. Session 18's version took the decay's exp in the loop and wrote the decay
 between the products' issue and their wait: 539 instructions, 60 B of spills, and a wait for both
 products that ptxas injected (C7517), so S^T qg^T ran on the chain. ``tests/test_kda_ptxas.py`` keeps it so.
@@ -41,6 +46,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from .utils import env_choice
 
 # (the CTA barrier is gl.thread_barrier in triton 3.6, the GPU machines' version, and gl.barrier in 3.7)
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -98,7 +105,7 @@ def recur_wgmma_kernel(
     w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, h0, ht, o,
     HV, K, V,
     SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr,
-    HAS_H0: gl.constexpr, STORE_HT: gl.constexpr, ORDERED: gl.constexpr,
+    HAS_H0: gl.constexpr, STORE_HT: gl.constexpr, ORDERED: gl.constexpr, STAGES: gl.constexpr = 3,
 ):
     """Grid (V slices of 64, sequences * HV), one warp group per program. The chunk-major inputs are
     ``chunk_fwd.chunk_prep``'s with ``pad=True`` (K, V padded to SK, SV; kg stored [SK, BT] per chunk; Aqk
@@ -117,13 +124,13 @@ def recur_wgmma_kernel(
     acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BT, 16])
     op_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_s, k_width=2)  # A of [BV, BT] x [BT, SK]
     op_t: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_t, k_width=2)  # A of [BV, *] x [*, BT]
-    # two stages of every tile: the next chunk's copies run while this chunk's products do
-    w_s = gl.allocate_shared_memory(DT, [2, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
-    q_s = gl.allocate_shared_memory(DT, [2, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
-    k_s = gl.allocate_shared_memory(DT, [2, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
-    a_s = gl.allocate_shared_memory(DT, [2, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
-    u_s = gl.allocate_shared_memory(DT, [2, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    d_s = gl.allocate_shared_memory(gl.float32, [2, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # STAGES buffers of every tile: the copies run STAGES - 1 chunks ahead of the products
+    w_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
+    q_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
+    k_s = gl.allocate_shared_memory(DT, [STAGES, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
+    a_s = gl.allocate_shared_memory(DT, [STAGES, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
+    u_s = gl.allocate_shared_memory(DT, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
     # o's tile goes out through shared memory as [BT, BV], read back 8 V channels (16 B) per thread: o is
     # [tokens, HV, V], and the accumulator's own layout would scatter 2-byte stores across tokens
@@ -136,25 +143,28 @@ def recur_wgmma_kernel(
     if HAS_H0:
         p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
         St = gl.load(h0 + p_s, mask=m_s, other=0.0).to(gl.float32)
-    # (the first chunk's copies; an empty sequence copies a valid chunk it does not use)
-    cn = gl.maximum(gl.minimum(c0, c1 - 1), 0)
-    _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), 0, w_s, q_s, k_s, a_s, u_s, d_s, i_v,
-                  SK, SV, BT)
-    for c in range(c0, c1):
-        stage = (c - c0) % 2
-        # the next chunk's copies into the other stage (the last chunk's again at the end), once every warp
-        # has done reading it and o_sm, in the previous step
-        _cta_barrier()
-        cn = gl.minimum(c + 1, c1 - 1)
-        _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), 1 - stage, w_s, q_s, k_s, a_s, u_s, d_s,
+    # (the first STAGES - 1 chunks' copies, a group each; past the end the last chunk's again, and an empty
+    # sequence copies a valid chunk it does not use)
+    for s in gl.static_range(STAGES - 1):
+        cn = gl.maximum(gl.minimum(c0 + s, c1 - 1), 0)
+        _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), s, w_s, q_s, k_s, a_s, u_s, d_s,
                       i_v, SK, SV, BT)
-        async_copy.wait_group(1)  # this thread's copies of this chunk are done,
-        _cta_barrier()  # and every thread's,
+    for c in range(c0, c1):
+        stage = (c - c0) % STAGES
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of this chunk are done (the oldest group),
+        # and every thread's; the barrier also means every warp has finished the previous step, so the
+        # stage it read and o_sm are free
+        _cta_barrier()
         fence_async_shared()  # and visible to the tensor cores' reads
         s_a = gl.convert_layout(St.to(DT), op_t)
         zero = gl.zeros([BV, BT], gl.float32, layout=acc_t)
         p_t = warpgroup_mma(s_a, w_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
+        # the copies of chunk c + STAGES - 1 into the stage the previous step read, issued while the
+        # products run (before the barrier above they were on the chain)
+        cn = gl.minimum(c + STAGES - 1, c1 - 1)
+        _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), (stage + STAGES - 1) % STAGES,
+                      w_s, q_s, k_s, a_s, u_s, d_s, i_v, SK, SV, BT)
         u_t = u_s.index(stage).permute((1, 0)).load(acc_t).to(gl.float32)
         d_t = d_s.index(stage).load(gl.SliceLayout(0, acc_s))
         # Only P^T is on the chain: wait for it alone (the products complete in issue order) and let the
@@ -201,5 +211,6 @@ def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_
         w, u, qg, kg, aqk, decay, chunk_info, seq_chunks,
         initial_state if initial_state is not None else dummy, ht if ht is not None else dummy, out,
         shapes.HV, shapes.K, shapes.V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, DT=dt,
-        HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered, num_warps=WARPS.value,
+        HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered,
+        STAGES=int(env_choice("KIMI_LINEAR_KDA_RECUR_STAGES", "3", ("2", "3"))), num_warps=WARPS.value,
     )
