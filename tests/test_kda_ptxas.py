@@ -42,6 +42,9 @@ def test_kernels_compile_for_hopper():
         m = re.search(r"warp\(s\):\s+(\d+) regs", line)
         assert m, line  # "failed: ..." otherwise
         assert 0 < int(m.group(1)) <= 255, line
+        # ptxas serialises warp-group MMAs it cannot prove idle where their registers are touched; the
+        # gradient kernel's dAqk under ``if i_k == 0`` did so until session 19
+        assert "C7517" not in line, line
 
 
 @pytest.mark.parametrize("env,only,n", [

@@ -630,6 +630,24 @@ def test_backward_16bit_handoffs(H, HV, l2norm, monkeypatch):
         assert rel_rms(a, b) < 2e-3 and rel_rms(a, ref) < 5e-3, (rel_rms(a, b), rel_rms(a, ref))
 
 
+def test_gradient_kernel_k_blocks(monkeypatch):
+    """The chunk-parallel gradient kernel split over K blocks (``KIMI_LINEAR_KDA_GRADS_BK=16`` at K = 40:
+    three programs per chunk, the last partial) gives the default single block's gradients. Every K block
+    forms dAqk and only the first stores it (session 19: under ``if i_k == 0`` ptxas serialised the
+    kernel's warp-group MMAs)."""
+    x = make_inputs(B=1, T=45, H=1, HV=2, K=40, V=24, gate="softplus", extreme_gate_frac=0.02, seed=9,
+                    requires_grad=True, dtype=torch.float64).cast(torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    runs = {}
+    for bk in ("128", "16"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_GRADS_BK", bk)
+        o, s = x.call(chunk_kda)
+        do = torch.randn(o.shape, generator=gen.manual_seed(1))
+        runs[bk] = torch.autograd.grad((o * do).sum() + s.sum(), x.tensors())
+    for a, b in zip(runs["16"], runs["128"]):
+        assert torch.isfinite(a).all() and rel_rms(a, b) < 1e-5, rel_rms(a, b)
+
+
 def test_sweep_reads_padded_layout():
     """The reverse sweep and the gradient kernel give the same results from the padded intermediates
     (K, V widened to powers of two: the layout of 16-bit recomputes) as from the unpadded ones."""

@@ -140,8 +140,9 @@ def _chunk_bwd_grads_kernel(
         acc_k = _dot_nt(b_vn, b_ds, acc_k, K16)
         acc_w = _dot_nt(b_dv, h, acc_w, W16)
         acc_g += tl.sum(h.to(tl.float32) * b_ds.to(tl.float32), axis=1)
-        if i_k == 0:
-            acc_a = _dot_nt(b_do, b_vn, acc_a, A16)
+        # (every K block forms dAqk, the first stores it: at the default single K block that is no extra
+        # work, and under ``if i_k == 0`` ptxas serialised the loop's warp-group MMAs, C7517, session 19)
+        acc_a = _dot_nt(b_do, b_vn, acc_a, A16)
     p_k = base * BT * K + r[:, None] * K + o_k[None, :]
     m_rk = (r < BT)[:, None] & m_k[None, :]
     tl.store(dqg + p_k, acc_q.to(dqg.dtype.element_ty), mask=m_rk)
