@@ -246,7 +246,8 @@ def chunk_recur_bwd(w, qg, kg, aqk, decay, info, seq, states, v_new, dht, do, *,
     GK, GV, g_warps, g_stages = grads_launch(K, V)
     if NC > 0:
         _chunk_bwd_grads_kernel[(NC, HV, cdiv(K, GK))](
-            decay, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=decay.shape[-1], BT=BT, BK=GK, BV=GV,
+            decay, info, states, ds, do, du, v_new, dqg, dkg, dw, daqk, dgc, HV, K, V, SK=decay.shape[-1], BT=BT,
+            BK=GK, BV=GV,
             Q16=_same16(do, states), K16=_same16(v_new, ds), W16=_same16(du, states), A16=_same16(do, v_new),
             num_warps=g_warps, num_stages=1 if INTERPRET else g_stages,
         )

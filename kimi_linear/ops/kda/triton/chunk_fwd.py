@@ -457,12 +457,12 @@ def _chunk_wy_kernel(
     L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, WY_PREC: tl.constexpr,
     CUMG: tl.constexpr = False, ready=None, STREAM_GROUP: tl.constexpr = 0,
 ):
-    """Second half of the split prep, grid (chunks, HV): from the stored T, w = T (beta k e^G),
-    u = T (beta v), qg, kg and the chunk's decay e^(G_C) (stored as its exponential, so the recurrences
-    and the backward sweep take no exp of it per step). Decays relative to the chunk start (e^G) and to its end (e^(G_C - G)) are
-    direct sums, so all <= 1. (Session 7 fused this into the tree kernel, which saved the second pass over
-    q and k for the row norms and the load of T, but the tree kernel's extra registers cost more: prep
-    1.54 vs 1.42 ms at T=8K, H200.)
+    """Second half of the split prep, grid (chunks, HV): from the stored T, w = T (beta k e^G), u = T (beta v),
+    qg, kg and the chunk's decay e^(G_C) (stored as its exponential, so the recurrences and the backward
+    sweep take no exp of it per step). Decays relative to the chunk start (e^G) and to its end
+    (e^(G_C - G)) are direct sums, so all <= 1. (Session 7 fused this into the tree kernel, which saved the
+    second pass over q and k for the row norms and the load of T, but the tree kernel's extra registers
+    cost more: prep 1.54 vs 1.42 ms at T=8K, H200.)
 
     ``STREAM_GROUP`` > 0 (one sequence, grid (HV, chunks): chunk by chunk): when its stores are done the
     program adds 1 to ``ready[chunk // STREAM_GROUP, head]`` with release semantics, so that a recurrence

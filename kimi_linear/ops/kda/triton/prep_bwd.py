@@ -1,7 +1,7 @@
 """Backward of the chunk-local KDA prep (``chunk_fwd.chunk_prep``), four launches.
 
-Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk and the log chunk decay gC (from the reverse
-recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
+Given T = (I + Akk)^-1 from the forward and the gradients of w, u, qg, kg, Aqk and the log chunk decay gC
+(from the reverse recurrence), it returns the gradients of the raw inputs (through L2 norm, gate activation and beta
 sigmoid). With X = T^T dw, Y = T^T du and dAkk = -T^T (dw W0^T + du U0^T) T^T (W0 = b k e^G, U0 = b v):
 
     dv = b Y,  db = v.Y + (k e^G).X + sum_j dAkk_ij Kk_ij,  dk += b e^G X + e^(G_C - G) dkg,  dq += scale e^G dqg

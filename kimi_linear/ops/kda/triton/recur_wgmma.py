@@ -29,10 +29,11 @@ Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit type f
 accumulation and state.
 
 The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 255 registers, no spills, 374 instructions
-per step with 20 HGMMA and 4 barriers (2 before the copies moved off the chain), and between P^T's wait and the state's product only v_new's
-subtraction and conversion. Session 18's version took the decay's exp in the loop and wrote the decay
-between the products' issue and their wait: 539 instructions, 60 B of spills, and a wait for both
-products that ptxas injected (C7517), so S^T qg^T ran on the chain. ``tests/test_kda_ptxas.py`` keeps it so.
+per step with 20 HGMMA and 4 barriers (2 before the copies moved off the chain), and between P^T's wait and
+the state's product only v_new's subtraction and conversion. Session 18's version took the decay's exp in the
+loop and wrote the decay between the products' issue and their wait: 539 instructions, 60 B of spills, and a
+wait for both products that ptxas injected (C7517), so S^T qg^T ran on the chain. ``tests/test_kda_ptxas.py``
+keeps it so.
 
 Gluon runs only on a GPU (not under ``TRITON_INTERPRET=1``): the CPU tests compile this kernel for
 sm_90a (``tests/test_kda_ptxas.py``), and the GPU suite checks it against float64.
@@ -47,7 +48,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .utils import env_choice
+from .utils import dummy, env_choice
 
 # (the CTA barrier is gl.thread_barrier in triton 3.6, the GPU machines' version, and gl.barrier in 3.7)
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -205,11 +206,11 @@ def applies(w, u, aqk, BT: int, n_chunks: int) -> bool:
 def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_state, out, ht, BT: int, ordered: bool):
     """Run the recurrence for ``chunk_fwd.chunk_recur`` (output and final state only)."""
     dt = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
-    dummy = torch.empty(1, device=w.device, dtype=torch.float32)
     grid = (triton.cdiv(shapes.V, BV.value), shapes.N * shapes.HV)
     return recur_wgmma_kernel[grid](
         w, u, qg, kg, aqk, decay, chunk_info, seq_chunks,
-        initial_state if initial_state is not None else dummy, ht if ht is not None else dummy, out,
+        initial_state if initial_state is not None else dummy(w.device),
+        ht if ht is not None else dummy(w.device), out,
         shapes.HV, shapes.K, shapes.V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, DT=dt,
         HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered,
         STAGES=int(env_choice("KIMI_LINEAR_KDA_RECUR_STAGES", "3", ("2", "3"))), num_warps=WARPS.value,
