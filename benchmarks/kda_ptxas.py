@@ -121,6 +121,13 @@ def kernels():
                dict(SK=K, SV=V, BT=ibt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False,
                     STAGES=_env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)),
                recur_wgmma.WARPS.value, 1, {n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")})
+        # a training forward's: float32 Aqk at the training chunk length, in the stages that fit
+        stages = _env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)
+        if recur_wgmma.shared_bytes(K, BT, stages, 4) > recur_wgmma.SHARED_LIMIT:
+            stages = 2
+        yield (f"training recurrence, wgmma ({BT}-row chunks)", recur_wgmma.recur_wgmma_kernel,
+               dict(SK=K, SV=V, BT=BT, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False, STAGES=stages),
+               recur_wgmma.WARPS.value, 1, {**{n: "*bf16" for n in ("w", "u", "qg", "kg", "o")}, "aqk": "*fp32"})
     if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
         group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)
         yield (f"streamed w/u ({ibt}-row chunks)", chunk_fwd._chunk_wy_kernel,

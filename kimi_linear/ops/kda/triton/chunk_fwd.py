@@ -854,8 +854,9 @@ def recur_impl() -> str:
     """The forward recurrence's kernel (``KIMI_LINEAR_KDA_RECUR``): ``triton`` (``_chunk_recur_kernel``), or
     ``wgmma`` (opt-in, session 18, untimed: ``recur_wgmma``, the transposed state on Hopper's warp-group MMA,
     written in Gluon) where it applies: a CUDA Hopper GPU, an output wanted (not the backward's rebuild), no
-    interior states, 16-bit intermediates with K of 64 or 128; elsewhere the Triton kernel runs
-    (``LAUNCHED["recur_impl"]`` says which)."""
+    interior states, 16-bit intermediates with K of 64 or 128 (the inference forward's, and since session 19
+    a training forward's, whose Aqk is float32); elsewhere the Triton kernel runs (``LAUNCHED["recur_impl"]``
+    says which)."""
     return env_choice("KIMI_LINEAR_KDA_RECUR", "triton", ("triton", "wgmma"))
 
 
@@ -921,6 +922,7 @@ def chunk_recur(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, ini
                                                    initial_state=initial_state, out=out, ht=ht, BT=BT,
                                                    ordered=seq_ordered(seq_chunks, N))
             LAUNCHED["recur_impl"] = "wgmma"
+            LAUNCHED["wgmma_runs"] = LAUNCHED.get("wgmma_runs", 0) + 1  # (a forward + backward's tests count)
             return out, ht, states
     LAUNCHED["recur_impl"] = "triton"
     BK = max(16, next_pow2(K))

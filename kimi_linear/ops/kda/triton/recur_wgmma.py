@@ -58,19 +58,19 @@ WARPS = gl.constexpr(4)
 
 
 @gluon.constexpr_function
-def _tile_layout(rows, cols):
-    """A blocked layout for loading a [rows, cols] tile with one warp group: 8 contiguous 16-bit values
-    (16 B) per thread along the columns where they fit."""
-    per = min(8, cols)
+def _tile_layout(rows, cols, elem_bytes=2):
+    """A blocked layout for loading a [rows, cols] tile with one warp group: 16 B of contiguous values per
+    thread along the columns where they fit."""
+    per = min(16 // elem_bytes, cols)
     across = min(32, cols // per)
     return gl.BlockedLayout([1, per], [32 // across, across], [WARPS.value, 1], [1, 0])
 
 
 @gluon.jit
-def _tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0):
+def _tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0, ELEM_BYTES: gl.constexpr = 2):
     """Offsets r * stride + col0 + c of an [R, C] tile in ``_tile_layout(R, C)`` (recomputed at each use:
     held across the loop they would cost about 90 registers)."""
-    layout: gl.constexpr = _tile_layout(R, C)
+    layout: gl.constexpr = _tile_layout(R, C, ELEM_BYTES)
     r = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
     c = col0 + gl.arange(0, C, layout=gl.SliceLayout(0, layout))
     return r[:, None] * stride + c[None, :]
@@ -86,7 +86,8 @@ def _issue_copies(w, u, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, u_s
     async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
     async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
     async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + _tile_offsets(SK, BT, BT, 0))
-    async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) + _tile_offsets(BT, BT, BT, 0))
+    async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) +
+                                           _tile_offsets(BT, BT, BT, 0, aqk.dtype.element_ty.primitive_bitwidth // 8))
     async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) + _tile_offsets(BT, BV, SV, i_v * BV))
     async_copy.async_copy_global_to_shared(d_s.index(stage),
                                            decay + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [WARPS], [0])))
@@ -125,11 +126,17 @@ def recur_wgmma_kernel(
     acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BT, 16])
     op_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_s, k_width=2)  # A of [BV, BT] x [BT, SK]
     op_t: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_t, k_width=2)  # A of [BV, *] x [*, BT]
+    # A float32 Aqk (a training forward keeps it for the backward) is copied as it is and rounded to DT in
+    # shared memory for its product, as the Triton recurrence rounds it (Triton's wgmma takes no tf32 left
+    # operand from registers)
+    AT: gl.constexpr = aqk.dtype.element_ty
+    A32: gl.constexpr = AT == gl.float32
     # STAGES buffers of every tile: the copies run STAGES - 1 chunks ahead of the products
     w_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
     q_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
     k_s = gl.allocate_shared_memory(DT, [STAGES, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
-    a_s = gl.allocate_shared_memory(DT, [STAGES, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
+    a_s = gl.allocate_shared_memory(AT, [STAGES, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], AT))
+    a16_s = gl.allocate_shared_memory(DT, [BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
     u_s = gl.allocate_shared_memory(DT, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
@@ -166,6 +173,10 @@ def recur_wgmma_kernel(
         cn = gl.minimum(c + STAGES - 1, c1 - 1)
         _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), (stage + STAGES - 1) % STAGES,
                       w_s, q_s, k_s, a_s, u_s, d_s, i_v, SK, SV, BT)
+        if A32:  # (every warp's part written before the product reads it; the top barrier freed it)
+            a16_s.store(a_s.index(stage).load(_tile_layout(BT, BT, 4)).to(DT))
+            fence_async_shared()
+            _cta_barrier()
         u_t = u_s.index(stage).permute((1, 0)).load(acc_t).to(gl.float32)
         d_t = d_s.index(stage).load(gl.SliceLayout(0, acc_s))
         # Only P^T is on the chain: wait for it alone (the products complete in issue order) and let the
@@ -180,7 +191,7 @@ def recur_wgmma_kernel(
         v_s_op = gl.convert_layout(vd, op_s)
         v_t_op = gl.convert_layout(vd, op_t)
         St = warpgroup_mma(v_s_op, k_s.index(stage).permute((1, 0)), St, is_async=True)
-        o_t = warpgroup_mma(v_t_op, a_s.index(stage).permute((1, 0)), o_t, is_async=True)
+        o_t = warpgroup_mma(v_t_op, (a16_s if A32 else a_s.index(stage)).permute((1, 0)), o_t, is_async=True)
         St, o_t, s_a, v_s_op, v_t_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, o_t, s_a, v_s_op, v_t_op))
         row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
         n_rows = gl.load(chunk_info + 2 * c + 1)
@@ -194,24 +205,37 @@ def recur_wgmma_kernel(
         gl.store(ht + p_s, St, mask=m_s)
 
 
+SHARED_LIMIT = 227 * 1024  # (an H100's / H200's shared memory for one block)
+
+
+def shared_bytes(SK: int, BT: int, stages: int, aqk_bytes: int) -> int:
+    """The kernel's shared memory: per stage w, qg, kg (16-bit), Aqk, u's slice of 64 and the decay; the
+    output tile; with a float32 Aqk its 16-bit copy."""
+    stage = 3 * BT * SK * 2 + BT * BT * aqk_bytes + BT * BV.value * 2 + SK * 4
+    return stages * stage + BT * BV.value * 2 + (BT * BT * 2 if aqk_bytes == 4 else 0)
+
+
 def applies(w, u, aqk, BT: int, n_chunks: int) -> bool:
-    """Whether this kernel can run a forward recurrence: a Hopper GPU, 16-bit intermediates (Aqk too: the
-    inference forward's, not the float32 one a training forward keeps) padded to K of 64 or 128, chunks of
+    """Whether this kernel can run a forward recurrence: a Hopper GPU, 16-bit intermediates padded to K of
+    64 or 128 (Aqk in the same type, the inference forward's, or float32, a training forward's), chunks of
     16, 32 or 64 rows, V padded to a multiple of 64, and at least one chunk."""
     return (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] == 9 and w.dtype in (torch.bfloat16, torch.float16)
-            and aqk.dtype == w.dtype and w.shape[-1] in (64, 128) and u.shape[-1] % BV.value == 0 and BT in (16, 32, 64)
-            and n_chunks > 0)
+            and aqk.dtype in (w.dtype, torch.float32) and w.shape[-1] in (64, 128) and u.shape[-1] % BV.value == 0
+            and BT in (16, 32, 64) and n_chunks > 0)
 
 
 def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_state, out, ht, BT: int, ordered: bool):
     """Run the recurrence for ``chunk_fwd.chunk_recur`` (output and final state only)."""
     dt = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     grid = (triton.cdiv(shapes.V, BV.value), shapes.N * shapes.HV)
+    stages = int(env_choice("KIMI_LINEAR_KDA_RECUR_STAGES", "3", ("2", "3")))
+    if shared_bytes(w.shape[-1], BT, stages, aqk.element_size()) > SHARED_LIMIT:
+        stages = 2  # (a training forward's float32 Aqk at 64-row chunks: 234 KB with three)
     return recur_wgmma_kernel[grid](
         w, u, qg, kg, aqk, decay, chunk_info, seq_chunks,
         initial_state if initial_state is not None else dummy(w.device),
         ht if ht is not None else dummy(w.device), out,
         shapes.HV, shapes.K, shapes.V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, DT=dt,
         HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered,
-        STAGES=int(env_choice("KIMI_LINEAR_KDA_RECUR_STAGES", "3", ("2", "3"))), num_warps=WARPS.value,
+        STAGES=stages, num_warps=WARPS.value,
     )
