@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--dists", nargs="+", default=["init", "stress"], choices=["init", "stress"])
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
-    from kda_variants import parse
+    from kda_variants import parse, switches
 
     envs = [("defaults", {})] + [(v, parse(v)) for v in args.variants]
 
@@ -72,16 +72,8 @@ def main():
                     chunk_kda(*ts, **kw)
 
         for name, env in envs:
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with switches(env):
                 total = profile(step, args.reps)
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             print(f"## {dist} gates, {name}: {sum(total.values()):.0f} us of kernel time")
             for key, us in total.most_common():
                 print(f"  {us:8.1f}  {key[:100]}")

@@ -18,6 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from kda_variants import parse, switches  # noqa: E402  (beside this script)
+
 CASES = [  # (T, K, V, kernel chunk length)
     (32, 128, 128, "32"), (96, 128, 128, "32"), (64, 64, 64, "64"), (40, 128, 64, "16"), (200, 100, 60, "32"),
 ]
@@ -42,25 +44,13 @@ def run(env: dict, T, K, V, bt, seed=0):
     g = -0.2 * torch.rand(B, T, H, K, device="cuda", generator=gen)
     beta = torch.rand(B, T, H, device="cuda", generator=gen).to(torch.bfloat16)
     h0 = torch.randn(B, H, K, V, device="cuda", generator=gen)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env, KIMI_LINEAR_KDA_BT=bt)
-    try:
-        with torch.no_grad():
-            o, s = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                             use_qk_l2norm_in_kernel=True)
+    with switches({**env, "KIMI_LINEAR_KDA_BT": bt}), torch.no_grad():
+        o, s = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
         torch.cuda.synchronize()
-    finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
-        os.environ.pop("KIMI_LINEAR_KDA_BT", None)
     return o.float(), s.float(), chunk_fwd.LAUNCHED.get("recur_impl")
 
 
 def main():
-    from kda_variants import parse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variants", nargs="*", default=["RECUR=wgmma"],

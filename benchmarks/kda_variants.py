@@ -14,6 +14,7 @@ as in kda_gpu.py. Needs a CUDA GPU; installs nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -62,6 +63,22 @@ def parse(spec: str) -> dict:
             raise SystemExit(f"variant {spec!r}: expected KEY=VALUE pairs separated by commas")
         out[key if key.startswith(PREFIX) else PREFIX + key] = val
     return out
+
+
+@contextlib.contextmanager
+def switches(env: dict):
+    """Set ``env`` (from ``parse``) in this process's environment for the block, then restore it: the
+    kernels read their switches at launch."""
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, val in old.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
 
 
 def main():
