@@ -414,7 +414,8 @@ def test_recur_wgmma(gate, bt, stages, monkeypatch):
     inference forward at every kernel chunk length against float64 (odd lengths, padded K and V, GVA, -1000
     gates, a varlen batch with per-sequence calls, T = 8192), that it really ran where it applies (K, V
     padded to 64 or 128; Hopper), and that it agrees with the Triton recurrence it replaces (within the
-    output bound); then a training forward + backward (float32 Aqk) with the forward on it."""
+    output bound); then a training forward + backward (float32 Aqk) with its forward and the backward's
+    state rebuild on it, and interior states against the Triton kernel's."""
     from kimi_linear.ops.kda.triton import chunk_fwd
 
     hopper = torch.cuda.get_device_capability()[0] == 9
@@ -441,10 +442,22 @@ def test_recur_wgmma(gate, bt, stages, monkeypatch):
     inp = cuda(make_inputs(B=1, T=8192, H=2, K=128, V=128, gate=gate, dtype=torch.float64, seed=11,
                            extreme_gate_frac=1e-3))
     check_fwd_bwd(f"recur wgmma long BT={bt} {gate}", inp, grads=False, ref_fn=_chunked_f64)
-    # a training forward (its float32 Aqk rounded in shared memory) through the same kernel, once; the
-    # backward's state rebuild stays on the Triton kernel
+    # a training forward (its float32 Aqk rounded in shared memory) and the backward's state rebuild (chunk
+    # states and v_new, float32 u, no output) through the same kernel
     chunk_fwd.LAUNCHED["wgmma_runs"] = 0
     inp = cuda(make_inputs(B=2, T=200, H=2, HV=4, K=100, V=60, gate=gate, dtype=torch.float64, seed=5,
                            extreme_gate_frac=0.01))
     check_fwd_bwd(f"recur wgmma training BT={bt} {gate}", inp)
-    assert chunk_fwd.LAUNCHED["wgmma_runs"] == (1 if hopper else 0)
+    assert chunk_fwd.LAUNCHED["wgmma_runs"] == (2 if hopper else 0)
+    # interior states (prefix caching) from it, against the Triton recurrence's
+    x = cuda(make_inputs(B=1, T=300, H=2, K=128, V=64, gate=gate, dtype=torch.float64, seed=6,
+                         cu_seqlens=[0, 15, 100, 300])).cast(BF16)
+    got = {}
+    for impl in ("wgmma", "triton"):
+        monkeypatch.setenv("KIMI_LINEAR_KDA_RECUR", impl)
+        with torch.no_grad():
+            got[impl] = x.call(chunk_kda, chunk_size=64, return_intermediate_states=True)
+        assert chunk_fwd.LAUNCHED["recur_impl"] == (impl if hopper else "triton")
+    for name, a, b in zip(("o", "ht", "states"), got["wgmma"], got["triton"]):
+        _log(f"recur wgmma interior states BT={bt} {gate}", **{name: rel_rms(a, b)})
+        assert torch.isfinite(a).all() and rel_rms(a, b) < OUT_TOL, (name, rel_rms(a, b))

@@ -853,10 +853,10 @@ def prep_warps(BT: int) -> int:
 def recur_impl() -> str:
     """The forward recurrence's kernel (``KIMI_LINEAR_KDA_RECUR``): ``triton`` (``_chunk_recur_kernel``), or
     ``wgmma`` (opt-in, session 18, untimed: ``recur_wgmma``, the transposed state on Hopper's warp-group MMA,
-    written in Gluon) where it applies: a CUDA Hopper GPU, an output wanted (not the backward's rebuild), no
-    interior states, 16-bit intermediates with K of 64 or 128 (the inference forward's, and since session 19
-    a training forward's, whose Aqk is float32); elsewhere the Triton kernel runs (``LAUNCHED["recur_impl"]``
-    says which)."""
+    written in Gluon) where it applies: a CUDA Hopper GPU, 16-bit intermediates with K of 64 or 128 (the
+    inference forward's, and since session 19 a training forward's with its float32 Aqk, interior states,
+    and the backward's state rebuild with its float32 u), not streamed; elsewhere the Triton kernel runs
+    (``LAUNCHED["recur_impl"]`` says which)."""
     return env_choice("KIMI_LINEAR_KDA_RECUR", "triton", ("triton", "wgmma"))
 
 
@@ -913,14 +913,13 @@ def chunk_recur(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, ini
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if store_final else None
     if store_states and states is None:
         states = torch.empty(NC, HV, K, V, device=dev, dtype=states_dtype)
-    if (recur_impl() == "wgmma" and not INTERPRET and out is not None and v_new is None and not store_states
-            and stream_plan is None):
+    if recur_impl() == "wgmma" and not INTERPRET and stream_plan is None:
         from . import recur_wgmma  # (Gluon: imported only where it can run)
 
-        if recur_wgmma.applies(w, u, aqk, BT, NC):
+        if recur_wgmma.applies(w, u, aqk, BT, NC, output=out is not None):
             LAUNCHED["recur"] = recur_wgmma.launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, shapes=shapes,
                                                    initial_state=initial_state, out=out, ht=ht, BT=BT,
-                                                   ordered=seq_ordered(seq_chunks, N))
+                                                   ordered=seq_ordered(seq_chunks, N), states=states, v_new=v_new)
             LAUNCHED["recur_impl"] = "wgmma"
             LAUNCHED["wgmma_runs"] = LAUNCHED.get("wgmma_runs", 0) + 1  # (a forward + backward's tests count)
             return out, ht, states

@@ -78,17 +78,20 @@ def _tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0, ELEM_BYTES: gl
 
 @gluon.jit
 def _issue_copies(w, u, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, u_s, d_s, i_v,
-                  SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr):
+                  SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr, STORE_O: gl.constexpr):
     """Start the asynchronous copies of one chunk's tiles into shared-memory stage ``stage``: w, qg
     [BT, SK]; kg as stored, [SK, BT]; Aqk [BT, BT]; the V slice of u [BT, BV] (SV a multiple of 64, so no
-    mask: cp.async copies 16 B at a time only where the whole vector is kept); e^gC [SK]."""
+    mask: cp.async copies 16 B at a time only where the whole vector is kept); e^gC [SK]. qg and Aqk only
+    where the output is formed."""
     offs_a = _tile_offsets(BT, SK, SK, 0)
     async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
-    async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
+    if STORE_O:
+        async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
+        async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) +
+                                               _tile_offsets(BT, BT, BT, 0, aqk.dtype.element_ty.primitive_bitwidth // 8))
     async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + _tile_offsets(SK, BT, BT, 0))
-    async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) +
-                                           _tile_offsets(BT, BT, BT, 0, aqk.dtype.element_ty.primitive_bitwidth // 8))
-    async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) + _tile_offsets(BT, BV, SV, i_v * BV))
+    async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) +
+                                           _tile_offsets(BT, BV, SV, i_v * BV, u.dtype.element_ty.primitive_bitwidth // 8))
     async_copy.async_copy_global_to_shared(d_s.index(stage),
                                            decay + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [WARPS], [0])))
     async_copy.commit_group()
@@ -104,14 +107,18 @@ def _state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
 
 @gluon.jit
 def recur_wgmma_kernel(
-    w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, h0, ht, o,
+    w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, h0, ht, o, states, v_new_out,
     HV, K, V,
     SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr, DT: gl.constexpr,
     HAS_H0: gl.constexpr, STORE_HT: gl.constexpr, ORDERED: gl.constexpr, STAGES: gl.constexpr = 3,
+    STORE_O: gl.constexpr = True, STORE_STATES: gl.constexpr = False, STORE_VNEW: gl.constexpr = False,
 ):
     """Grid (V slices of 64, sequences * HV), one warp group per program. The chunk-major inputs are
     ``chunk_fwd.chunk_prep``'s with ``pad=True`` (K, V padded to SK, SV; kg stored [SK, BT] per chunk; Aqk
-    in the same 16-bit type as w)."""
+    in w's 16-bit type or float32; u in w's type or float32, as the backward's rebuild keeps it). Each of
+    the output (``STORE_O``), the state entering every chunk (``STORE_STATES``, [chunks * HV, K, V]) and
+    v_new (``STORE_VNEW``, [chunks, HV, BT, V]) is optional, as in ``chunk_fwd._chunk_recur_kernel``; the
+    backward's rebuild takes the last two without the first."""
     i_v = gl.program_id(0)
     i_nh = gl.program_id(1)
     i_n = i_nh // HV
@@ -131,22 +138,28 @@ def recur_wgmma_kernel(
     # operand from registers)
     AT: gl.constexpr = aqk.dtype.element_ty
     A32: gl.constexpr = AT == gl.float32
+    UT: gl.constexpr = u.dtype.element_ty
     # STAGES buffers of every tile: the copies run STAGES - 1 chunks ahead of the products
     w_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
     q_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
     k_s = gl.allocate_shared_memory(DT, [STAGES, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
     a_s = gl.allocate_shared_memory(AT, [STAGES, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], AT))
     a16_s = gl.allocate_shared_memory(DT, [BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
-    u_s = gl.allocate_shared_memory(DT, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    u_s = gl.allocate_shared_memory(UT, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    # o's tile goes out through shared memory as [BT, BV], read back 8 V channels (16 B) per thread: o is
-    # [tokens, HV, V], and the accumulator's own layout would scatter 2-byte stores across tokens
-    o_sm = gl.allocate_shared_memory(o.dtype.element_ty, [BT, BV],
-                                     gl.NVMMASharedLayout.get_default_for([BT, BV], o.dtype.element_ty))
-    st_o: gl.constexpr = _tile_layout(BT, BV)
+    # o's and v_new's tiles go out through shared memory as [BT, BV], read back 16 B of V channels per
+    # thread: both are stored V fastest, and the accumulator's own layout would scatter them across rows
+    OT: gl.constexpr = o.dtype.element_ty
+    o_sm = gl.allocate_shared_memory(OT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], OT))
+    st_o: gl.constexpr = _tile_layout(BT, BV, OT.primitive_bitwidth // 8)
     t_o = gl.arange(0, BT, layout=gl.SliceLayout(1, st_o))
     v_o = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, st_o))
+    NT: gl.constexpr = v_new_out.dtype.element_ty
+    n_sm = gl.allocate_shared_memory(NT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], NT))
+    st_n: gl.constexpr = _tile_layout(BT, BV, NT.primitive_bitwidth // 8)
+    t_n = gl.arange(0, BT, layout=gl.SliceLayout(1, st_n))
+    v_n = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, st_n))
     St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_H0:
         p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
@@ -156,7 +169,7 @@ def recur_wgmma_kernel(
     for s in gl.static_range(STAGES - 1):
         cn = gl.maximum(gl.minimum(c0 + s, c1 - 1), 0)
         _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), s, w_s, q_s, k_s, a_s, u_s, d_s,
-                      i_v, SK, SV, BT)
+                      i_v, SK, SV, BT, STORE_O)
     for c in range(c0, c1):
         stage = (c - c0) % STAGES
         async_copy.wait_group(STAGES - 2)  # this thread's copies of this chunk are done (the oldest group),
@@ -164,16 +177,21 @@ def recur_wgmma_kernel(
         # stage it read and o_sm are free
         _cta_barrier()
         fence_async_shared()  # and visible to the tensor cores' reads
+        base = (c * HV + i_hv).to(gl.int64)
+        if STORE_STATES:  # (the state entering the chunk, float32 or the hand-off's 16 bits)
+            p_s, m_s = _state_offsets(base, i_v, K, V, SK, acc_s)
+            gl.store(states + p_s, St.to(states.dtype.element_ty), mask=m_s)
         s_a = gl.convert_layout(St.to(DT), op_t)
         zero = gl.zeros([BV, BT], gl.float32, layout=acc_t)
         p_t = warpgroup_mma(s_a, w_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
-        o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if STORE_O:
+            o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         # the copies of chunk c + STAGES - 1 into the stage the previous step read, issued while the
         # products run (before the barrier above they were on the chain)
         cn = gl.minimum(c + STAGES - 1, c1 - 1)
         _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), (stage + STAGES - 1) % STAGES,
-                      w_s, q_s, k_s, a_s, u_s, d_s, i_v, SK, SV, BT)
-        if A32:  # (every warp's part written before the product reads it; the top barrier freed it)
+                      w_s, q_s, k_s, a_s, u_s, d_s, i_v, SK, SV, BT, STORE_O)
+        if A32 and STORE_O:  # (every warp's part written before the product reads it; the top barrier freed it)
             a16_s.store(a_s.index(stage).load(_tile_layout(BT, BT, 4)).to(DT))
             fence_async_shared()
             _cta_barrier()
@@ -182,23 +200,33 @@ def recur_wgmma_kernel(
         # Only P^T is on the chain: wait for it alone (the products complete in issue order) and let the
         # tensor cores run S^T qg^T while v_new is formed. Register operands stay in the waits' deps while
         # an issued product may still read them.
-        p_t, s_a = warpgroup_mma_wait(num_outstanding=1, deps=(p_t, s_a))
-        vd = (u_t - p_t).to(DT)
+        p_t, s_a = warpgroup_mma_wait(num_outstanding=1 if STORE_O else 0, deps=(p_t, s_a))
+        vn = u_t - p_t
+        vd = vn.to(DT)
         # (the decay written after that wait, loaded before it: ptxas then schedules the multiplies while
         # the products run. Written between the issues with its exp, it made ptxas wait for both products
         # first, "warpgroup.wait is injected" C7517, and the loop had 539 instructions with spills, not 373)
         St = St * d_t[None, :]
         v_s_op = gl.convert_layout(vd, op_s)
-        v_t_op = gl.convert_layout(vd, op_t)
         St = warpgroup_mma(v_s_op, k_s.index(stage).permute((1, 0)), St, is_async=True)
-        o_t = warpgroup_mma(v_t_op, (a16_s if A32 else a_s.index(stage)).permute((1, 0)), o_t, is_async=True)
-        St, o_t, s_a, v_s_op, v_t_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, o_t, s_a, v_s_op, v_t_op))
-        row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
-        n_rows = gl.load(chunk_info + 2 * c + 1)
-        o_sm.permute((1, 0)).store(o_t.to(o.dtype.element_ty))
-        _cta_barrier()
-        gl.store(o + ((row0 + t_o[:, None]) * HV + i_hv) * V + v_o[None, :], o_sm.load(st_o),
-                 mask=(t_o < n_rows)[:, None] & (v_o < V)[None, :])
+        if STORE_O:
+            v_t_op = gl.convert_layout(vd, op_t)
+            o_t = warpgroup_mma(v_t_op, (a16_s if A32 else a_s.index(stage)).permute((1, 0)), o_t, is_async=True)
+        if STORE_VNEW:  # (u - w S unrounded, every row of the chunk, while the products run)
+            n_sm.permute((1, 0)).store(vn.to(NT))
+            _cta_barrier()
+            gl.store(v_new_out + (base * BT + t_n[:, None]) * V + v_n[None, :], n_sm.load(st_n),
+                     mask=(t_n < BT)[:, None] & (v_n < V)[None, :])
+        if STORE_O:
+            St, o_t, s_a, v_s_op, v_t_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, o_t, s_a, v_s_op, v_t_op))
+            row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
+            n_rows = gl.load(chunk_info + 2 * c + 1)
+            o_sm.permute((1, 0)).store(o_t.to(OT))
+            _cta_barrier()
+            gl.store(o + ((row0 + t_o[:, None]) * HV + i_hv) * V + v_o[None, :], o_sm.load(st_o),
+                     mask=(t_o < n_rows)[:, None] & (v_o < V)[None, :])
+        else:
+            St, s_a, v_s_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, s_a, v_s_op))
     async_copy.wait_group(0)
     if STORE_HT:
         p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
@@ -208,34 +236,43 @@ def recur_wgmma_kernel(
 SHARED_LIMIT = 227 * 1024  # (an H100's / H200's shared memory for one block)
 
 
-def shared_bytes(SK: int, BT: int, stages: int, aqk_bytes: int) -> int:
-    """The kernel's shared memory: per stage w, qg, kg (16-bit), Aqk, u's slice of 64 and the decay; the
-    output tile; with a float32 Aqk its 16-bit copy."""
-    stage = 3 * BT * SK * 2 + BT * BT * aqk_bytes + BT * BV.value * 2 + SK * 4
-    return stages * stage + BT * BV.value * 2 + (BT * BT * 2 if aqk_bytes == 4 else 0)
+def shared_bytes(SK: int, BT: int, stages: int, aqk_bytes: int, u_bytes: int = 2, store_o: bool = True,
+                 vnew_bytes: int = 0) -> int:
+    """The kernel's shared memory: per stage w, kg (16-bit), u's slice of 64 and the decay, and with an
+    output qg and Aqk; the output's tile and its 16-bit copy of a float32 Aqk; v_new's tile where stored."""
+    stage = 2 * BT * SK * 2 + BT * BV.value * u_bytes + SK * 4 + (BT * SK * 2 + BT * BT * aqk_bytes if store_o else 0)
+    out = (BT * BV.value * 2 + (BT * BT * 2 if aqk_bytes == 4 else 0)) if store_o else 0
+    return stages * stage + out + BT * BV.value * vnew_bytes
 
 
-def applies(w, u, aqk, BT: int, n_chunks: int) -> bool:
-    """Whether this kernel can run a forward recurrence: a Hopper GPU, 16-bit intermediates padded to K of
-    64 or 128 (Aqk in the same type, the inference forward's, or float32, a training forward's), chunks of
-    16, 32 or 64 rows, V padded to a multiple of 64, and at least one chunk."""
+def applies(w, u, aqk, BT: int, n_chunks: int, output: bool = True) -> bool:
+    """Whether this kernel can run a recurrence: a Hopper GPU, 16-bit w, qg, kg padded to K of 64 or 128, u
+    in their type or float32 (the backward's rebuild), with an ``output`` Aqk in their type (the inference
+    forward's) or float32 (a training forward's), chunks of 16, 32 or 64 rows, V padded to a multiple of
+    64, and at least one chunk."""
     return (w.is_cuda and torch.cuda.get_device_capability(w.device)[0] == 9 and w.dtype in (torch.bfloat16, torch.float16)
-            and aqk.dtype in (w.dtype, torch.float32) and w.shape[-1] in (64, 128) and u.shape[-1] % BV.value == 0
-            and BT in (16, 32, 64) and n_chunks > 0)
+            and u.dtype in (w.dtype, torch.float32) and (not output or aqk.dtype in (w.dtype, torch.float32))
+            and w.shape[-1] in (64, 128) and u.shape[-1] % BV.value == 0 and BT in (16, 32, 64) and n_chunks > 0)
 
 
-def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_state, out, ht, BT: int, ordered: bool):
-    """Run the recurrence for ``chunk_fwd.chunk_recur`` (output and final state only)."""
+def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_state, out, ht, BT: int,
+           ordered: bool, states=None, v_new=None):
+    """Run the recurrence for ``chunk_fwd.chunk_recur``: the output where ``out`` is given, the final state
+    into ``ht``, the chunk states into ``states`` and v_new into ``v_new`` where given."""
     dt = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     grid = (triton.cdiv(shapes.V, BV.value), shapes.N * shapes.HV)
     stages = int(env_choice("KIMI_LINEAR_KDA_RECUR_STAGES", "3", ("2", "3")))
-    if shared_bytes(w.shape[-1], BT, stages, aqk.element_size()) > SHARED_LIMIT:
+    nbytes = dict(aqk_bytes=aqk.element_size() if out is not None else 2, u_bytes=u.element_size(),
+                  store_o=out is not None, vnew_bytes=v_new.element_size() if v_new is not None else 0)
+    if shared_bytes(w.shape[-1], BT, stages, **nbytes) > SHARED_LIMIT:
         stages = 2  # (a training forward's float32 Aqk at 64-row chunks: 234 KB with three)
+    d = dummy(w.device)
     return recur_wgmma_kernel[grid](
-        w, u, qg, kg, aqk, decay, chunk_info, seq_chunks,
-        initial_state if initial_state is not None else dummy(w.device),
-        ht if ht is not None else dummy(w.device), out,
+        w, u, qg, kg, aqk if out is not None else d, decay, chunk_info, seq_chunks,
+        initial_state if initial_state is not None else d, ht if ht is not None else d,
+        out if out is not None else d, states if states is not None else d, v_new if v_new is not None else d,
         shapes.HV, shapes.K, shapes.V, SK=w.shape[-1], SV=u.shape[-1], BT=BT, DT=dt,
-        HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered,
-        STAGES=stages, num_warps=WARPS.value,
+        HAS_H0=initial_state is not None, STORE_HT=ht is not None, ORDERED=ordered, STAGES=stages,
+        STORE_O=out is not None, STORE_STATES=states is not None, STORE_VNEW=v_new is not None,
+        num_warps=WARPS.value,
     )
