@@ -130,7 +130,8 @@ def kernels():
                recur_wgmma.WARPS.value, 1, {**{n: "*bf16" for n in ("w", "u", "qg", "kg", "o")}, "aqk": "*fp32"})
         # the backward's state rebuild: no output; the chunk states and v_new (float32 hand-offs), float32 u
         stages = _env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)
-        if recur_wgmma.shared_bytes(K, BT, stages, 4, u_bytes=4, store_o=False, vnew_bytes=4) > recur_wgmma.SHARED_LIMIT:
+        rebuild_bytes = recur_wgmma.shared_bytes(K, BT, stages, 4, u_bytes=4, store_o=False, vnew_bytes=4)
+        if rebuild_bytes > recur_wgmma.SHARED_LIMIT:
             stages = 2
         yield (f"rebuild, wgmma ({BT}-row chunks)", recur_wgmma.recur_wgmma_kernel,
                dict(SK=K, SV=V, BT=BT, DT=gl.bfloat16, HAS_H0=True, STORE_HT=False, ORDERED=False, STAGES=stages,

@@ -1,4 +1,5 @@
-"""The forward recurrence on Hopper's warp-group MMA, written in Gluon (opt-in, ``KIMI_LINEAR_KDA_RECUR=wgmma``).
+"""The chunk recurrence on Hopper's warp-group MMA, written in Gluon (opt-in, ``KIMI_LINEAR_KDA_RECUR=wgmma``):
+the inference and training forwards, interior states, and the backward's state rebuild.
 
 Same math as ``chunk_fwd._chunk_recur_kernel``, on the transposed state: one program per (V slice of 64,
 sequence, head) holds S^T [64, K] in float32 registers, in the accumulator layout of ``wgmma``, and per
@@ -25,8 +26,10 @@ copies run near the memory's rate. They are issued after the products, off the c
 pass then adds a barrier on each side of them, since it cannot tell the stages apart. Only P^T is on the
 chain: the step waits for it alone while the tensor cores go on with S^T qg^T.
 
-Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit type for the products, float32
-accumulation and state.
+Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit type for the products (a
+training forward's float32 Aqk too, rounded in shared memory), float32 accumulation and state. The output,
+the state entering each chunk and v_new are each optional, as in the Triton kernel; the rebuild takes the
+last two without the first, from its float32 u.
 
 The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 255 registers, no spills, 374 instructions
 per step with 20 HGMMA and 4 barriers (2 before the copies moved off the chain), and between P^T's wait and
@@ -83,17 +86,19 @@ def _issue_copies(w, u, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, u_s
     [BT, SK]; kg as stored, [SK, BT]; Aqk [BT, BT]; the V slice of u [BT, BV] (SV a multiple of 64, so no
     mask: cp.async copies 16 B at a time only where the whole vector is kept); e^gC [SK]. qg and Aqk only
     where the output is formed."""
+    A_BYTES: gl.constexpr = aqk.dtype.element_ty.primitive_bitwidth // 8
+    U_BYTES: gl.constexpr = u.dtype.element_ty.primitive_bitwidth // 8
     offs_a = _tile_offsets(BT, SK, SK, 0)
     async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
     if STORE_O:
         async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
-        async_copy.async_copy_global_to_shared(a_s.index(stage), aqk + base * (BT * BT) +
-                                               _tile_offsets(BT, BT, BT, 0, aqk.dtype.element_ty.primitive_bitwidth // 8))
+        async_copy.async_copy_global_to_shared(a_s.index(stage),
+                                               aqk + base * (BT * BT) + _tile_offsets(BT, BT, BT, 0, A_BYTES))
     async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + _tile_offsets(SK, BT, BT, 0))
-    async_copy.async_copy_global_to_shared(u_s.index(stage), u + base * (BT * SV) +
-                                           _tile_offsets(BT, BV, SV, i_v * BV, u.dtype.element_ty.primitive_bitwidth // 8))
-    async_copy.async_copy_global_to_shared(d_s.index(stage),
-                                           decay + base * SK + gl.arange(0, SK, layout=gl.BlockedLayout([1], [32], [WARPS], [0])))
+    async_copy.async_copy_global_to_shared(u_s.index(stage),
+                                           u + base * (BT * SV) + _tile_offsets(BT, BV, SV, i_v * BV, U_BYTES))
+    k_lay: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    async_copy.async_copy_global_to_shared(d_s.index(stage), decay + base * SK + gl.arange(0, SK, layout=k_lay))
     async_copy.commit_group()
 
 
