@@ -53,7 +53,8 @@ def test_kernels_compile_for_hopper():
     ({"KIMI_LINEAR_KDA_BT": "32"}, ["bwd pairs"], 1),  # training at 32-row chunks: the backward's pair kernel
     ({"KIMI_LINEAR_KDA_STREAM": "1"}, ["streamed"], 2),  # w/u and recurrence side by side, with their flags
     ({"KIMI_LINEAR_KDA_PTXAS_VARLEN": "1"}, ["varlen-ordered"], 2),  # varlen programs longest first
-    ({"KIMI_LINEAR_KDA_RECUR": "wgmma"}, ["wgmma"], 3),  # the recurrence in Gluon (inference, training, rebuild)
+    ({"KIMI_LINEAR_KDA_RECUR": "wgmma"}, ["wgmma"], 4),  # the recurrence in Gluon (inference, interior states,
+    # training, rebuild)
 ], ids=["fused_subchunk_tree", "handoff16", "bwd_pairs32", "streamed", "varlen_ordered", "recur_wgmma"])
 def test_opt_in_kernels_compile_for_hopper(env, only, n):
     """The opt-in launches (not run by default, so not covered above) compile for sm_90a too."""
@@ -112,11 +113,11 @@ def test_wgmma_recurrence_keeps_its_chain_in_registers(bt):
     wait that ptxas injects (C7517: touching a register an in-flight product
     defines made it wait for S^T qg^T too, serialising it with the chain; session 19). Below 64-row chunks
     nothing spills. The training forward's variant (float32 Aqk, rounded in shared memory for its product,
-    64-row chunks; one barrier more for that copy) and the backward's state rebuild (chunk states and v_new
-    stored, no output) compile too."""
+    64-row chunks; one barrier more for that copy), the forward with interior states and the backward's
+    state rebuild (chunk states and v_new stored, no output) compile too."""
     lines, out = _ptxas_lines("--only", "wgmma", "--loops", env={"KIMI_LINEAR_KDA_RECUR": "wgmma",
                                                                   "KIMI_LINEAR_KDA_BT": bt})
-    assert len(lines) == 3 and "training" in lines[1] and "rebuild" in lines[2], out
+    assert len(lines) == 4 and "interior" in lines[1] and "training" in lines[2] and "rebuild" in lines[3], out
     for line in lines[1:]:
         loop = dict((op, int(n)) for op, n in re.findall(r"([A-Z]+) (\d+)", line.split("loop", 1)[1]))
         assert loop.get("HGMMA", 0) >= 10 and "HMMA" not in loop and loop.get("BAR", 0) <= 5, out
