@@ -125,7 +125,8 @@ def kernels():
         yield (f"interior states, wgmma ({ibt}-row chunks)", recur_wgmma.recur_wgmma_kernel,
                dict(SK=K, SV=V, BT=ibt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False,
                     STAGES=_env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3), STORE_STATES=True),
-               recur_wgmma.WARPS.value, 1, {**{n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")}, "states": "*fp32"})
+               recur_wgmma.WARPS.value, 1,
+               {**{n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")}, "states": "*fp32"})
         # a training forward's: float32 Aqk at the training chunk length, in the stages that fit
         stages = _env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)
         if recur_wgmma.shared_bytes(K, BT, stages, 4) > recur_wgmma.SHARED_LIMIT:
