@@ -117,33 +117,24 @@ def kernels():
 
         from kimi_linear.ops.kda.triton import recur_wgmma
 
-        yield (f"inference recurrence, wgmma ({ibt}-row chunks)", recur_wgmma.recur_wgmma_kernel,
-               dict(SK=K, SV=V, BT=ibt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False,
-                    STAGES=_env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)),
-               recur_wgmma.WARPS.value, 1, {n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")})
+        def wgmma(name, bt, ptr_types, nbytes=None, **flags):
+            """One build of the Gluon kernel, with the stages its launcher would take (``stage_count``)."""
+            stages = recur_wgmma.stage_count(K, bt, **(nbytes or {}))
+            return (f"{name}, wgmma ({bt}-row chunks)", recur_wgmma.recur_wgmma_kernel,
+                    dict(dict(SK=K, SV=V, BT=bt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False,
+                              STAGES=stages), **flags),
+                    recur_wgmma.WARPS.value, 1, {**{n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")},
+                                                 **ptr_types})
+
+        yield wgmma("inference recurrence", ibt, {})
         # with interior states (prefix caching): the state entering every chunk stored too
-        yield (f"interior states, wgmma ({ibt}-row chunks)", recur_wgmma.recur_wgmma_kernel,
-               dict(SK=K, SV=V, BT=ibt, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False,
-                    STAGES=_env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3), STORE_STATES=True),
-               recur_wgmma.WARPS.value, 1,
-               {**{n: "*bf16" for n in ("w", "u", "qg", "kg", "aqk", "o")}, "states": "*fp32"})
-        # a training forward's: float32 Aqk at the training chunk length, in the stages that fit
-        stages = _env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)
-        if recur_wgmma.shared_bytes(K, BT, stages, 4) > recur_wgmma.SHARED_LIMIT:
-            stages = 2
-        yield (f"training recurrence, wgmma ({BT}-row chunks)", recur_wgmma.recur_wgmma_kernel,
-               dict(SK=K, SV=V, BT=BT, DT=gl.bfloat16, HAS_H0=True, STORE_HT=True, ORDERED=False, STAGES=stages),
-               recur_wgmma.WARPS.value, 1, {**{n: "*bf16" for n in ("w", "u", "qg", "kg", "o")}, "aqk": "*fp32"})
+        yield wgmma("interior states", ibt, {"states": "*fp32"}, STORE_STATES=True)
+        # a training forward's: float32 Aqk at the training chunk length
+        yield wgmma("training recurrence", BT, {"aqk": "*fp32"}, dict(aqk_bytes=4))
         # the backward's state rebuild: no output; the chunk states and v_new (float32 hand-offs), float32 u
-        stages = _env_int("KIMI_LINEAR_KDA_RECUR_STAGES", 3)
-        rebuild_bytes = recur_wgmma.shared_bytes(K, BT, stages, 4, u_bytes=4, store_o=False, vnew_bytes=4)
-        if rebuild_bytes > recur_wgmma.SHARED_LIMIT:
-            stages = 2
-        yield (f"rebuild, wgmma ({BT}-row chunks)", recur_wgmma.recur_wgmma_kernel,
-               dict(SK=K, SV=V, BT=BT, DT=gl.bfloat16, HAS_H0=True, STORE_HT=False, ORDERED=False, STAGES=stages,
-                    STORE_O=False, STORE_STATES=True, STORE_VNEW=True),
-               recur_wgmma.WARPS.value, 1, {**{n: "*bf16" for n in ("w", "qg", "kg", "o")}, "aqk": "*fp32",
-                                            "u": "*fp32", "states": "*fp32", "v_new_out": "*fp32"})
+        yield wgmma("rebuild", BT, {"u": "*fp32", "states": "*fp32", "v_new_out": "*fp32"},
+                    dict(u_bytes=4, store_o=False, vnew_bytes=4), STORE_HT=False, STORE_O=False,
+                    STORE_STATES=True, STORE_VNEW=True)
     if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
         group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)
         yield (f"streamed w/u ({ibt}-row chunks)", chunk_fwd._chunk_wy_kernel,

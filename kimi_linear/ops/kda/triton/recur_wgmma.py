@@ -31,7 +31,7 @@ training forward's float32 Aqk too, rounded in shared memory), float32 accumulat
 the state entering each chunk and v_new are each optional, as in the Triton kernel; the rebuild takes the
 last two without the first, from its float32 u.
 
-The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 255 registers, no spills, 374 instructions
+The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 255 registers, no spills, 367 instructions
 per step with 20 HGMMA and 4 barriers (2 before the copies moved off the chain), and between P^T's wait and
 the state's product only v_new's subtraction and conversion. Session 18's version took the decay's exp in the
 loop and wrote the decay between the products' issue and their wait: 539 instructions, 60 B of spills, and a
@@ -111,6 +111,22 @@ def _state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
+def _store_rows(sm, x_t, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr):
+    """Store x^T ([BV, BT], an accumulator layout) as BT rows of this program's BV channels at
+    ``ptr + t * row_stride + v``, rows t < n_rows: through the shared tile ``sm`` as [BT, BV], read back 16 B
+    of channels per thread (o and v_new are stored channels fastest; the accumulator's own layout would
+    scatter them across rows). Freeing ``sm`` for the next step is the caller's (its top barrier)."""
+    T: gl.constexpr = sm.dtype
+    sm.permute((1, 0)).store(x_t.to(T))
+    _cta_barrier()
+    layout: gl.constexpr = _tile_layout(BT, BV, T.primitive_bitwidth // 8)
+    t = gl.arange(0, BT, layout=gl.SliceLayout(1, layout))
+    v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, layout))
+    gl.store(ptr + t[:, None] * row_stride + v[None, :], sm.load(layout),
+             mask=(t < n_rows)[:, None] & (v < V)[None, :])
+
+
+@gluon.jit
 def recur_wgmma_kernel(
     w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, h0, ht, o, states, v_new_out,
     HV, K, V,
@@ -153,18 +169,11 @@ def recur_wgmma_kernel(
     u_s = gl.allocate_shared_memory(UT, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    # o's and v_new's tiles go out through shared memory as [BT, BV], read back 16 B of V channels per
-    # thread: both are stored V fastest, and the accumulator's own layout would scatter them across rows
+    # the shared tiles o and v_new go out through (``_store_rows``)
     OT: gl.constexpr = o.dtype.element_ty
     o_sm = gl.allocate_shared_memory(OT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], OT))
-    st_o: gl.constexpr = _tile_layout(BT, BV, OT.primitive_bitwidth // 8)
-    t_o = gl.arange(0, BT, layout=gl.SliceLayout(1, st_o))
-    v_o = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, st_o))
     NT: gl.constexpr = v_new_out.dtype.element_ty
     n_sm = gl.allocate_shared_memory(NT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], NT))
-    st_n: gl.constexpr = _tile_layout(BT, BV, NT.primitive_bitwidth // 8)
-    t_n = gl.arange(0, BT, layout=gl.SliceLayout(1, st_n))
-    v_n = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, st_n))
     St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_H0:
         p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
@@ -218,18 +227,12 @@ def recur_wgmma_kernel(
             v_t_op = gl.convert_layout(vd, op_t)
             o_t = warpgroup_mma(v_t_op, (a16_s if A32 else a_s.index(stage)).permute((1, 0)), o_t, is_async=True)
         if STORE_VNEW:  # (u - w S unrounded, every row of the chunk, while the products run)
-            n_sm.permute((1, 0)).store(vn.to(NT))
-            _cta_barrier()
-            gl.store(v_new_out + (base * BT + t_n[:, None]) * V + v_n[None, :], n_sm.load(st_n),
-                     mask=(t_n < BT)[:, None] & (v_n < V)[None, :])
+            _store_rows(n_sm, vn, v_new_out + base * BT * V, V, BT, i_v, V, BT)
         if STORE_O:
             St, o_t, s_a, v_s_op, v_t_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, o_t, s_a, v_s_op, v_t_op))
             row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
             n_rows = gl.load(chunk_info + 2 * c + 1)
-            o_sm.permute((1, 0)).store(o_t.to(OT))
-            _cta_barrier()
-            gl.store(o + ((row0 + t_o[:, None]) * HV + i_hv) * V + v_o[None, :], o_sm.load(st_o),
-                     mask=(t_o < n_rows)[:, None] & (v_o < V)[None, :])
+            _store_rows(o_sm, o_t, o + (row0 * HV + i_hv) * V, HV * V, n_rows, i_v, V, BT)
         else:
             St, s_a, v_s_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, s_a, v_s_op))
     async_copy.wait_group(0)
@@ -241,13 +244,21 @@ def recur_wgmma_kernel(
 SHARED_LIMIT = 227 * 1024  # (an H100's / H200's shared memory for one block)
 
 
-def shared_bytes(SK: int, BT: int, stages: int, aqk_bytes: int, u_bytes: int = 2, store_o: bool = True,
+def shared_bytes(SK: int, BT: int, stages: int, aqk_bytes: int = 2, u_bytes: int = 2, store_o: bool = True,
                  vnew_bytes: int = 0) -> int:
     """The kernel's shared memory: per stage w, kg (16-bit), u's slice of 64 and the decay, and with an
     output qg and Aqk; the output's tile and its 16-bit copy of a float32 Aqk; v_new's tile where stored."""
     stage = 2 * BT * SK * 2 + BT * BV.value * u_bytes + SK * 4 + (BT * SK * 2 + BT * BT * aqk_bytes if store_o else 0)
     out = (BT * BV.value * 2 + (BT * BT * 2 if aqk_bytes == 4 else 0)) if store_o else 0
     return stages * stage + out + BT * BV.value * vnew_bytes
+
+
+def stage_count(SK: int, BT: int, **nbytes) -> int:
+    """The copy stages a launch takes (``KIMI_LINEAR_KDA_RECUR_STAGES``, default 3), or two where three
+    would not fit in shared memory (a training forward's float32 Aqk at 64-row chunks: 234 KB); ``nbytes``
+    as ``shared_bytes`` takes them."""
+    stages = int(env_choice("KIMI_LINEAR_KDA_RECUR_STAGES", "3", ("2", "3")))
+    return 2 if shared_bytes(SK, BT, stages, **nbytes) > SHARED_LIMIT else stages
 
 
 def applies(w, u, aqk, BT: int, n_chunks: int, output: bool = True) -> bool:
@@ -266,11 +277,9 @@ def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_
     into ``ht``, the chunk states into ``states`` and v_new into ``v_new`` where given."""
     dt = gl.bfloat16 if w.dtype == torch.bfloat16 else gl.float16
     grid = (triton.cdiv(shapes.V, BV.value), shapes.N * shapes.HV)
-    stages = int(env_choice("KIMI_LINEAR_KDA_RECUR_STAGES", "3", ("2", "3")))
-    nbytes = dict(aqk_bytes=aqk.element_size() if out is not None else 2, u_bytes=u.element_size(),
-                  store_o=out is not None, vnew_bytes=v_new.element_size() if v_new is not None else 0)
-    if shared_bytes(w.shape[-1], BT, stages, **nbytes) > SHARED_LIMIT:
-        stages = 2  # (a training forward's float32 Aqk at 64-row chunks: 234 KB with three)
+    stages = stage_count(w.shape[-1], BT, aqk_bytes=aqk.element_size() if out is not None else 2,
+                         u_bytes=u.element_size(), store_o=out is not None,
+                         vnew_bytes=v_new.element_size() if v_new is not None else 0)
     d = dummy(w.device)
     return recur_wgmma_kernel[grid](
         w, u, qg, kg, aqk if out is not None else d, decay, chunk_info, seq_chunks,
