@@ -190,22 +190,17 @@ def kernels():
                _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2), 1, g32)
     tree = os.environ.get("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel") == "kernel"  # the tree levels on their own
     tree_bk = _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)
-    # The opt-in fused launch: the tree kernel takes the tensor-core sub-chunk pairs too, and the exact
-    # kernel its K blocks (of the tree's width) per flag.
-    fuse = tree and env_choice("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "0", ("0", "1")) == "1"
-    if not fuse:
-        yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
-               dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
-               _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1), 1, g32)
+    yield ("bwd diag fast", prep_bwd._prep_bwd_diag_fast_kernel,
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32), **no_norm),
+           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1), 1, g32)
     yield ("bwd diag", prep_bwd._prep_bwd_diag_kernel,
-           dict(BT=BT, BK=tree_bk if fuse else _env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), PER_BLOCK=int(fuse),
-                **no_norm), _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1), 1, g32)
+           dict(BT=BT, BK=_env_int("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32), **no_norm),
+           _env_int("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1), 1, g32)
     tree_nk = 0
     if tree:
         tree_nk = K // tree_bk
-        yield ("bwd tree levels" + (" + sub-chunks" if fuse else ""), prep_bwd._prep_bwd_tree_kernel,
-               dict(BK=tree_bk, PAIR_PREC="tf32", FUSE_DIAG=int(fuse), **no_norm),
-               _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 4 if fuse else 2), 1, g32)
+        yield ("bwd tree levels", prep_bwd._prep_bwd_tree_kernel, dict(BK=tree_bk, PAIR_PREC="tf32", **no_norm),
+               _env_int("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2), 1, g32)
     yield ("bwd prep pass 2 (pairs)", prep_bwd._chunk_prep_bwd_kernel,
            dict(BT=BT, BK=bwd_bk, PAIR_PREC="tf32", ABLATE=_env_int("KIMI_LINEAR_KDA_PREP_BWD_ABLATE", 0),
                 TREE_KERNEL_NK=tree_nk, FINAL_OUT=int(env_choice("KIMI_LINEAR_KDA_PREP_BWD_FINAL", "1", ("1", "0")) == "1"),

@@ -169,47 +169,14 @@ def test_subchunk_paths(case, path, monkeypatch):
     dict(T=128, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-0.002, seed=6),  # weak decay: far pairs count
     dict(B=1, T=150, H=1, HV=2, BT=64, gate="softplus", cu_seqlens=[0, 5, 70, 150], seed=4),  # varlen
 ], ids=["gva", "two_k_blocks", "all_extreme", "long_span", "weak_decay", "varlen"])
-@pytest.mark.parametrize("fuse", ["0", "1"])
-def test_tree_kernel(case, fuse, monkeypatch):
+def test_tree_kernel(case, monkeypatch):
     """``KIMI_LINEAR_KDA_PREP_BWD_TREE=kernel`` (the default at 64-row chunks): pass 2's tree levels in a
     launch of their own on 16-row sub-chunk tiles, here in K blocks of 16; against float64, with the
-    launch checked. ``KIMI_LINEAR_KDA_PREP_BWD_FUSE=1``: the same kernel also takes the pairs inside the
-    sub-chunks (tiles within the span limit), and the exact kernel adds the K blocks it marked."""
+    launch checked."""
     from kimi_linear.ops.kda.triton import prep_bwd
 
     monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel")
     monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", "16")  # several K blocks at these widths
-    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_FUSE", fuse)
     _run(**case)
     assert prep_bwd.LAUNCHED["tree_kernel_nk"] > 1
-    assert prep_bwd.LAUNCHED["fused_diag"] == (fuse == "1")
-    if fuse == "1":  # a flag per sub-chunk and K block
-        assert prep_bwd.LAUNCHED["diag_wide"].shape[-1] == prep_bwd.LAUNCHED["tree_kernel_nk"]
-
-
-# (case, share of K-block tiles left to the exact kernel: 0, "some" or 1)
-FUSED_CASES = {
-    "trained_like": (dict(T=128, H=1, HV=2, BT=64, gate="softplus", seed=1), 0),
-    "mixed": (dict(T=73, H=1, BT=64, gate="pregated", extreme=0.03, seed=1), "some"),
-    "inside_limit": (dict(T=64, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-7.8, seed=2), 0),
-    "outside_limit": (dict(T=64, H=1, BT=64, gate="pregated", extreme=1.0, extreme_value=-8.2, seed=2), 1),
-}
-
-
-@pytest.mark.parametrize("exact", [False, True])
-@pytest.mark.parametrize("case", list(FUSED_CASES))
-def test_fused_subchunk_tree(case, exact, monkeypatch):
-    """The fused tree + sub-chunk launch (``KIMI_LINEAR_KDA_PREP_BWD_FUSE=1``) against float64, with the
-    share of tiles it leaves to the exact kernel checked (all of them with ``KIMI_LINEAR_KDA_DIAG_SPAN=-1``),
-    so each case takes the path it is meant to; K blocks of 32 (the default), partial chunks."""
-    from kimi_linear.ops.kda.triton import prep_bwd
-
-    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "1")
-    kw, share = FUSED_CASES[case]
-    if exact:
-        monkeypatch.setenv("KIMI_LINEAR_KDA_DIAG_SPAN", "-1")
-        share = 1
-    _run(**kw)
-    assert prep_bwd.LAUNCHED["fused_diag"]
-    wide = prep_bwd.LAUNCHED["diag_wide"].float().mean().item()
-    assert (0 < wide < 1) if share == "some" else wide == share, wide
+    assert prep_bwd.LAUNCHED["tree_fn"] is prep_bwd._prep_bwd_tree_kernel

@@ -48,14 +48,13 @@ def test_kernels_compile_for_hopper():
 
 
 @pytest.mark.parametrize("env,only,n", [
-    ({"KIMI_LINEAR_KDA_PREP_BWD_FUSE": "1"}, ["bwd diag", "bwd tree"], 2),  # no tensor-core sub-chunk kernel
     ({"KIMI_LINEAR_KDA_BWD_HANDOFF": "all"}, ["rebuild", "sweep", "gradients", "pass"], 5),
     ({"KIMI_LINEAR_KDA_BT": "32"}, ["bwd pairs"], 1),  # training at 32-row chunks: the backward's pair kernel
     ({"KIMI_LINEAR_KDA_STREAM": "1"}, ["streamed"], 2),  # w/u and recurrence side by side, with their flags
     ({"KIMI_LINEAR_KDA_PTXAS_VARLEN": "1"}, ["varlen-ordered"], 2),  # varlen programs longest first
     ({"KIMI_LINEAR_KDA_RECUR": "wgmma"}, ["wgmma"], 4),  # the recurrence in Gluon (inference, interior states,
     # training, rebuild)
-], ids=["fused_subchunk_tree", "handoff16", "bwd_pairs32", "streamed", "varlen_ordered", "recur_wgmma"])
+], ids=["handoff16", "bwd_pairs32", "streamed", "varlen_ordered", "recur_wgmma"])
 def test_opt_in_kernels_compile_for_hopper(env, only, n):
     """The opt-in launches (not run by default, so not covered above) compile for sm_90a too."""
     lines, out = _ptxas_lines("--only", *only, env=env)

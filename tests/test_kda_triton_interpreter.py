@@ -58,20 +58,15 @@ def test_chunk_forward_backward(gate):
     assert max(errs) < 2e-4, errs
 
 
-@pytest.mark.parametrize("fwd_tree,bwd_tree", [("masked", "pass2"), (None, None), (None, "fuse")])
+@pytest.mark.parametrize("fwd_tree,bwd_tree", [("masked", "pass2"), (None, None)])
 def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
     """Packed sequences of 5, 65 and 80 tokens (several 64-token chunks, partial ones, a chunk that is
     mostly padding), GVA, -1000 gates: forward and every gradient against float64; the tree levels on
     16-row sub-chunk tiles (the defaults at 64-row chunks) or as masked [64, 64] products
     (``KIMI_LINEAR_KDA_TREE=masked``, ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2``, as at 32 and 128 rows);
-    checks which kernels ran. ``fuse``: the opt-in fused tree + sub-chunk launch of the backward
-    (``KIMI_LINEAR_KDA_PREP_BWD_FUSE=1``)."""
+    checks which kernels ran."""
     from kimi_linear.ops.kda.triton import chunk_fwd, prep_bwd
 
-    fuse = bwd_tree == "fuse"
-    monkeypatch.setenv("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "1" if fuse else "0")
-    if fuse:
-        bwd_tree = None
     for name, val in (("KIMI_LINEAR_KDA_TREE", fwd_tree), ("KIMI_LINEAR_KDA_PREP_BWD_TREE", bwd_tree)):
         if val is None:  # the defaults
             monkeypatch.delenv(name, raising=False)
@@ -87,7 +82,6 @@ def test_varlen_forward_backward(fwd_tree, bwd_tree, monkeypatch):
     assert chunk_fwd.LAUNCHED["tree_fn"] is (chunk_fwd._chunk_tree_kernel if masked else
                                              chunk_fwd._chunk_tree_subchunk_kernel)
     assert (prep_bwd.LAUNCHED["tree_kernel_nk"] == 0) == masked
-    assert prep_bwd.LAUNCHED["fused_diag"] == fuse
 
 
 @pytest.mark.parametrize("bwd_tree", ["kernel", "pass2"])
@@ -493,7 +487,7 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_PREP_BWD_TREE", "KIMI_LINEAR_KDA_STORE",
                                   "KIMI_LINEAR_KDA_GATE_PASS", "KIMI_LINEAR_KDA_NORM_PASS",
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
-                                  "KIMI_LINEAR_KDA_PREP_BWD_FUSE", "KIMI_LINEAR_KDA_BT",
+                                  "KIMI_LINEAR_KDA_BT",
                                   "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_STREAM",
                                   "KIMI_LINEAR_KDA_RECUR"])
 def test_unknown_switch_value(name, monkeypatch):

@@ -23,12 +23,13 @@ Launches:
 
 At 64-row chunks (the default; ``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2`` opts out, and 128-row chunks keep
 the levels in pass 2; at 32-row chunks ``_prep_bwd_pair_kernel`` takes the one level, the block pair
-(1, 0), session 14, not yet timed) ``_prep_bwd_tree_kernel`` (grid chunks x HV x K / BK, between 2 and 3)
-takes the tree levels on [16, BK] sub-chunk tiles, as [16, 16] block products, adding its parts to the
-sub-chunk kernels' buffers, and pass 2 skips them. ptxas (sm_90a, session 9): pass 2 then has 128
-registers at 8 warps, no spills and 1696 SASS instructions (560 / 648 B of spills and 6200 with the
-levels at 4 warps). H200, session 9, T=8K, forward + backward: 9.77 -> 8.69 ms with the tree kernel at 4
-warps, 8.37 at 2, 7.98 with pass 2 at 8 warps and the forward's sub-chunk tree (trained-like gates).
+(1, 0), session 14; training at 32 rows took 1.034x the time of 64, session 16) ``_prep_bwd_tree_kernel``
+(grid chunks x HV x K / BK, between 2 and 3) takes the tree levels on [16, BK] sub-chunk tiles, as
+[16, 16] block products, adding its parts to the sub-chunk kernels' buffers, and pass 2 skips them. ptxas
+(sm_90a, session 9): pass 2 then has 128 registers at 8 warps, no spills and 1696 SASS instructions
+(560 / 648 B of spills and 6200 with the levels at 4 warps). H200, session 9, T=8K, forward + backward:
+9.77 -> 8.69 ms with the tree kernel at 4 warps, 8.37 at 2, 7.98 with pass 2 at 8 warps and the forward's
+sub-chunk tree (trained-like gates).
 
 (Sessions 6-8 tried a whole-chunk branch of pass 2 for chunks whose log-decay span is within
 ``utils.DIAG_SPAN_MAX``, in one kernel with both branches and then as a launch of its own: chunk_prep_bwd
@@ -67,7 +68,7 @@ from .utils import (
     INTERPRET, apply_beta, block_channels, block_cumsum, cdiv, chunk_program, diag_span_max, dummy,
     env_choice, gate_prepass, head_a_log, l2_norm_factor, load_gate, load_qkg_block, load_qkg_next, midpoint_factors,
     next_pow2, subchunk_block, subchunk_column, subchunk_program, subchunk_takes_fast_path, subchunk_tiles,
-    tile_span, tree_factor, tree_pairs, wide_flag,
+    tree_factor, tree_pairs, wide_flag,
 )
 
 # The last compiled kernel of each launch (the benchmarks read registers and spills from them).
@@ -235,7 +236,7 @@ def _diag_gate_grad(bg, r, d_l):
 @triton.jit
 def _put_parts(ddq, ddk, ddg, p, m, d_q, d_k, d_g, ADD: tl.constexpr):
     """Parts of dq, dk and the gate gradient at offsets p (mask m) of the sub-chunk kernels' float32
-    buffers: stored, or with ``ADD`` added to what an earlier launch stored there."""
+    buffers: stored, or with ``ADD`` added to what the sub-chunk kernels stored there."""
     if ADD:
         d_q += tl.load(ddq + p, mask=m, other=0.0)
         d_k += tl.load(ddk + p, mask=m, other=0.0)
@@ -246,10 +247,9 @@ def _put_parts(ddq, ddk, ddg, p, m, d_q, d_k, d_g, ADD: tl.constexpr):
 
 
 @triton.jit
-def _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_l, K, ADD: tl.constexpr = 0):
-    """One K block's in-sub-chunk parts of dq, dk and the gate gradient (``_diag_gate_grad``), stored, or
-    with ``ADD`` added to what the fused tree kernel stored."""
-    _put_parts(ddq, ddk, ddg, row_hv[:, None] * K + o_k[None, :], m_rk, d_q, d_k, _diag_gate_grad(bg, r, d_l), ADD)
+def _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, d_q, d_k, d_l, K):
+    """Store one K block's in-sub-chunk parts of dq, dk and the gate gradient (``_diag_gate_grad``)."""
+    _put_parts(ddq, ddk, ddg, row_hv[:, None] * K + o_k[None, :], m_rk, d_q, d_k, _diag_gate_grad(bg, r, d_l), 0)
 
 
 @triton.jit
@@ -295,9 +295,9 @@ def _prep_bwd_diag_fast_kernel(
 @triton.jit
 def _exact_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
                  Mq, Mk, bb, row_hv, ddq, ddk, ddg, db, BK: tl.constexpr, GATE: tl.constexpr,
-                 HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, ADD: tl.constexpr):
-    """One K block of ``_prep_bwd_diag_kernel``: its parts stored (or with ``ADD`` added), db returned with
-    the block's part added."""
+                 HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One K block of ``_prep_bwd_diag_kernel``: its parts stored, db returned with the block's part
+    added."""
     o_k, m_rk, bq, bk, bg = load_qkg_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a,
                                            lower_bound, H, HV, K, BK, GATE, HAS_A, HAS_BIAS)
     dec = tl.exp(bg)
@@ -318,7 +318,7 @@ def _exact_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a, lowe
     acc_r = bb[:, None] * acc_m  # row side of dk
     db += tl.sum(bk * acc_m, axis=1)
     _store_diag_grads(ddq, ddk, ddg, row_hv, o_k, m_rk, r, bg, acc_q, acc_r + acc_c,
-                      bq * acc_q + bk * (acc_r - acc_c), K, ADD)
+                      bq * acc_q + bk * (acc_r - acc_c), K)
     return db
 
 
@@ -330,14 +330,12 @@ def _prep_bwd_diag_kernel(
     H, HV, K,
     BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PER_BLOCK: tl.constexpr = 0,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr,
 ):
     """The pairs inside one 16-row sub-chunk for any gate, grid (chunks * BT / 16, HV), after pass 1:
     the sub-chunks ``_prep_bwd_diag_fast_kernel`` marked in ``wide`` (the others return at once). Their
     parts of dq, dk (normalised q, k) and of the gradient of every activated gate go to ``ddq``, ``ddk``,
-    ``ddg`` (pass 2 adds them), their part of dbeta into ``db_part``. With ``PER_BLOCK`` (after the fused
-    tree kernel, ``KIMI_LINEAR_KDA_PREP_BWD_FUSE=1``) ``wide`` holds a flag per sub-chunk and K block, and
-    only the marked K blocks are taken, their parts added to what that kernel stored.
+    ``ddg`` (pass 2 adds them), their part of dbeta into ``db_part``.
 
     As the forward's ``_chunk_diag_kernel``: columns j from the last to the first, E_i = exp(g_(j+1) +
     ... + g_i) as a running product of decays <= 1 (exact for any gate), one warp. The loop keeps only dq,
@@ -345,26 +343,14 @@ def _prep_bwd_diag_kernel(
     and the gate terms (q * dq + k * dk_row - k * dk_col) are formed once after it (session 5: 14% fewer
     instructions than summing them per column, same sums).
     """
-    if PER_BLOCK:  # [HV, chunks * BT / 16, K / BK]
-        p_flag = wide + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * tl.cdiv(K, BK)
-        n_wide = tl.zeros([], dtype=tl.int32)
-        for kb in range(0, K, BK):
-            n_wide += tl.load(p_flag + kb // BK).to(tl.int32)
-    else:
-        p_flag = wide_flag(wide)
-        n_wide = tl.load(p_flag).to(tl.int32)
-    if n_wide != 0:
+    if tl.load(wide_flag(wide)) != 0:
         i_hv, i_h, s, base, rows0, r, m_r, a = subchunk_program(chunk_info, A_log, H, HV, BT, HAS_A)
         row_hv, bb, rq, rk, Mq, Mk = _diag_bwd_rows(beta, daqk, dakk, norms, scale, i_hv, s, base, rows0, r, m_r,
                                                     HV, BT, BETA_SIGMOID, NEG_EIGVAL)
         db = tl.zeros([16], dtype=tl.float32)
         for kb in range(0, K, BK):
-            take = 1
-            if PER_BLOCK:
-                take = tl.load(p_flag + kb // BK)
-            if take != 0:
-                db = _exact_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
-                                  Mq, Mk, bb, row_hv, ddq, ddk, ddg, db, BK, GATE, HAS_A, HAS_BIAS, PER_BLOCK)
+            db = _exact_block(q, k, g, dt_bias, kb, rows0, r, m_r, i_h, i_hv, rq, rk, a, lower_bound, H, HV, K,
+                              Mq, Mk, bb, row_hv, ddq, ddk, ddg, db, BK, GATE, HAS_A, HAS_BIAS)
         _add_diag_db(db_part, base, s, r, db, BT)
 
 
@@ -405,44 +391,19 @@ def _adjacent_pair_bwd(q_i, k_i, b_i, f_i, k_j, v_j, mq, mk, PREC: tl.constexpr)
 
 
 @triton.jit
-def _add_rows(ddq, ddk, ddg, row0, r, m_rk, o_k, i_hv, HV, K, d_q, d_k, d_g, ADD: tl.constexpr = 1):
-    """Add a [16, BK] block's dq, dk and gate gradient to the sub-chunk kernels' buffers (or, with
-    ``ADD`` = 0, store them: the fused tree kernel runs before the exact sub-chunk kernel)."""
-    _put_parts(ddq, ddk, ddg, ((row0 + r) * HV + i_hv)[:, None] * K + o_k[None, :], m_rk, d_q, d_k, d_g, ADD)
-
-
-@triton.jit
-def _fused_diag(q_s, k_s, g_s, b_s, n_rows, p_aqk, p_akk, scale, span_max, p_flag, d_q, d_k, d_g, d_b,
-                S: tl.constexpr):
-    """With ``KIMI_LINEAR_KDA_PREP_BWD_FUSE=1``: the pairs inside sub-chunk S on the tree kernel's
-    [16, BK] tiles, as ``_prep_bwd_diag_fast_kernel`` takes them, when the tile's log-decay span is
-    within ``span_max`` (midpoint factors, checked per K block: the factoring is per channel). Otherwise
-    the tile is marked in ``p_flag`` for the exact kernel. Returns the tree's parts with these added."""
-    rl = tl.arange(0, 16)
-    ok = tile_span(g_s, rl) <= span_max  # (False for NaN)
-    tl.store(p_flag, (~ok).to(tl.int8))
-    if ok:
-        mq, mk = _block_pair_loads(p_aqk, p_akk, n_rows, scale, S, S)
-        strict = rl[:, None] > rl[None, :]  # (the diagonal block: only its strictly lower pairs)
-        mq = tl.where(strict, mq, 0.0)
-        mk = tl.where(strict, mk, 0.0)
-        ea, eb = midpoint_factors(g_s, rl)
-        dq_s, dk_s, d_row, d_col, db_s = _pairs(q_s, k_s, b_s, ea, eb, mq, mk, "tf32x3")
-        d_q += dq_s
-        d_k += dk_s
-        d_g += _diag_gate_grad(g_s, rl, d_row - d_col)
-        d_b += db_s
-    return d_q, d_k, d_g, d_b
+def _add_rows(ddq, ddk, ddg, row0, r, m_rk, o_k, i_hv, HV, K, d_q, d_k, d_g):
+    """Add a [16, BK] block's dq, dk and gate gradient to the sub-chunk kernels' buffers."""
+    _put_parts(ddq, ddk, ddg, ((row0 + r) * HV + i_hv)[:, None] * K + o_k[None, :], m_rk, d_q, d_k, d_g, 1)
 
 
 @triton.jit
 def _prep_bwd_tree_kernel(
-    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, ddq, ddk, ddg, db_tree, wide,
-    scale, lower_bound, span_max,
+    q, k, g, beta, A_log, dt_bias, chunk_info, daqk, dakk, norms, ddq, ddk, ddg, db_tree,
+    scale, lower_bound,
     H, HV, K,
     BK: tl.constexpr,
     GATE: tl.constexpr, HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PAIR_PREC: tl.constexpr, FUSE_DIAG: tl.constexpr = 0,
+    BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, PAIR_PREC: tl.constexpr,
 ):
     """At 64-row chunks (``KIMI_LINEAR_KDA_PREP_BWD_TREE=pass2`` opts out): pass 2's tree levels in a launch
     of their own, grid (chunks, HV, K / BK), on [16, BK] sub-chunk tiles. The pairs between sub-chunks
@@ -451,9 +412,9 @@ def _prep_bwd_tree_kernel(
     exact for any gate), instead of [64, 64] x [64, BK] products masked to an eighth and a quarter of
     their entries. Adds dq, dk and the gate gradient to the sub-chunk kernels' ``ddq`` / ``ddk`` /
     ``ddg`` (each program owns its rows and channels) and writes its dbeta parts per K block to
-    ``db_tree`` ([chunks, HV, K / BK, 64]); pass 2 then skips its levels. With ``FUSE_DIAG`` it runs
-    before the sub-chunk kernels and takes the pairs inside the sub-chunks too (``_fused_diag``), storing
-    instead of adding; the exact kernel then adds the K blocks it marked in ``wide``."""
+    ``db_tree`` ([chunks, HV, K / BK, 64]); pass 2 then skips its levels. (Session 12 also took the pairs
+    inside the sub-chunks here, replacing the tensor-core sub-chunk launch: 1.026x / 0.993x the forward +
+    backward time with init-like / stress gates, session 13; removed in session 20.)"""
     i_c, i_hv, i_h, row0, n_rows, base = chunk_program(chunk_info, H, HV)
     i_k = tl.program_id(2)
     kb = i_k * BK
@@ -535,21 +496,10 @@ def _prep_bwd_tree_kernel(
     dg1 += tl.cumsum(dc1, axis=0) - dc1 + tl.sum(dc0, axis=0)[None, :]
     dq0 = tl.zeros([16, BK], dtype=tl.float32)
     db0 = tl.zeros([16], dtype=tl.float32)
-    if FUSE_DIAG:  # flags [HV, chunks * 4, K / BK], as the exact kernel's grid reads them
-        p_flag = wide + ((i_hv * tl.num_programs(0) + i_c) * 4) * tl.num_programs(2) + i_k
-        dq0, dk0, dg0, db0 = _fused_diag(q0, k0, g0, b0, n_rows, p_aqk, p_akk, scale, span_max, p_flag,
-                                         dq0, dk0, dg0, db0, 0)
-        dq1, dk1, dg1, db1 = _fused_diag(q1, k1, g1, b1, n_rows, p_aqk, p_akk, scale, span_max,
-                                         p_flag + tl.num_programs(2), dq1, dk1, dg1, db1, 1)
-        dq2, dk2, dg2, db2 = _fused_diag(q2, k2, g2, b2, n_rows, p_aqk, p_akk, scale, span_max,
-                                         p_flag + 2 * tl.num_programs(2), dq2, dk2, dg2, db2, 2)
-        dq3, dk3, dg3, db3 = _fused_diag(q3, k3, g3, b3, n_rows, p_aqk, p_akk, scale, span_max,
-                                         p_flag + 3 * tl.num_programs(2), dq3, dk3, dg3, db3, 3)
-    ADD: tl.constexpr = 1 - FUSE_DIAG
-    _add_rows(ddq, ddk, ddg, row0, r0, m0, o_k, i_hv, HV, K, dq0, dk0, dg0, ADD)
-    _add_rows(ddq, ddk, ddg, row0, r1, m1, o_k, i_hv, HV, K, dq1, dk1, dg1, ADD)
-    _add_rows(ddq, ddk, ddg, row0, r2, m2, o_k, i_hv, HV, K, dq2, dk2, dg2, ADD)
-    _add_rows(ddq, ddk, ddg, row0, r3, m3, o_k, i_hv, HV, K, dq3, dk3, dg3, ADD)
+    _add_rows(ddq, ddk, ddg, row0, r0, m0, o_k, i_hv, HV, K, dq0, dk0, dg0)
+    _add_rows(ddq, ddk, ddg, row0, r1, m1, o_k, i_hv, HV, K, dq1, dk1, dg1)
+    _add_rows(ddq, ddk, ddg, row0, r2, m2, o_k, i_hv, HV, K, dq2, dk2, dg2)
+    _add_rows(ddq, ddk, ddg, row0, r3, m3, o_k, i_hv, HV, K, dq3, dk3, dg3)
     p_db = db_tree + (base * tl.num_programs(2) + i_k) * 64 + tl.arange(0, 16)
     tl.store(p_db, db0)
     tl.store(p_db + 16, db1)
@@ -800,56 +750,41 @@ def chunk_prep_bwd(q, k, v, g, beta, A_log, dt_bias, chunk_info, T, dw, du, dqg,
         tree_kernel = BT in (32, 64) and env_choice("KIMI_LINEAR_KDA_PREP_BWD_TREE", "kernel", ("kernel", "pass2")) == "kernel"
         tree_bk = max(16, min(int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_BK", 32)), next_pow2(K)))
         tree_nk = cdiv(K, tree_bk) if tree_kernel else 0
-        # Fused (opt-in, session 12, untimed): the tree kernel also takes the pairs inside the sub-chunks
-        # whose K-block tile spans at most DIAG_SPAN nats, storing dq / dk / dg parts once instead of the
-        # tensor-core sub-chunk kernel storing them and the tree kernel adding to them; the exact kernel
-        # then adds the tiles it left, K block by K block (so in the tree's K blocks). At 4 warps (ptxas,
-        # sm_90a: 255 registers, 144 B of spills, 6760 SASS; at 2 warps 1328 B and 11936 SASS; the two
-        # kernels it replaces: 452 + 300 B, 6024 + 3176 SASS).
-        fuse = env_choice("KIMI_LINEAR_KDA_PREP_BWD_FUSE", "0", ("0", "1")) == "1" and tree_kernel and BT == 64
-        exact_bk = tree_bk if fuse else max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K)))
-        wide = torch.empty(HV, grid[0], *((tree_nk,) if fuse else ()), device=dev, dtype=torch.int8)
+        wide = torch.empty(HV, grid[0], device=dev, dtype=torch.int8)
         db_tree = torch.empty(NC, HV, tree_nk, BT, device=dev, dtype=f32) if tree_kernel else d
 
-        def tree_launch(fuse_diag):
-            if BT == 32:  # (session 14, not yet timed on a card)
-                LAUNCHED["tree_fn"] = _prep_bwd_pair_kernel
-                LAUNCHED["tree"] = _prep_bwd_pair_kernel[(NC, HV, tree_nk)](
-                    q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2],
-                    db_tree, float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags_pre, PAIR_PREC=prec,
-                    num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2)), num_stages=1,
-                )
-                return
-            # The tree levels in a launch of their own on sub-chunk tiles (64-row chunks). Session 9, H200,
-            # T=8K, forward + backward: 2 warps 8.37 ms, 4 warps 8.69, 1 warp 9.46 (8 warps: 10.79 vs 9.52
-            # at 4 with the float32 rebuild); K blocks of 16 10.21 and 64 8.41 at 4 warps, 64 at 2 9.38.
-            LAUNCHED["tree_fn"] = _prep_bwd_tree_kernel
-            LAUNCHED["tree"] = _prep_bwd_tree_kernel[(NC, HV, tree_nk)](
-                q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2],
-                db_tree, wide, float(cfg.scale), lb, diag_span_max(), H, HV, K, BK=tree_bk, **flags_pre,
-                PAIR_PREC=prec, FUSE_DIAG=int(fuse_diag),
-                num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 4 if fuse_diag else 2)), num_stages=1,
-            )
-
-        LAUNCHED["fused_diag"] = fuse  # (tests check which path ran)
-        if fuse:
-            tree_launch(True)
-            LAUNCHED["diag_fast"] = None  # (not launched)
-        else:
-            LAUNCHED["diag_fast"] = _prep_bwd_diag_fast_kernel[grid](
-                q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1],
-                diag[2], wide, float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT,
-                BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32)), next_pow2(K))), **flags_pre,
-                num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1)), num_stages=1,
-            )
+        LAUNCHED["diag_fast"] = _prep_bwd_diag_fast_kernel[grid](
+            q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1],
+            diag[2], wide, float(cfg.scale), lb, diag_span_max(), H, HV, K, BT=BT,
+            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_BK", 32)), next_pow2(K))), **flags_pre,
+            num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_FAST_WARPS", 1)), num_stages=1,
+        )
         LAUNCHED["diag_wide"] = wide
         LAUNCHED["diag"] = _prep_bwd_diag_kernel[grid](
             q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, db_part, diag[0], diag[1], diag[2],
-            wide, float(cfg.scale), lb, H, HV, K, BT=BT, BK=exact_bk, **flags_pre, PER_BLOCK=int(fuse),
+            wide, float(cfg.scale), lb, H, HV, K, BT=BT,
+            BK=max(16, min(int(env("KIMI_LINEAR_KDA_BWD_DIAG_BK", 32)), next_pow2(K))), **flags_pre,
             num_warps=int(env("KIMI_LINEAR_KDA_BWD_DIAG_WARPS", 1)), num_stages=1,
         )
-        if tree_kernel and not fuse:
-            tree_launch(False)
+        # The tree levels (pairs between sub-chunks) in a launch of their own on sub-chunk tiles, after the
+        # sub-chunk kernels: they add to those kernels' buffers.
+        if tree_kernel and BT == 32:  # (training at 32 rows: 1.034x the time of 64, session 16, H100)
+            LAUNCHED["tree_fn"] = _prep_bwd_pair_kernel
+            LAUNCHED["tree"] = _prep_bwd_pair_kernel[(NC, HV, tree_nk)](
+                q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2],
+                db_tree, float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags_pre, PAIR_PREC=prec,
+                num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2)), num_stages=1,
+            )
+        elif tree_kernel:
+            # 64-row chunks. Session 9, H200, T=8K, forward + backward: 2 warps 8.37 ms, 4 warps 8.69, 1 warp
+            # 9.46 (8 warps: 10.79 vs 9.52 at 4 with the float32 rebuild); K blocks of 16 10.21 and 64 8.41
+            # at 4 warps, 64 at 2 9.38.
+            LAUNCHED["tree_fn"] = _prep_bwd_tree_kernel
+            LAUNCHED["tree"] = _prep_bwd_tree_kernel[(NC, HV, tree_nk)](
+                q, k, g_pre, beta, a_pre, bias_pre, chunk_info, daqk, dakk, norms, diag[0], diag[1], diag[2],
+                db_tree, float(cfg.scale), lb, H, HV, K, BK=tree_bk, **flags_pre, PAIR_PREC=prec,
+                num_warps=int(env("KIMI_LINEAR_KDA_PREP_BWD_TREE_WARPS", 2)), num_stages=1,
+            )
         LAUNCHED["tree_kernel_nk"] = tree_nk
         LAUNCHED["pairs"] = _chunk_prep_bwd_kernel[(NC, HV)](
             q, k, g, beta, a_log, bias, chunk_info, dqg, dkg, daqk, dgc, norms, db_part, diag[0], diag[1],
