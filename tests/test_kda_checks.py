@@ -172,6 +172,14 @@ def test_state_pool_errors():
 def test_context_parallel_is_refused_not_ignored():
     with pytest.raises(NotImplementedError, match="cp_context"):
         call(chunk_kda, base(cp_context=object()))
+    with pytest.raises(NotImplementedError, match="use_graph=True"):
+        call(chunk_kda, base(use_graph=True))
+
+
+@pytest.mark.parametrize("fn", FN)
+def test_state_layout_named_twice_is_refused(fn):
+    with pytest.raises(ValueError, match="state_v_first or its deprecated name"):
+        call(fn, base(state_v_first=True, transpose_state_layout=True))
 
 
 def test_forcing_triton_on_unsupported_inputs_is_refused(monkeypatch):

@@ -301,6 +301,60 @@ def test_property_chunk_equals_token_loop(T, K, V, H, chunk_size, gate, extreme,
 
 
 # ---------------------------------------------------------------------------------------------
+# Drop-in for flash-linear-attention: fla-core 0.6.0's parameters, in its order
+# ---------------------------------------------------------------------------------------------
+
+# Positional parameters and defaults of fla-core 0.6.0's public functions (fla/ops/kda/chunk.py and
+# fused_recurrent.py), and the names fla reads from its **kwargs. A call written for fla binds the same
+# arguments here; our own additions are keyword-only.
+FLA_POSITIONAL = {
+    "chunk_kda": dict(
+        q=None, k=None, v=None, g=None, beta=None, scale=None, initial_state=None, output_final_state=False,
+        use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+        allow_neg_eigval=False, safe_gate=False, lower_bound=None, disable_recompute=False,
+        return_intermediate_states=False, state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None,
+        cp_context=None, use_graph=False, max_num_seqs=None),
+    "fused_recurrent_kda": dict(
+        q=None, k=None, v=None, g=None, beta=None, A_log=None, dt_bias=None, scale=None, initial_state=None,
+        output_final_state=False, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
+        use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, lower_bound=None, state_v_first=False,
+        cu_seqlens=None),
+}
+FLA_KWARGS = {"chunk_kda": {"A_log", "dt_bias", "chunk_size", "transpose_state_layout"},
+              "fused_recurrent_kda": {"transpose_state_layout"}}
+
+
+@pytest.mark.parametrize("fn", [chunk_kda, fused_recurrent_kda], ids=lambda f: f.__name__)
+def test_signature_is_fla_drop_in(fn):
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    positional = {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+    keyword_only = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    fla = FLA_POSITIONAL[fn.__name__]
+    assert list(positional) == list(fla)  # same names in the same order
+    assert {n: (None if d is inspect.Parameter.empty else d) for n, d in positional.items()} == fla
+    assert FLA_KWARGS[fn.__name__] <= keyword_only
+
+
+def test_positional_call_in_fla_order():
+    """Arguments passed by position as fla takes them (lower_bound is chunk_kda's 14th, A_log and dt_bias
+    fused_recurrent_kda's 6th and 7th) give what the same arguments by name give."""
+    x = make_inputs(B=1, T=20, H=2, K=16, V=16, gate="lower_bound", seed=3)
+    kw = dict(initial_state=x.initial_state, output_final_state=True, use_qk_l2norm_in_kernel=True,
+              use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, lower_bound=-5.0, A_log=x.A_log,
+              dt_bias=x.dt_bias)
+    ts = (x.q, x.k, x.v, x.g, x.beta)
+    o, s = chunk_kda(*ts, None, x.initial_state, True, True, True, True, False, False, -5.0,
+                     A_log=x.A_log, dt_bias=x.dt_bias)
+    o_kw, s_kw = chunk_kda(*ts, **kw)
+    assert torch.equal(o, o_kw) and torch.equal(s, s_kw)
+    o, s = fused_recurrent_kda(*ts, x.A_log, x.dt_bias, None, x.initial_state, True, True, True, True, False, -5.0)
+    o_kw, s_kw = fused_recurrent_kda(*ts, **kw)
+    assert torch.equal(o, o_kw) and torch.equal(s, s_kw)
+
+
+# ---------------------------------------------------------------------------------------------
 # Gate functions
 # ---------------------------------------------------------------------------------------------
 

@@ -128,9 +128,22 @@ def _write_state(final_state, state_v_first):
     return final_state.transpose(-1, -2).contiguous() if state_v_first else final_state
 
 
-def _reject_unsupported(cp_context) -> None:
+def _reject_unsupported(cp_context=None, use_graph=False) -> None:
     if cp_context is not None:
         raise NotImplementedError("cp_context (multi-GPU context parallelism) is not supported yet")
+    if use_graph:
+        raise NotImplementedError(
+            "use_graph=True (a device-built varlen chunk list, so that a captured CUDA graph can replay new "
+            "cu_seqlens contents) is not supported; a captured call replays the offsets it was captured with "
+            "(pass cu_seqlens_cpu, and call once with them before the capture)"
+        )
+
+
+def _state_layout(state_v_first: bool, transpose_state_layout: bool) -> bool:
+    """fla's deprecated name for ``state_v_first``; both at once is an error, as in fla."""
+    if state_v_first and transpose_state_layout:
+        raise ValueError("pass state_v_first or its deprecated name transpose_state_layout, not both")
+    return state_v_first or transpose_state_layout
 
 
 def _check_call(
@@ -178,20 +191,22 @@ def chunk_kda(
     use_qk_l2norm_in_kernel: bool = False,
     use_gate_in_kernel: bool = False,
     use_beta_sigmoid_in_kernel: bool = False,
-    A_log: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    lower_bound: float | None = None,
-    cu_seqlens: torch.LongTensor | None = None,
-    chunk_size: int = 64,
-    *,
-    cu_seqlens_cpu: torch.LongTensor | None = None,
-    safe_gate: bool = False,
     allow_neg_eigval: bool = False,
+    safe_gate: bool = False,
+    lower_bound: float | None = None,
+    disable_recompute: bool = False,
     return_intermediate_states: bool = False,
     state_v_first: bool = False,
-    transpose_state_layout: bool = False,
-    disable_recompute: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
     cp_context=None,
+    use_graph: bool = False,
+    max_num_seqs: int | None = None,
+    *,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    transpose_state_layout: bool = False,
 ):
     r"""Chunked Kimi Delta Attention, for prefill and training.
 
@@ -223,13 +238,19 @@ def chunk_kda(
             and a call with the same offsets before the capture.
         safe_gate, disable_recompute: accepted for FLA compatibility; the results do not depend on them
             (our kernels are safe for any gate).
+        cp_context, use_graph: fla's context parallelism and device-built varlen chunk lists for CUDA
+            graphs; not supported yet (``NotImplementedError`` unless left at None / False).
+            max_num_seqs: fla's bound for ``use_graph``; accepted and unused.
+
+    The parameters are fla-core 0.6.0's, in its order; A_log, dt_bias, chunk_size (fla's ``**kwargs``)
+    and transpose_state_layout (fla's deprecated name for state_v_first) are keyword-only.
 
     Returns:
         ``(o, final_state)`` with ``o`` ``[B, T, HV, V]`` in q's dtype and ``final_state`` None unless
         asked for; ``(o, final_state, chunk_states)`` with ``return_intermediate_states``.
     """
-    _reject_unsupported(cp_context)
-    state_v_first = state_v_first or transpose_state_layout
+    _reject_unsupported(cp_context, use_graph)
+    state_v_first = _state_layout(state_v_first, transpose_state_layout)
     shapes, scale, flags = _check_call(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
         cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
@@ -266,30 +287,32 @@ def fused_recurrent_kda(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     use_gate_in_kernel: bool = False,
     use_beta_sigmoid_in_kernel: bool = False,
-    A_log: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
+    allow_neg_eigval: bool = False,
     lower_bound: float | None = None,
+    state_v_first: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
-    chunk_size: int = 64,
     *,
     ssm_state_indices: torch.Tensor | None = None,
     inplace_final_state: bool = False,
     out: torch.Tensor | None = None,
-    allow_neg_eigval: bool = False,
-    state_v_first: bool = False,
-    transpose_state_layout: bool = False,
-    cu_seqlens_cpu: torch.LongTensor | None = None,
     return_all_states: bool = False,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    transpose_state_layout: bool = False,
+    chunk_size: int = 64,
 ):
     r"""Token-by-token Kimi Delta Attention: the decode path (one or a few tokens per sequence).
 
-    Same arguments and results as :func:`chunk_kda` (``chunk_size`` is accepted and ignored), plus:
+    Same arguments and results as :func:`chunk_kda` (``chunk_size`` is accepted and ignored). The
+    positional parameters are fla-core 0.6.0's, in its order (A_log and dt_bias right after beta, as
+    there); ours are keyword-only:
 
     Args:
         ssm_state_indices: int ``[N]``: ``initial_state`` is a state pool ``[P, HV, K, V]`` and
@@ -301,7 +324,7 @@ def fused_recurrent_kda(
             (``[.., V, K]`` with ``state_v_first``), for speculative-decoding rollback:
             ``(o, final_state, all_states)``.
     """
-    state_v_first = state_v_first or transpose_state_layout
+    state_v_first = _state_layout(state_v_first, transpose_state_layout)
     shapes, scale, flags = _check_call(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
         cu_seqlens_cpu=cu_seqlens_cpu, chunk_size=chunk_size,
