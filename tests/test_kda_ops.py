@@ -11,7 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kimi_linear.ops import chunk_kda, fused_recurrent_kda, kda_gate_lower_bound, kda_gate_softplus
+from kimi_linear.ops import (
+    chunk_kda, fused_kda_gate, fused_recurrent_kda, kda_gate_lower_bound, kda_gate_softplus,
+)
 
 from kda_utils import make_inputs, reference, rel_rms
 
@@ -304,8 +306,8 @@ def test_property_chunk_equals_token_loop(T, K, V, H, chunk_size, gate, extreme,
 # Drop-in for flash-linear-attention: fla-core 0.6.0's parameters, in its order
 # ---------------------------------------------------------------------------------------------
 
-# Positional parameters and defaults of fla-core 0.6.0's public functions (fla/ops/kda/chunk.py and
-# fused_recurrent.py), and the names fla reads from its **kwargs. A call written for fla binds the same
+# Positional parameters and defaults of fla-core 0.6.0's public functions (fla/ops/kda/chunk.py,
+# fused_recurrent.py and gate.py), and the names fla reads from its **kwargs. A call written for fla binds the same
 # arguments here; our own additions are keyword-only.
 FLA_POSITIONAL = {
     "chunk_kda": dict(
@@ -319,12 +321,13 @@ FLA_POSITIONAL = {
         output_final_state=False, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False,
         use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, lower_bound=None, state_v_first=False,
         cu_seqlens=None),
+    "fused_kda_gate": dict(g=None, A_log=None, dt_bias=None, lower_bound=None, output_dtype=torch.float32),
 }
 FLA_KWARGS = {"chunk_kda": {"A_log", "dt_bias", "chunk_size", "transpose_state_layout"},
-              "fused_recurrent_kda": {"transpose_state_layout"}}
+              "fused_recurrent_kda": {"transpose_state_layout"}, "fused_kda_gate": set()}
 
 
-@pytest.mark.parametrize("fn", [chunk_kda, fused_recurrent_kda], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [chunk_kda, fused_recurrent_kda, fused_kda_gate], ids=lambda f: f.__name__)
 def test_signature_is_fla_drop_in(fn):
     import inspect
 
@@ -335,6 +338,17 @@ def test_signature_is_fla_drop_in(fn):
     assert list(positional) == list(fla)  # same names in the same order
     assert {n: (None if d is inspect.Parameter.empty else d) for n, d in positional.items()} == fla
     assert FLA_KWARGS[fn.__name__] <= keyword_only
+
+
+def test_fused_kda_gate_takes_fla_arguments():
+    """fla's ``fused_kda_gate(g, A_log, dt_bias, lower_bound, output_dtype)``: our gate, in the asked dtype."""
+    x = make_inputs(B=1, T=5, H=2, K=8, V=8, seed=4)
+    g = x.g.to(torch.bfloat16)
+    want = kda_gate_softplus(g, x.A_log, x.dt_bias)
+    got = fused_kda_gate(g, x.A_log, x.dt_bias)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    got = fused_kda_gate(g, None, x.dt_bias, -5.0, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, kda_gate_lower_bound(g, None, x.dt_bias, -5.0).to(torch.bfloat16))
 
 
 def test_positional_call_in_fla_order():

@@ -75,8 +75,16 @@ def kda_gate(
     return kda_gate_lower_bound(g, A_log, dt_bias, lower_bound)
 
 
-# FLA's name for the same function, so code written against fla.ops.kda keeps working.
-fused_kda_gate = kda_gate
+def fused_kda_gate(
+    g: torch.Tensor,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    lower_bound: float | None = None,
+    output_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """fla-core 0.6.0's name and signature for ``kda_gate`` (fla.ops.kda.gate), so code written against
+    fla keeps working: the same gate, returned in ``output_dtype`` (float32 by default, as in fla)."""
+    return kda_gate(g, A_log, dt_bias, lower_bound).to(output_dtype)
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
