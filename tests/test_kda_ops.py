@@ -237,6 +237,8 @@ def test_intermediate_states_are_the_states_entering_each_chunk():
     assert_close(h[:, 0], x.initial_state, FP32_TOL, "chunk 0 start")
     assert_close(h[:, 1], states[:, 63], FP32_TOL, "chunk 1 start")
     assert_close(h[:, 2], states[:, 127], FP32_TOL, "chunk 2 start")
+    h16 = x.cast(torch.bfloat16).call(chunk_kda, return_intermediate_states=True)[2]
+    assert h16.dtype == torch.float32  # float32 whatever the inputs (documented: fla returns k's dtype)
 
 
 def test_intermediate_states_varlen_layout():

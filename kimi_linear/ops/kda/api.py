@@ -230,7 +230,8 @@ def chunk_kda(
         cu_seqlens: int64 ``[N + 1]`` offsets of sequences packed along T (B must be 1).
         chunk_size: 16, 32, 64 (default) or 128.
         return_intermediate_states: also return the state entering every chunk,
-            ``[B, NT, HV, K, V]`` (varlen: ``[1, sum of per-sequence chunk counts, HV, K, V]``).
+            ``[B, NT, HV, K, V]`` (varlen: ``[1, sum of per-sequence chunk counts, HV, K, V]``), in
+            float32 (fla returns them in k's dtype: cast them if a prefix cache should hold 16 bits).
         state_v_first / transpose_state_layout: states are laid out ``[.., V, K]`` instead of ``[.., K, V]``.
         cu_seqlens_cpu: a CPU copy of cu_seqlens, read (instead of cu_seqlens) by the argument checks and
             the GPU path's chunk layout, so that a GPU call never waits for the device; without it the
