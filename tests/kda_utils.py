@@ -143,3 +143,26 @@ def reference(inputs: KDAInputs, return_all_states: bool = False):
         states.append(all_s)
     o, s = torch.cat(outs, 1), torch.cat(finals, 0)
     return (o, s, states) if return_all_states else (o, s)
+
+
+def check_half_state_pool(fused_recurrent_kda, dtype: torch.dtype, seed: int = 47, to_device=None) -> None:
+    """``fused_recurrent_kda`` on a 16-bit state pool, in place, against the same call on a float32 pool
+    holding the same values. The recurrence runs in float32 either way, so the outputs are identical and
+    the written slots are the float32 run's final states rounded to the pool's type; the other slots stay
+    as they were. Not in place, the final state comes back in float32. ``to_device`` moves the inputs
+    (a ``KDAInputs`` function; the pool follows q's device)."""
+    x = make_inputs(B=3, T=3, H=2, K=16, V=24, seed=seed)
+    x = to_device(x) if to_device is not None else x
+    slots = torch.tensor([4, 0, 2], device=x.q.device)
+    pool16 = torch.full((6, 2, 16, 24), 7.0, device=x.q.device).to(dtype)
+    pool16[slots] = x.initial_state.to(dtype)
+    pool32 = pool16.float()
+    h0 = pool16[slots].clone()
+    o16, s16 = x.call(fused_recurrent_kda, initial_state=pool16, ssm_state_indices=slots, inplace_final_state=True)
+    o32, _ = x.call(fused_recurrent_kda, initial_state=pool32, ssm_state_indices=slots, inplace_final_state=True)
+    assert s16 is pool16 and s16.dtype == dtype
+    assert torch.equal(o16, o32)
+    assert torch.equal(pool16[slots], pool32[slots].to(dtype))
+    assert (pool16[[1, 3, 5]] == 7).all()
+    _, final = x.call(fused_recurrent_kda, initial_state=h0, output_final_state=True)
+    assert final.dtype == torch.float32 and torch.equal(final, pool32[slots])

@@ -49,7 +49,7 @@ FN = [chunk_kda, fused_recurrent_kda]
         (dict(k=torch.randn(2, 10, 2, 8, dtype=torch.float64)), TypeError, "q and k must share a dtype"),
         (dict(q=[1, 2]), TypeError, "q must be a torch.Tensor"),
         (dict(scale="big"), TypeError, "scale must be a float"),
-        (dict(initial_state=torch.randn(2, 2, 8, 8, dtype=torch.bfloat16)), TypeError, "initial_state must be float32"),
+        (dict(initial_state=torch.randn(2, 2, 8, 8, dtype=torch.float64)), TypeError, "initial_state must be float32"),
         (dict(initial_state=torch.randn(3, 2, 8, 8)), ValueError, "initial_state must be [N, HV, K, V]"),
         (dict(A_log=None), ValueError, "needs A_log"),
         (dict(A_log=torch.randn(3)), ValueError, "A_log must hold HV=2"),
@@ -174,6 +174,14 @@ def test_context_parallel_is_refused_not_ignored():
         call(chunk_kda, base(cp_context=object()))
     with pytest.raises(NotImplementedError, match="use_graph=True"):
         call(chunk_kda, base(use_graph=True))
+
+
+def test_16_bit_state_only_for_decode():
+    """fused_recurrent_kda takes a 16-bit state pool (as fla's does); chunk_kda keeps float32 states."""
+    with pytest.raises(TypeError, match="initial_state must be float32"):
+        call(chunk_kda, base(initial_state=torch.randn(2, 2, 8, 8, dtype=torch.bfloat16)))
+    o, s = call(fused_recurrent_kda, base(initial_state=torch.randn(2, 2, 8, 8, dtype=torch.bfloat16)))
+    assert s.dtype == torch.float32
 
 
 @pytest.mark.parametrize("fn", FN)

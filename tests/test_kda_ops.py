@@ -15,7 +15,7 @@ from kimi_linear.ops import (
     chunk_kda, fused_kda_gate, fused_recurrent_kda, kda_gate_lower_bound, kda_gate_softplus,
 )
 
-from kda_utils import make_inputs, reference, rel_rms
+from kda_utils import check_half_state_pool, make_inputs, reference, rel_rms
 
 FP32_TOL = 1e-5
 BF16_TOL = 5e-3
@@ -276,6 +276,11 @@ def test_state_pool_decode_reads_and_writes_only_its_slots():
     assert_close(o, o_ref, FP32_TOL, "o")
     assert_close(pool[slots], s_ref, FP32_TOL, "written slots")
     assert (pool[untouched] == 1e30).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_state_pool_in_16_bits(dtype):
+    check_half_state_pool(fused_recurrent_kda, dtype)
 
 
 def test_decode_writes_into_a_preallocated_output():

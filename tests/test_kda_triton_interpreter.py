@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from kda_utils import make_inputs, reference, rel_rms
+from kda_utils import check_half_state_pool, make_inputs, reference, rel_rms
 from kimi_linear.ops import kda_gate, l2norm
 from kimi_linear.ops import chunk_kda, fused_recurrent_kda
 from kimi_linear.ops.kda import api
@@ -333,6 +333,13 @@ def test_decode_state_pool():
     # several tokens per call equal the token loop
     o_all, s_all = inp.call(fused_recurrent_kda)
     assert rel_rms(o_all, ref_o) < TOL and rel_rms(s_all, ref_s) < TOL
+
+
+def test_decode_state_pool_in_16_bits():
+    """The decode kernel reads a 16-bit pool into float32 and writes it back rounded (``kda_utils``).
+    float16 here: the interpreter rounds float32 to bfloat16 toward zero, not to nearest as the GPU and
+    torch do (the GPU suite runs bfloat16)."""
+    check_half_state_pool(fused_recurrent_kda, torch.float16)
 
 
 def _prep_reference(inp, BT):

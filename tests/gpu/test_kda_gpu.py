@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kda_utils import KDAInputs, make_inputs, reference, rel_rms  # noqa: E402
+from kda_utils import KDAInputs, check_half_state_pool, make_inputs, reference, rel_rms  # noqa: E402
 
 from kimi_linear.ops import chunk_kda, fused_recurrent_kda  # noqa: E402
 from kimi_linear.ops.kda import api  # noqa: E402
@@ -383,6 +383,12 @@ def test_decode_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(pool, expect_pool) and torch.equal(out, expect_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_state_pool_in_16_bits(dtype):
+    """A 16-bit state pool: read into float32, written back rounded to nearest (``kda_utils``)."""
+    check_half_state_pool(fused_recurrent_kda, dtype, to_device=cuda)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 64, 128])

@@ -149,7 +149,7 @@ def _state_layout(state_v_first: bool, transpose_state_layout: bool) -> bool:
 def _check_call(
     q, k, v, g, beta, *, scale, initial_state, cu_seqlens, cu_seqlens_cpu, chunk_size, state_v_first,
     ssm_state_indices=None, use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-    allow_neg_eigval, A_log, dt_bias, lower_bound,
+    allow_neg_eigval, A_log, dt_bias, lower_bound, half_state=False,
 ):
     """Checks shared by both public functions; returns the shapes, the resolved scale and the flags
     every backend takes."""
@@ -159,6 +159,7 @@ def _check_call(
     shapes = check_kda_inputs(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, use_gate_in_kernel, A_log, dt_bias, lower_bound,
         state_pool_indices=ssm_state_indices, state_v_first=state_v_first, cu_seqlens_cpu=cu_seqlens_cpu,
+        half_state=half_state,
     )
     flags = dict(
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
@@ -321,6 +322,9 @@ def fused_recurrent_kda(
         inplace_final_state: write each sequence's final state back into its slot of
             ``initial_state`` (which is then also returned as the final state).
         out: optional preallocated output ``[B, T, HV, V]``, written and returned.
+        initial_state: may also be float16 or bfloat16 here (a 16-bit state pool halves the decode's state
+            traffic, as in fla): it is read into float32, the recurrence runs in float32, and the in-place
+            write rounds the final state to the pool's type; a final state returned otherwise is float32.
         return_all_states: also return the state after every token, float32 ``[B, T, HV, K, V]``
             (``[.., V, K]`` with ``state_v_first``), for speculative-decoding rollback:
             ``(o, final_state, all_states)``.
@@ -332,7 +336,7 @@ def fused_recurrent_kda(
         state_v_first=state_v_first, ssm_state_indices=ssm_state_indices,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_gate_in_kernel=use_gate_in_kernel,
         use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-        A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+        A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, half_state=True,
     )
     if inplace_final_state and initial_state is None:
         raise ValueError("inplace_final_state=True needs initial_state to write into")

@@ -42,8 +42,10 @@ def _require_tensor(name: str, x, floating: bool = True) -> None:
 def check_kda_inputs(
     q, k, v, g, beta, scale, initial_state, cu_seqlens,
     use_gate_in_kernel, A_log, dt_bias, lower_bound, state_pool_indices=None, state_v_first=False,
-    cu_seqlens_cpu=None,
+    cu_seqlens_cpu=None, half_state=False,
 ) -> KDAShapes:
+    """The shapes of a valid call, or an error naming the argument at fault. ``half_state``: the state
+    may also be float16 / bfloat16 (the decode path's state pool, as fla's fused_recurrent_kda takes it)."""
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         _require_tensor(name, x)
     if q.dim() != 4:
@@ -126,9 +128,12 @@ def check_kda_inputs(
     if initial_state is not None:
         _require_tensor("initial_state", initial_state)
         want_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
+        if half_state:
+            want_dtypes += (torch.float16, torch.bfloat16)
         if initial_state.dtype not in want_dtypes:
             raise TypeError(
-                f"initial_state must be float32 (float64 allowed for float64 inputs), got {initial_state.dtype}"
+                f"initial_state must be float32 (float64 allowed for float64 inputs"
+                f"{'; float16 or bfloat16 for fused_recurrent_kda' if half_state else ''}), got {initial_state.dtype}"
             )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
