@@ -150,7 +150,7 @@ def copy_bandwidth():
     return 2 * x.numel() * 4 / ms / 1e9  # TB/s (read + write)
 
 
-def decode_case(B, gate, copy_bw):
+def decode_case(B, gate, copy_bw, pool_dtype=torch.float32):
     torch.manual_seed(B)
     dev = "cuda"
     q = torch.randn(B, 1, H, D, device=dev, dtype=DT)
@@ -158,7 +158,7 @@ def decode_case(B, gate, copy_bw):
     beta = torch.randn(B, 1, H, device=dev, dtype=DT)
     A_log = torch.log(torch.empty(H, device=dev).uniform_(1, 16))
     dt_bias = torch.randn(H * D, device=dev) * 0.5
-    pool = torch.randn(B, H, D, D, device=dev) * 0.1
+    pool = (torch.randn(B, H, D, D, device=dev) * 0.1).to(pool_dtype)
     idx = torch.randperm(B, device=dev)
     out = torch.empty(B, 1, H, D, device=dev, dtype=DT)
     kw = dict(A_log=A_log, dt_bias=dt_bias, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
@@ -168,8 +168,9 @@ def decode_case(B, gate, copy_bw):
     ours = lambda: fused_recurrent_kda(q, k, v, g, beta, initial_state=pool, ssm_state_indices=idx,  # noqa: E731
                                        inplace_final_state=True, out=out, **kw)
     ours()
-    row = {"case": f"decode B={B} {gate}", "fwd_ours": bench(ours)}
-    state_bytes = 2 * pool.numel() * 4
+    pool_name = "" if pool_dtype == torch.float32 else f" {str(pool_dtype).split('.')[-1]} pool"
+    row = {"case": f"decode B={B} {gate}{pool_name}", "fwd_ours": bench(ours)}
+    state_bytes = 2 * pool.numel() * pool.element_size()
     row["bw_ours"] = state_bytes / row["fwd_ours"] / 1e9
     row["bw_frac"] = row["bw_ours"] / copy_bw
     if fla is not None:
@@ -396,6 +397,8 @@ def main():
                          "fla's")
     ap.add_argument("--breakdown-dists", nargs="+", default=["stress", "init"])
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--pool-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                    help="decode: the state pool's type (16-bit pools halve the state traffic)")
     ap.add_argument("--rows", nargs="+", default=["b1", "b8", "varlen"], choices=["b1", "b8", "varlen"],
                     help="table rows per gate case: B=1 at each length, B=8 at 4K, the varlen batch (--quick: b1)")
     ap.add_argument("--gates", nargs="+", default=["softplus", "lower_bound", "softplus-init"],
@@ -437,10 +440,11 @@ def main():
                                   dist=dist))
             print(rows[-1], flush=True)
     dec = []
-    for B in () if args.no_decode else (1, 64, 256):
-        for gate in ("softplus", "lower_bound"):
-            dec.append(decode_case(B, gate, bw))
-            print(dec[-1], flush=True)
+    for pool_dtype in (getattr(torch, name) for name in args.pool_dtypes):
+        for B in () if args.no_decode else (1, 64, 256):
+            for gate in ("softplus", "lower_bound"):
+                dec.append(decode_case(B, gate, bw, pool_dtype))
+                print(dec[-1], flush=True)
 
     print()
     print(f"## {dev}: chunk_kda, bf16, H={H}, K=V={D}, times in ms (median), ratio = fla / ours")
@@ -452,7 +456,8 @@ def main():
         print(f"| {r['case']} | {fmt(r['fwd_ours'])} | {fmt(r.get('fwd_fla'))} | {fmt(fr, '.2f')} | "
               f"{fmt(r.get('fb_ours'))} | {fmt(r.get('fb_fla'))} | {fmt(br, '.2f')} | {fmt(r.get('agree_o'), '.1e')} |")
     print()
-    print(f"## decode (fused_recurrent_kda, T=1, H={H}, fp32 state pool in place); copy ceiling {bw:.2f} TB/s")
+    print(f"## decode (fused_recurrent_kda, T=1, H={H}, state pool in place, float32 unless named; state bytes "
+          f"in the pool's type); copy ceiling {bw:.2f} TB/s")
     print("| case | ours us | fla us | ratio | state TB/s ours | % of copy | CUDA graph us | % of copy (graph) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in dec:
