@@ -171,6 +171,24 @@ def kernels():
                 DOT16=chunk_bwd.sweep_dot16(w_dtype)),
            _env_int("KIMI_LINEAR_KDA_SWEEP_WARPS", 8), _env_int("KIMI_LINEAR_KDA_SWEEP_STAGES", 2),
            dict({name: "*bf16" for name in ("w", "qg", "kg")} if rebuild_16 else {}, du=ho["du"], ds_out=ho["ds"]))
+    if chunk_bwd.sweep_impl() == "wgmma":  # opt-in: the reverse sweep on warp-group MMA (Gluon)
+        from triton.experimental.gluon import language as glu
+
+        from kimi_linear.ops.kda.triton import sweep_wgmma
+
+        def sweep(name, du, ds, **flags):
+            """One build of the Gluon sweep (float32 Aqk, as a training forward keeps it), with the stages its
+            launcher would take."""
+            stages = sweep_wgmma.stage_count(K, BT, aqk_bytes=4, du_bytes=4 if du == "*fp32" else 2,
+                                             ds_bytes=4 if ds == "*fp32" else 2)
+            return (f"{name}, wgmma ({BT}-row chunks)", sweep_wgmma.sweep_wgmma_kernel,
+                    dict(dict(SK=K, BT=BT, DT=glu.bfloat16, HAS_DHT=True, ORDERED=False, STAGES=stages), **flags),
+                    sweep_wgmma.WARPS.value, 1, {**{n: "*bf16" for n in ("w", "qg", "kg", "do")}, "aqk": "*fp32",
+                                                 "du": du, "ds_out": ds})
+
+        yield sweep("bwd reverse sweep", ho["du"], ho["ds"])
+        yield sweep("bwd reverse sweep, 16-bit hand-offs", "*bf16", "*bf16")
+        yield sweep("bwd reverse sweep, varlen-ordered", ho["du"], ho["ds"], ORDERED=True)
     g_bk, g_bv, g_warps, g_stages = chunk_bwd.grads_launch(K, K)
     b16 = {name: ho[name] == "*bf16" for name in ho}
     yield ("bwd gradients", chunk_bwd._chunk_bwd_grads_kernel,
@@ -252,8 +270,10 @@ def loop_mix(sass: str) -> str:
     if best is None:
         return "no loop"
     ops = [op.split(".")[0] for addr, op, _ in ins if best[0] <= int(addr, 16) <= best[1]]
-    count = {key: sum(op == key for op in ops) for key in ("HMMA", "HGMMA", "BAR", "LDSM", "STSM", "LDS", "STS",
-                                                             "LDGSTS", "LDG")}
+    # (MEMBAR: each proxy fence before a product that reads shared memory costs one, a CTA memory barrier;
+    # STL / LDL: spills inside the loop)
+    count = {key: sum(op == key for op in ops) for key in ("HMMA", "HGMMA", "BAR", "MEMBAR", "LDSM", "STSM", "LDS",
+                                                             "STS", "LDGSTS", "LDG", "STL", "LDL")}
     return f"loop {len(ops)} instructions: " + ", ".join(f"{key} {n}" for key, n in count.items() if n)
 
 

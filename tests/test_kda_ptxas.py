@@ -54,7 +54,9 @@ def test_kernels_compile_for_hopper():
     ({"KIMI_LINEAR_KDA_PTXAS_VARLEN": "1"}, ["varlen-ordered"], 2),  # varlen programs longest first
     ({"KIMI_LINEAR_KDA_RECUR": "wgmma"}, ["wgmma"], 4),  # the recurrence in Gluon (inference, interior states,
     # training, rebuild)
-], ids=["handoff16", "bwd_pairs32", "streamed", "varlen_ordered", "recur_wgmma"])
+    ({"KIMI_LINEAR_KDA_SWEEP": "wgmma"}, ["wgmma"], 3),  # the reverse sweep in Gluon (float32 and 16-bit
+    # hand-offs, varlen order)
+], ids=["handoff16", "bwd_pairs32", "streamed", "varlen_ordered", "recur_wgmma", "sweep_wgmma"])
 def test_opt_in_kernels_compile_for_hopper(env, only, n):
     """The opt-in launches (not run by default, so not covered above) compile for sm_90a too."""
     lines, out = _ptxas_lines("--only", *only, env=env)
@@ -108,7 +110,8 @@ def test_wgmma_recurrence_keeps_its_chain_in_registers(bt):
     and its chunk loop is what it was written for: warp-group MMAs with their left operands in registers
     (no mma.sync; shared-memory matrix stores only for the output tile's change to a store layout, one per
     16 rows: the chain's operands never go through shared memory), the loads arriving by cp.async, at most
-    four barriers per step (the copy wait's, o's tile's, and the two Triton puts around the copies), and no
+    four barriers per step, one proxy fence (MEMBAR) per step in the inference forward (the copy wait's: copies
+    issued between products made Triton fence the state's product too, on the chain; session 20), and no
     wait that ptxas injects (C7517: touching a register an in-flight product
     defines made it wait for S^T qg^T too, serialising it with the chain; session 19). Below 64-row chunks
     nothing spills. The training forward's variant (float32 Aqk, rounded in shared memory for its product,
@@ -124,6 +127,22 @@ def test_wgmma_recurrence_keeps_its_chain_in_registers(bt):
     loop = dict((op, int(n)) for op, n in re.findall(r"([A-Z]+) (\d+)", lines[0].split("loop", 1)[1]))
     assert loop.get("HGMMA", 0) >= 10 and loop.get("LDGSTS", 0) > 0 and "HMMA" not in loop, out
     assert loop.get("STSM", 0) <= int(bt) // 16, out
-    assert loop.get("BAR", 0) <= 4 and "C7517" not in out, out
+    assert loop.get("BAR", 0) <= 4 and loop.get("MEMBAR", 0) == 1 and "C7517" not in out, out
     if bt != "64":
         assert "spill stores/loads 0/0 B" in lines[0], out
+
+
+def test_wgmma_sweep_keeps_its_chain_in_registers():
+    """The Gluon reverse sweep (``KIMI_LINEAR_KDA_SWEEP=wgmma``, 64-row chunks as training runs): warp-group
+    MMAs only, their register operands never through shared memory, cp.async loads, at most four barriers and
+    two proxy fences per step (the copy wait's and the float32 Aqk's rounding: none between dv's wait and the
+    product on it), no wait that ptxas injects (C7517: the decay's multiply while dv's products ran made
+    ptxas wait for them), and nothing spilled inside the loop (the spills ptxas reports are before and after
+    it)."""
+    lines, out = _ptxas_lines("--only", "wgmma", "--loops", env={"KIMI_LINEAR_KDA_SWEEP": "wgmma"})
+    assert len(lines) == 3, out
+    for line in lines:
+        loop = dict((op, int(n)) for op, n in re.findall(r"([A-Z]+) (\d+)", line.split("loop", 1)[1]))
+        assert loop.get("HGMMA", 0) >= 16 and "HMMA" not in loop and loop.get("LDGSTS", 0) > 0, line
+        assert loop.get("BAR", 0) <= 4 and loop.get("MEMBAR", 0) <= 2 and "C7517" not in line, line
+        assert "STL" not in loop and "LDL" not in loop, line

@@ -496,7 +496,7 @@ def test_gate_and_norms_once(switch, gate, monkeypatch):
                                   "KIMI_LINEAR_KDA_PREP_BWD_FINAL", "KIMI_LINEAR_KDA_BWD_HANDOFF",
                                   "KIMI_LINEAR_KDA_BT",
                                   "KIMI_LINEAR_KDA_GATE_CUMSUM", "KIMI_LINEAR_KDA_STREAM",
-                                  "KIMI_LINEAR_KDA_RECUR"])
+                                  "KIMI_LINEAR_KDA_RECUR", "KIMI_LINEAR_KDA_SWEEP"])
 def test_unknown_switch_value(name, monkeypatch):
     """A mode switch set to an unknown value is an error naming the variable, not a silent fall back."""
     monkeypatch.setenv(name, "bogus")

@@ -410,6 +410,60 @@ def test_interior_states(chunk_size):
     assert err <= OUT_TOL
 
 
+def _bf16_grads(inp: KDAInputs, seed: int = 1):
+    """Every gradient of a bf16 forward + backward of ``inp`` (float64 CUDA inputs), with fixed upstream
+    gradients of o and the final state."""
+    x = inp.cast(BF16)
+    for t in x.tensors():
+        t.requires_grad_(True)
+    o, s = x.call(chunk_kda)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen, device="cuda")
+    dht = torch.randn(s.shape, generator=gen, device="cuda")
+    return torch.autograd.grad((o.float() * do).sum() + (s * dht).sum(), x.tensors())
+
+
+@pytest.mark.parametrize("stages", ["2", "3"])
+@pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
+def test_sweep_wgmma(gate, stages, monkeypatch):
+    """The opt-in reverse sweep on warp-group MMA (``KIMI_LINEAR_KDA_SWEEP=wgmma``, Gluon): forward + backward
+    against float64 with every gradient within the issue's bound (odd lengths, GVA, -1000 gates, a varlen
+    batch, T = 8192, the 16-bit hand-offs at their documented bound), that it ran exactly where it applies (K of
+    64 or 128, V a multiple of 64, Hopper), and that its gradients agree with the Triton sweep's. Three copy
+    stages fall back to two where they do not fit (K = 128)."""
+    from kimi_linear.ops.kda.triton import chunk_bwd
+
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP_WGMMA_STAGES", stages)
+    cases = [(dict(B=2, T=T, H=2, HV=4, K=K, V=V), f"T={T} K={K} V={V}")
+             for T, K, V in ((1, 64, 64), (65, 128, 128), (200, 64, 128), (1000, 128, 64), (63, 100, 60))]
+    cases.append((dict(B=1, T=CU[-1], H=2, HV=4, K=128, V=64, cu_seqlens=CU), "varlen"))
+    for kw, name in cases:
+        inp = cuda(make_inputs(**kw, gate=gate, dtype=torch.float64, seed=kw["T"] + kw["K"], extreme_gate_frac=0.01))
+        monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP", "wgmma")
+        check_fwd_bwd(f"sweep wgmma {name} {gate} stages={stages}", inp)
+        applies = hopper and kw["K"] in (64, 128) and kw["V"] % 64 == 0
+        assert chunk_bwd.LAUNCHED["sweep_impl"] == ("wgmma" if applies else "triton"), name
+        got = _bf16_grads(inp)
+        monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP", "triton")
+        want = _bf16_grads(inp)
+        errs = {n: rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0"),
+                                                     got, want)}
+        _log(f"sweep wgmma vs triton {name} {gate} stages={stages}", **errs)
+        assert all(e < GRAD_TOL for e in errs.values()), (name, errs)
+    monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP", "wgmma")
+    inp = cuda(make_inputs(B=1, T=8192, H=2, K=128, V=128, gate=gate, dtype=torch.float64, seed=11,
+                           extreme_gate_frac=1e-3))
+    check_fwd_bwd(f"sweep wgmma long {gate} stages={stages}", inp, ref_fn=_chunked_f64)
+    # the backward's hand-offs in bf16 (an opt-in held to its documented precision, as test_chunk_variants'
+    # extreme_handoff16): du and dS leave this kernel in 16 bits through its shared tiles
+    monkeypatch.setenv("KIMI_LINEAR_KDA_BWD_HANDOFF", "all")
+    inp = cuda(make_inputs(B=2, T=200, H=2, HV=4, K=128, V=64, gate=gate, dtype=torch.float64, seed=7,
+                           extreme_gate_frac=0.01))
+    check_fwd_bwd(f"sweep wgmma handoff16 {gate} stages={stages}", inp, grad_tol=5e-2)
+    assert chunk_bwd.LAUNCHED["sweep_impl"] == ("wgmma" if hopper else "triton")
+
+
 @pytest.mark.parametrize("bt,stages", [("16", "3"), ("32", "3"), ("64", "3"), ("32", "2"), ("64", "2")])
 @pytest.mark.parametrize("gate", ["softplus", "lower_bound"])
 def test_recur_wgmma(gate, bt, stages, monkeypatch):

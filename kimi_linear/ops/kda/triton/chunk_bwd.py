@@ -40,6 +40,10 @@ from .utils import (
 )
 
 
+# Which implementation the last launches took (tests and benchmarks read it).
+LAUNCHED: dict = {}
+
+
 @triton.jit
 def _chunk_recur_bwd_kernel(
     w, kg, aqk, decay, qg, chunk_info, seq_chunks, dht, do,
@@ -206,6 +210,14 @@ def handoff_dtypes(q) -> dict:
     return {x: HANDOFF_16BIT if half and x in names else torch.float32 for x in HANDOFFS}
 
 
+def sweep_impl() -> str:
+    """The reverse sweep's kernel (``KIMI_LINEAR_KDA_SWEEP``): ``triton`` (``_chunk_recur_bwd_kernel``), or
+    ``wgmma`` (opt-in, session 20, untimed: ``sweep_wgmma``, the transposed state gradient on Hopper's
+    warp-group MMA, written in Gluon) where it applies (``sweep_wgmma.applies``), else the Triton kernel
+    (``LAUNCHED["sweep_impl"]`` says which)."""
+    return env_choice("KIMI_LINEAR_KDA_SWEEP", "triton", ("triton", "wgmma"))
+
+
 def chunk_recur_bwd(w, qg, kg, aqk, decay, info, seq, states, v_new, dht, do, *, shapes, BT, handoff=None):
     """Reverse sweep then the chunk-parallel gradients, from the rebuilt intermediates, the chunk states
     and v_new of the state rebuild (``chunk_recur`` with ``v_new``). Returns (du, dqg, dkg, dw, dAqk, dgC,
@@ -230,14 +242,24 @@ def chunk_recur_bwd(w, qg, kg, aqk, decay, info, seq, states, v_new, dht, do, *,
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=handoff["du"])
     ds = torch.empty(NC, HV, K, V, device=dev, dtype=handoff["ds"])
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32)
-    _chunk_recur_bwd_kernel[(cdiv(V, BV), N * HV)](
-        w, kg, aqk, decay, qg, info, seq, dht if dht is not None else dummy(dev), do,
-        du, ds, dh0,
-        HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
-        DOT16=sweep_dot16(w.dtype), ORDERED=seq_ordered(seq, N),
-        num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)),
-        num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 2)),
-    )
+    wgmma = None
+    if sweep_impl() == "wgmma" and not INTERPRET:
+        from . import sweep_wgmma  # (Gluon: imported only where it can run)
+
+        wgmma = sweep_wgmma if sweep_wgmma.applies(w, aqk, do, BT, NC, K, V) else None
+    LAUNCHED["sweep_impl"] = "wgmma" if wgmma else "triton"
+    if wgmma:
+        wgmma.launch(w, qg, kg, aqk, decay, info, seq, dht, do, du, ds, dh0, HV=HV, K=K, V=V, N=N, BT=BT,
+                     ordered=seq_ordered(seq, N))
+    else:
+        _chunk_recur_bwd_kernel[(cdiv(V, BV), N * HV)](
+            w, kg, aqk, decay, qg, info, seq, dht if dht is not None else dummy(dev), do,
+            du, ds, dh0,
+            HV, K, V, SK=w.shape[-1], BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None,
+            DOT16=sweep_dot16(w.dtype), ORDERED=seq_ordered(seq, N),
+            num_warps=int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_WARPS", 8)),
+            num_stages=1 if INTERPRET else int(os.environ.get("KIMI_LINEAR_KDA_SWEEP_STAGES", 2)),
+        )
     dqg = torch.empty(NC, HV, BT, K, device=dev, dtype=handoff["grads"])
     dkg = torch.empty_like(dqg)
     dw = torch.empty_like(dqg)

@@ -22,21 +22,23 @@ off it (qg, Aqk), roughly 500 and 300 cycles at an SM's ~1000 per cycle.
 The tiles of the chunk STAGES - 1 ahead are copied into shared memory (cp.async) while the current chunk's
 products run: three stages by default (``KIMI_LINEAR_KDA_RECUR_STAGES=2`` for two; 206 KB of shared memory
 at 64-row chunks with three), so each copy has two steps to land, since at about 0.5 us a step the
-copies run near the memory's rate. They are issued after the products, off the chain; Triton's barrier
-pass then adds a barrier on each side of them, since it cannot tell the stages apart. Only P^T is on the
-chain: the step waits for it alone while the tensor cores go on with S^T qg^T.
+copies run near the memory's rate. They are issued after the last product, off the chain: Triton cannot
+tell the stages apart, so it adds a barrier beside them and fences any product issued after them (a proxy
+fence, MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC in SASS). Only P^T is on the chain: the step waits for it alone while
+the tensor cores go on with S^T qg^T.
 
 Rounding is the Triton kernel's: S and v_new in the intermediates' 16-bit type for the products (a
 training forward's float32 Aqk too, rounded in shared memory), float32 accumulation and state. The output,
 the state entering each chunk and v_new are each optional, as in the Triton kernel; the rebuild takes the
 last two without the first, from its float32 u.
 
-The loop as ptxas builds it (sm_90a, 32-row chunks, session 19): 255 registers, no spills, 367 instructions
-per step with 20 HGMMA and 4 barriers (2 before the copies moved off the chain), and between P^T's wait and
-the state's product only v_new's subtraction and conversion. Session 18's version took the decay's exp in the
-loop and wrote the decay between the products' issue and their wait: 539 instructions, 60 B of spills, and a
-wait for both products that ptxas injected (C7517), so S^T qg^T ran on the chain. ``tests/test_kda_ptxas.py``
-keeps it so.
+The loop as ptxas builds it (sm_90a, 32-row chunks, session 20): 255 registers, no spills, 360 instructions
+per step with 20 HGMMA, 3 barriers and one proxy fence (the copy wait's), and between P^T's wait and the
+state's product only v_new's subtraction and conversion. Session 19's issued the copies between the two pairs
+of products, so Triton fenced the state's product, on the chain (367 instructions, 4 barriers, 2 fences).
+Session 18's version took the decay's exp in the loop and wrote the decay between the products' issue and
+their wait: 539 instructions, 60 B of spills, and a wait for both products that ptxas injected (C7517), so
+S^T qg^T ran on the chain. ``tests/test_kda_ptxas.py`` keeps it so.
 
 Gluon runs only on a GPU (not under ``TRITON_INTERPRET=1``): the CPU tests compile this kernel for
 sm_90a (``tests/test_kda_ptxas.py``), and the GPU suite checks it against float64.
@@ -54,14 +56,14 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .utils import dummy, env_choice
 
 # (the CTA barrier is gl.thread_barrier in triton 3.6, the GPU machines' version, and gl.barrier in 3.7)
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 BV = gl.constexpr(64)  # the warp group's M: 4 warps x 16 rows
 WARPS = gl.constexpr(4)
 
 
 @gluon.constexpr_function
-def _tile_layout(rows, cols, elem_bytes=2):
+def tile_layout(rows, cols, elem_bytes=2):
     """A blocked layout for loading a [rows, cols] tile with one warp group: 16 B of contiguous values per
     thread along the columns where they fit."""
     per = min(16 // elem_bytes, cols)
@@ -70,10 +72,10 @@ def _tile_layout(rows, cols, elem_bytes=2):
 
 
 @gluon.jit
-def _tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0, ELEM_BYTES: gl.constexpr = 2):
-    """Offsets r * stride + col0 + c of an [R, C] tile in ``_tile_layout(R, C)`` (recomputed at each use:
+def tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0, ELEM_BYTES: gl.constexpr = 2):
+    """Offsets r * stride + col0 + c of an [R, C] tile in ``tile_layout(R, C)`` (recomputed at each use:
     held across the loop they would cost about 90 registers)."""
-    layout: gl.constexpr = _tile_layout(R, C, ELEM_BYTES)
+    layout: gl.constexpr = tile_layout(R, C, ELEM_BYTES)
     r = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
     c = col0 + gl.arange(0, C, layout=gl.SliceLayout(0, layout))
     return r[:, None] * stride + c[None, :]
@@ -88,22 +90,22 @@ def _issue_copies(w, u, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, u_s
     where the output is formed."""
     A_BYTES: gl.constexpr = aqk.dtype.element_ty.primitive_bitwidth // 8
     U_BYTES: gl.constexpr = u.dtype.element_ty.primitive_bitwidth // 8
-    offs_a = _tile_offsets(BT, SK, SK, 0)
+    offs_a = tile_offsets(BT, SK, SK, 0)
     async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
     if STORE_O:
         async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
         async_copy.async_copy_global_to_shared(a_s.index(stage),
-                                               aqk + base * (BT * BT) + _tile_offsets(BT, BT, BT, 0, A_BYTES))
-    async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + _tile_offsets(SK, BT, BT, 0))
+                                               aqk + base * (BT * BT) + tile_offsets(BT, BT, BT, 0, A_BYTES))
+    async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + tile_offsets(SK, BT, BT, 0))
     async_copy.async_copy_global_to_shared(u_s.index(stage),
-                                           u + base * (BT * SV) + _tile_offsets(BT, BV, SV, i_v * BV, U_BYTES))
+                                           u + base * (BT * SV) + tile_offsets(BT, BV, SV, i_v * BV, U_BYTES))
     k_lay: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     async_copy.async_copy_global_to_shared(d_s.index(stage), decay + base * SK + gl.arange(0, SK, layout=k_lay))
     async_copy.commit_group()
 
 
 @gluon.jit
-def _state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
+def state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
     """Offsets and mask of this program's S^T [BV, SK] in a [N * HV, K, V] state (h0, ht)."""
     v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(1, layout))
     k = gl.arange(0, SK, layout=gl.SliceLayout(0, layout))
@@ -111,19 +113,29 @@ def _state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _store_rows(sm, x_t, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr):
+def store_rows(sm, x_t, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr):
     """Store x^T ([BV, BT], an accumulator layout) as BT rows of this program's BV channels at
     ``ptr + t * row_stride + v``, rows t < n_rows: through the shared tile ``sm`` as [BT, BV], read back 16 B
     of channels per thread (o and v_new are stored channels fastest; the accumulator's own layout would
     scatter them across rows). Freeing ``sm`` for the next step is the caller's (its top barrier)."""
+    sm.permute((1, 0)).store(x_t.to(sm.dtype))
+    cta_barrier()
+    flush_rows(sm, ptr, row_stride, n_rows, i_v, V, BT)
+
+
+@gluon.jit
+def flush_rows(sm, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr, PASS: gl.constexpr = 0):
+    """The second half of ``store_rows``, for a tile written into ``sm`` before a barrier: its BT rows
+    t < n_rows to ``ptr + t * row_stride + v``, 16 B of channels per thread; PASS rows at a time where
+    given (fewer registers live, for a large tile stored while products run)."""
     T: gl.constexpr = sm.dtype
-    sm.permute((1, 0)).store(x_t.to(T))
-    _cta_barrier()
-    layout: gl.constexpr = _tile_layout(BT, BV, T.primitive_bitwidth // 8)
-    t = gl.arange(0, BT, layout=gl.SliceLayout(1, layout))
+    R: gl.constexpr = PASS if PASS else BT
+    layout: gl.constexpr = tile_layout(R, BV, T.primitive_bitwidth // 8)
     v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, layout))
-    gl.store(ptr + t[:, None] * row_stride + v[None, :], sm.load(layout),
-             mask=(t < n_rows)[:, None] & (v < V)[None, :])
+    for p in gl.static_range(BT // R):
+        t = p * R + gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+        gl.store(ptr + t[:, None] * row_stride + v[None, :], sm.slice(p * R, R).load(layout),
+                 mask=(t < n_rows)[:, None] & (v < V)[None, :])
 
 
 @gluon.jit
@@ -169,14 +181,14 @@ def recur_wgmma_kernel(
     u_s = gl.allocate_shared_memory(UT, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
 
-    # the shared tiles o and v_new go out through (``_store_rows``)
+    # the shared tiles o and v_new go out through (``store_rows``)
     OT: gl.constexpr = o.dtype.element_ty
     o_sm = gl.allocate_shared_memory(OT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], OT))
     NT: gl.constexpr = v_new_out.dtype.element_ty
     n_sm = gl.allocate_shared_memory(NT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], NT))
     St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_H0:
-        p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
+        p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, acc_s)
         St = gl.load(h0 + p_s, mask=m_s, other=0.0).to(gl.float32)
     # (the first STAGES - 1 chunks' copies, a group each; past the end the last chunk's again, and an empty
     # sequence copies a valid chunk it does not use)
@@ -189,26 +201,21 @@ def recur_wgmma_kernel(
         async_copy.wait_group(STAGES - 2)  # this thread's copies of this chunk are done (the oldest group),
         # and every thread's; the barrier also means every warp has finished the previous step, so the
         # stage it read and o_sm are free
-        _cta_barrier()
+        cta_barrier()
         fence_async_shared()  # and visible to the tensor cores' reads
         base = (c * HV + i_hv).to(gl.int64)
         if STORE_STATES:  # (the state entering the chunk, float32 or the hand-off's 16 bits)
-            p_s, m_s = _state_offsets(base, i_v, K, V, SK, acc_s)
+            p_s, m_s = state_offsets(base, i_v, K, V, SK, acc_s)
             gl.store(states + p_s, St.to(states.dtype.element_ty), mask=m_s)
         s_a = gl.convert_layout(St.to(DT), op_t)
         zero = gl.zeros([BV, BT], gl.float32, layout=acc_t)
         p_t = warpgroup_mma(s_a, w_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         if STORE_O:
             o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
-        # the copies of chunk c + STAGES - 1 into the stage the previous step read, issued while the
-        # products run (before the barrier above they were on the chain)
-        cn = gl.minimum(c + STAGES - 1, c1 - 1)
-        _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), (stage + STAGES - 1) % STAGES,
-                      w_s, q_s, k_s, a_s, u_s, d_s, i_v, SK, SV, BT, STORE_O)
         if A32 and STORE_O:  # (every warp's part written before the product reads it; the top barrier freed it)
-            a16_s.store(a_s.index(stage).load(_tile_layout(BT, BT, 4)).to(DT))
+            a16_s.store(a_s.index(stage).load(tile_layout(BT, BT, 4)).to(DT))
             fence_async_shared()
-            _cta_barrier()
+            cta_barrier()
         u_t = u_s.index(stage).permute((1, 0)).load(acc_t).to(gl.float32)
         d_t = d_s.index(stage).load(gl.SliceLayout(0, acc_s))
         # Only P^T is on the chain: wait for it alone (the products complete in issue order) and let the
@@ -226,18 +233,26 @@ def recur_wgmma_kernel(
         if STORE_O:
             v_t_op = gl.convert_layout(vd, op_t)
             o_t = warpgroup_mma(v_t_op, (a16_s if A32 else a_s.index(stage)).permute((1, 0)), o_t, is_async=True)
+        # The copies of chunk c + STAGES - 1 into the stage the previous step read, while the products run.
+        # Issued after the last product (session 20): copies into shared memory before a product make Triton
+        # fence that product (it cannot tell the stages apart), and between P^T's wait and the state's
+        # product that fence (MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC) sat on the chain. Before the top barrier
+        # they were on the chain too (session 19).
+        cn = gl.minimum(c + STAGES - 1, c1 - 1)
+        _issue_copies(w, u, qg, kg, aqk, decay, (cn * HV + i_hv).to(gl.int64), (stage + STAGES - 1) % STAGES,
+                      w_s, q_s, k_s, a_s, u_s, d_s, i_v, SK, SV, BT, STORE_O)
         if STORE_VNEW:  # (u - w S unrounded, every row of the chunk, while the products run)
-            _store_rows(n_sm, vn, v_new_out + base * BT * V, V, BT, i_v, V, BT)
+            store_rows(n_sm, vn, v_new_out + base * BT * V, V, BT, i_v, V, BT)
         if STORE_O:
             St, o_t, s_a, v_s_op, v_t_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, o_t, s_a, v_s_op, v_t_op))
             row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
             n_rows = gl.load(chunk_info + 2 * c + 1)
-            _store_rows(o_sm, o_t, o + (row0 * HV + i_hv) * V, HV * V, n_rows, i_v, V, BT)
+            store_rows(o_sm, o_t, o + (row0 * HV + i_hv) * V, HV * V, n_rows, i_v, V, BT)
         else:
             St, s_a, v_s_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, s_a, v_s_op))
     async_copy.wait_group(0)
     if STORE_HT:
-        p_s, m_s = _state_offsets(i_nh, i_v, K, V, SK, acc_s)
+        p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, acc_s)
         gl.store(ht + p_s, St, mask=m_s)
 
 
