@@ -128,12 +128,12 @@ def kernels():
 
         yield wgmma("inference recurrence", ibt, {})
         # with interior states (prefix caching): the state entering every chunk stored too
-        yield wgmma("interior states", ibt, {"states": "*fp32"}, STORE_STATES=True)
+        yield wgmma("interior states", ibt, {"states": "*fp32"}, dict(states_bytes=4), STORE_STATES=True)
         # a training forward's: float32 Aqk at the training chunk length
         yield wgmma("training recurrence", BT, {"aqk": "*fp32"}, dict(aqk_bytes=4))
         # the backward's state rebuild: no output; the chunk states and v_new (float32 hand-offs), float32 u
         yield wgmma("rebuild", BT, {"u": "*fp32", "states": "*fp32", "v_new_out": "*fp32"},
-                    dict(u_bytes=4, store_o=False, vnew_bytes=4), STORE_HT=False, STORE_O=False,
+                    dict(u_bytes=4, store_o=False, vnew_bytes=4, states_bytes=4), STORE_HT=False, STORE_O=False,
                     STORE_STATES=True, STORE_VNEW=True)
     if os.environ.get("KIMI_LINEAR_KDA_STREAM", "0") == "1":  # opt-in: w/u and recurrence side by side
         group = _env_int("KIMI_LINEAR_KDA_STREAM_GROUP", 8)

@@ -186,10 +186,17 @@ def recur_wgmma_kernel(
     o_sm = gl.allocate_shared_memory(OT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], OT))
     NT: gl.constexpr = v_new_out.dtype.element_ty
     n_sm = gl.allocate_shared_memory(NT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], NT))
+    # and the chunk states', [SK, BV]: written at the end of a step (nothing in flight then), stored to memory
+    # by the next one while its products run, 16 B a thread (from the accumulator's layout they went out 4 B
+    # at a time, with an address each, at the step's top; session 20)
+    ST: gl.constexpr = states.dtype.element_ty
+    st_sm = gl.allocate_shared_memory(ST, [SK, BV], gl.NVMMASharedLayout.get_default_for([SK, BV], ST))
     St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_H0:
         p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, acc_s)
         St = gl.load(h0 + p_s, mask=m_s, other=0.0).to(gl.float32)
+    if STORE_STATES:  # (the first chunk's, visible after its top barrier)
+        st_sm.permute((1, 0)).store(St.to(ST))
     # (the first STAGES - 1 chunks' copies, a group each; past the end the last chunk's again, and an empty
     # sequence copies a valid chunk it does not use)
     for s in gl.static_range(STAGES - 1):
@@ -204,14 +211,13 @@ def recur_wgmma_kernel(
         cta_barrier()
         fence_async_shared()  # and visible to the tensor cores' reads
         base = (c * HV + i_hv).to(gl.int64)
-        if STORE_STATES:  # (the state entering the chunk, float32 or the hand-off's 16 bits)
-            p_s, m_s = state_offsets(base, i_v, K, V, SK, acc_s)
-            gl.store(states + p_s, St.to(states.dtype.element_ty), mask=m_s)
         s_a = gl.convert_layout(St.to(DT), op_t)
         zero = gl.zeros([BV, BT], gl.float32, layout=acc_t)
         p_t = warpgroup_mma(s_a, w_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         if STORE_O:
             o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if STORE_STATES:  # (the state entering the chunk, float32 or the hand-off's 16 bits, while they run)
+            flush_rows(st_sm, states + base * K * V, V, K, i_v, V, SK, PASS=32)
         if A32 and STORE_O:  # (every warp's part written before the product reads it; the top barrier freed it)
             a16_s.store(a_s.index(stage).load(tile_layout(BT, BT, 4)).to(DT))
             fence_async_shared()
@@ -250,6 +256,10 @@ def recur_wgmma_kernel(
             store_rows(o_sm, o_t, o + (row0 * HV + i_hv) * V, HV * V, n_rows, i_v, V, BT)
         else:
             St, s_a, v_s_op = warpgroup_mma_wait(num_outstanding=0, deps=(St, s_a, v_s_op))
+        if STORE_STATES:  # (the next chunk's; o's or v_new's barrier above followed every read of st_sm)
+            if not (STORE_O or STORE_VNEW):
+                cta_barrier()
+            st_sm.permute((1, 0)).store(St.to(ST))
     async_copy.wait_group(0)
     if STORE_HT:
         p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, acc_s)
@@ -260,12 +270,13 @@ SHARED_LIMIT = 227 * 1024  # (an H100's / H200's shared memory for one block)
 
 
 def shared_bytes(SK: int, BT: int, stages: int, aqk_bytes: int = 2, u_bytes: int = 2, store_o: bool = True,
-                 vnew_bytes: int = 0) -> int:
+                 vnew_bytes: int = 0, states_bytes: int = 0) -> int:
     """The kernel's shared memory: per stage w, kg (16-bit), u's slice of 64 and the decay, and with an
-    output qg and Aqk; the output's tile and its 16-bit copy of a float32 Aqk; v_new's tile where stored."""
+    output qg and Aqk; the output's tile and its 16-bit copy of a float32 Aqk; v_new's and the chunk
+    states' tiles where stored."""
     stage = 2 * BT * SK * 2 + BT * BV.value * u_bytes + SK * 4 + (BT * SK * 2 + BT * BT * aqk_bytes if store_o else 0)
     out = (BT * BV.value * 2 + (BT * BT * 2 if aqk_bytes == 4 else 0)) if store_o else 0
-    return stages * stage + out + BT * BV.value * vnew_bytes
+    return stages * stage + out + BT * BV.value * vnew_bytes + SK * BV.value * states_bytes
 
 
 def stage_count(SK: int, BT: int, **nbytes) -> int:
@@ -294,7 +305,8 @@ def launch(w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, *, shapes, initial_
     grid = (triton.cdiv(shapes.V, BV.value), shapes.N * shapes.HV)
     stages = stage_count(w.shape[-1], BT, aqk_bytes=aqk.element_size() if out is not None else 2,
                          u_bytes=u.element_size(), store_o=out is not None,
-                         vnew_bytes=v_new.element_size() if v_new is not None else 0)
+                         vnew_bytes=v_new.element_size() if v_new is not None else 0,
+                         states_bytes=states.element_size() if states is not None else 0)
     d = dummy(w.device)
     return recur_wgmma_kernel[grid](
         w, u, qg, kg, aqk if out is not None else d, decay, chunk_info, seq_chunks,
