@@ -139,6 +139,19 @@ def flush_rows(sm, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr, PASS: gl.c
 
 
 @gluon.jit
+def sequence_program(seq_chunks, HV, ORDERED: gl.constexpr):
+    """This program's V slice, (sequence, head) index, value head and its sequence's chunks [c0, c1), as
+    ``utils.sequence_program`` (with ORDERED, the varlen programs' sequence order after the offsets)."""
+    i_v = gl.program_id(0)
+    i_nh = gl.program_id(1)
+    i_n = i_nh // HV
+    if ORDERED:
+        i_n = gl.load(seq_chunks + gl.num_programs(1) // HV + 1 + i_n)
+        i_nh = i_n * HV + i_nh % HV
+    return i_v, i_nh, i_nh % HV, gl.load(seq_chunks + i_n), gl.load(seq_chunks + i_n + 1)
+
+
+@gluon.jit
 def recur_wgmma_kernel(
     w, u, qg, kg, aqk, decay, chunk_info, seq_chunks, h0, ht, o, states, v_new_out,
     HV, K, V,
@@ -152,15 +165,7 @@ def recur_wgmma_kernel(
     the output (``STORE_O``), the state entering every chunk (``STORE_STATES``, [chunks * HV, K, V]) and
     v_new (``STORE_VNEW``, [chunks, HV, BT, V]) is optional, as in ``chunk_fwd._chunk_recur_kernel``; the
     backward's rebuild takes the last two without the first."""
-    i_v = gl.program_id(0)
-    i_nh = gl.program_id(1)
-    i_n = i_nh // HV
-    if ORDERED:  # (utils.sequence_program: the varlen programs' sequence order after the offsets)
-        i_n = gl.load(seq_chunks + gl.num_programs(1) // HV + 1 + i_n)
-        i_nh = i_n * HV + i_nh % HV
-    i_hv = i_nh % HV
-    c0 = gl.load(seq_chunks + i_n)
-    c1 = gl.load(seq_chunks + i_n + 1)
+    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV, ORDERED)
 
     acc_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, SK, 16])
     acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BT, 16])

@@ -32,7 +32,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .recur_wgmma import (
-    BV, SHARED_LIMIT, WARPS, cta_barrier, flush_rows, state_offsets, store_rows, tile_layout, tile_offsets,
+    BV, SHARED_LIMIT, WARPS, cta_barrier, flush_rows, sequence_program, state_offsets, store_rows, tile_layout,
+    tile_offsets,
 )
 from .utils import dummy, env_choice
 
@@ -75,15 +76,7 @@ def sweep_wgmma_kernel(
     ``chunk_bwd._chunk_recur_bwd_kernel``: w, qg [chunks, HV, BT, SK] and kg [chunks, HV, SK, BT] in DT, Aqk
     [chunks, HV, BT, BT] in DT or float32, e^gC [chunks, HV, SK], do [rows, HV, V] in DT. Stores du
     [chunks, HV, BT, V] and dS entering each step [chunks * HV, K, V] in their buffers' types, and dh0."""
-    i_v = gl.program_id(0)
-    i_nh = gl.program_id(1)
-    i_n = i_nh // HV
-    if ORDERED:  # (utils.sequence_program: the varlen programs' sequence order after the offsets)
-        i_n = gl.load(seq_chunks + gl.num_programs(1) // HV + 1 + i_n)
-        i_nh = i_n * HV + i_nh % HV
-    i_hv = i_nh % HV
-    c0 = gl.load(seq_chunks + i_n)
-    c1 = gl.load(seq_chunks + i_n + 1)
+    i_v, i_nh, i_hv, c0, c1 = sequence_program(seq_chunks, HV, ORDERED)
 
     acc_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, SK, 16])
     acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BT, 16])
