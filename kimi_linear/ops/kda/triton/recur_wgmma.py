@@ -124,18 +124,15 @@ def store_rows(sm, x_t, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr):
 
 
 @gluon.jit
-def flush_rows(sm, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr, PASS: gl.constexpr = 0):
+def flush_rows(sm, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr):
     """The second half of ``store_rows``, for a tile written into ``sm`` before a barrier: its BT rows
-    t < n_rows to ``ptr + t * row_stride + v``, 16 B of channels per thread; PASS rows at a time where
-    given (fewer registers live, for a large tile stored while products run)."""
+    t < n_rows to ``ptr + t * row_stride + v``, 16 B of channels per thread."""
     T: gl.constexpr = sm.dtype
-    R: gl.constexpr = PASS if PASS else BT
-    layout: gl.constexpr = tile_layout(R, BV, T.primitive_bitwidth // 8)
+    layout: gl.constexpr = tile_layout(BT, BV, T.primitive_bitwidth // 8)
+    t = gl.arange(0, BT, layout=gl.SliceLayout(1, layout))
     v = i_v * BV + gl.arange(0, BV, layout=gl.SliceLayout(0, layout))
-    for p in gl.static_range(BT // R):
-        t = p * R + gl.arange(0, R, layout=gl.SliceLayout(1, layout))
-        gl.store(ptr + t[:, None] * row_stride + v[None, :], sm.slice(p * R, R).load(layout),
-                 mask=(t < n_rows)[:, None] & (v < V)[None, :])
+    gl.store(ptr + t[:, None] * row_stride + v[None, :], sm.load(layout),
+             mask=(t < n_rows)[:, None] & (v < V)[None, :])
 
 
 @gluon.jit
@@ -222,7 +219,7 @@ def recur_wgmma_kernel(
         if STORE_O:
             o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         if STORE_STATES:  # (the state entering the chunk, float32 or the hand-off's 16 bits, while they run)
-            flush_rows(st_sm, states + base * K * V, V, K, i_v, V, SK, PASS=32)
+            flush_rows(st_sm, states + base * K * V, V, K, i_v, V, SK)
         if A32 and STORE_O:  # (every warp's part written before the product reads it; the top barrier freed it)
             a16_s.store(a_s.index(stage).load(tile_layout(BT, BT, 4)).to(DT))
             fence_async_shared()

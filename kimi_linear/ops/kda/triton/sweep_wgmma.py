@@ -133,7 +133,7 @@ def sweep_wgmma_kernel(
         dv_t = warpgroup_mma(s_a, k_s.index(stage), dv_t, is_async=True)
         dSt = warpgroup_mma(do_t, q_s.index(stage), dSt, is_async=True)
         # dS after the chunk (this step's input) from its shared tile to memory, while the products run
-        flush_rows(ds_sm, ds_out + base * K * V, V, K, i_v, V, SK, PASS=32)
+        flush_rows(ds_sm, ds_out + base * K * V, V, K, i_v, V, SK)
         # dv^T's products complete before do^T qg (issue order): wait for them alone
         dv_t, s_a = warpgroup_mma_wait(num_outstanding=1, deps=(dv_t, s_a))
         v_op = gl.convert_layout((-dv_t).to(DT), op_s)
