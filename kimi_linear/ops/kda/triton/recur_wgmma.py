@@ -136,6 +136,36 @@ def flush_rows(sm, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr):
 
 
 @gluon.jit
+def chunk_tiles(DT: gl.constexpr, AT: gl.constexpr, STAGES: gl.constexpr, BT: gl.constexpr, SK: gl.constexpr):
+    """The shared-memory stages of a chunk's tiles that both Gluon kernels read: w and qg [BT, SK], kg as
+    stored [SK, BT], Aqk [BT, BT] in its own type AT, the decay e^gC [SK]; and the one 16-bit copy of a
+    float32 Aqk (``round_aqk``). The copies run STAGES - 1 chunks ahead of the products."""
+    w_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
+    q_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
+    k_s = gl.allocate_shared_memory(DT, [STAGES, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
+    a_s = gl.allocate_shared_memory(AT, [STAGES, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], AT))
+    a16_s = gl.allocate_shared_memory(DT, [BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
+    d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    return w_s, q_s, k_s, a_s, a16_s, d_s
+
+
+@gluon.jit
+def row_tile(T: gl.constexpr, R: gl.constexpr):
+    """A shared [R, BV] tile of type T that a result goes out through (``store_rows``, ``flush_rows``)."""
+    return gl.allocate_shared_memory(T, [R, BV], gl.NVMMASharedLayout.get_default_for([R, BV], T))
+
+
+@gluon.jit
+def round_aqk(a_s, a16_s, DT: gl.constexpr, BT: gl.constexpr):
+    """A float32 Aqk tile (a training forward keeps it for the backward) rounded to DT in shared memory for
+    its product, as the Triton kernels round it (Triton's wgmma takes no tf32 operand from registers). Every
+    warp's part is written before the product reads it; the caller's earlier barrier freed ``a16_s``."""
+    a16_s.store(a_s.load(tile_layout(BT, BT, 4)).to(DT))
+    fence_async_shared()
+    cta_barrier()
+
+
+@gluon.jit
 def sequence_program(seq_chunks, HV, ORDERED: gl.constexpr):
     """This program's V slice, (sequence, head) index, value head and its sequence's chunks [c0, c1), as
     ``utils.sequence_program`` (with ORDERED, the varlen programs' sequence order after the offsets)."""
@@ -168,31 +198,18 @@ def recur_wgmma_kernel(
     acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BT, 16])
     op_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_s, k_width=2)  # A of [BV, BT] x [BT, SK]
     op_t: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_t, k_width=2)  # A of [BV, *] x [*, BT]
-    # A float32 Aqk (a training forward keeps it for the backward) is copied as it is and rounded to DT in
-    # shared memory for its product, as the Triton recurrence rounds it (Triton's wgmma takes no tf32 left
-    # operand from registers)
-    AT: gl.constexpr = aqk.dtype.element_ty
-    A32: gl.constexpr = AT == gl.float32
-    UT: gl.constexpr = u.dtype.element_ty
-    # STAGES buffers of every tile: the copies run STAGES - 1 chunks ahead of the products
-    w_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
-    q_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
-    k_s = gl.allocate_shared_memory(DT, [STAGES, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
-    a_s = gl.allocate_shared_memory(AT, [STAGES, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], AT))
-    a16_s = gl.allocate_shared_memory(DT, [BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
-    u_s = gl.allocate_shared_memory(UT, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-
+    # (a float32 Aqk, a training forward's, is copied as it is and rounded in shared memory: ``round_aqk``)
+    A32: gl.constexpr = aqk.dtype.element_ty == gl.float32
+    w_s, q_s, k_s, a_s, a16_s, d_s = chunk_tiles(DT, aqk.dtype.element_ty, STAGES, BT, SK)
+    u_s = gl.allocate_shared_memory(u.dtype.element_ty, [STAGES, BT, BV], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     # the shared tiles o and v_new go out through (``store_rows``)
-    OT: gl.constexpr = o.dtype.element_ty
-    o_sm = gl.allocate_shared_memory(OT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], OT))
-    NT: gl.constexpr = v_new_out.dtype.element_ty
-    n_sm = gl.allocate_shared_memory(NT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], NT))
+    o_sm = row_tile(o.dtype.element_ty, BT)
+    n_sm = row_tile(v_new_out.dtype.element_ty, BT)
     # and the chunk states', [SK, BV]: written at the end of a step (nothing in flight then), stored to memory
     # by the next one while its products run, 16 B a thread (from the accumulator's layout they went out 4 B
     # at a time, with an address each, at the step's top; session 20)
     ST: gl.constexpr = states.dtype.element_ty
-    st_sm = gl.allocate_shared_memory(ST, [SK, BV], gl.NVMMASharedLayout.get_default_for([SK, BV], ST))
+    st_sm = row_tile(ST, SK)
     St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_H0:
         p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, acc_s)
@@ -220,10 +237,8 @@ def recur_wgmma_kernel(
             o_t = warpgroup_mma(s_a, q_s.index(stage).permute((1, 0)), zero, use_acc=False, is_async=True)
         if STORE_STATES:  # (the state entering the chunk, float32 or the hand-off's 16 bits, while they run)
             flush_rows(st_sm, states + base * K * V, V, K, i_v, V, SK)
-        if A32 and STORE_O:  # (every warp's part written before the product reads it; the top barrier freed it)
-            a16_s.store(a_s.index(stage).load(tile_layout(BT, BT, 4)).to(DT))
-            fence_async_shared()
-            cta_barrier()
+        if A32 and STORE_O:
+            round_aqk(a_s.index(stage), a16_s, DT, BT)
         u_t = u_s.index(stage).permute((1, 0)).load(acc_t).to(gl.float32)
         d_t = d_s.index(stage).load(gl.SliceLayout(0, acc_s))
         # Only P^T is on the chain: wait for it alone (the products complete in issue order) and let the

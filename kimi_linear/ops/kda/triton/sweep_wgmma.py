@@ -32,8 +32,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .recur_wgmma import (
-    BV, SHARED_LIMIT, WARPS, cta_barrier, flush_rows, sequence_program, state_offsets, store_rows, tile_layout,
-    tile_offsets,
+    BV, SHARED_LIMIT, WARPS, chunk_tiles, cta_barrier, flush_rows, round_aqk, row_tile, sequence_program,
+    state_offsets, store_rows, tile_layout, tile_offsets,
 )
 from .utils import dummy, env_choice
 
@@ -82,22 +82,15 @@ def sweep_wgmma_kernel(
     acc_t: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BT, 16])
     op_s: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_s, k_width=2)  # A of [BV, BT] x [BT, SK]
     op_t: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_t, k_width=2)  # A of [BV, SK] x [SK, BT]
-    AT: gl.constexpr = aqk.dtype.element_ty
-    A32: gl.constexpr = AT == gl.float32  # (a training forward keeps Aqk in float32: rounded in shared memory)
-    w_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
-    q_s = gl.allocate_shared_memory(DT, [STAGES, BT, SK], gl.NVMMASharedLayout.get_default_for([BT, SK], DT))
-    k_s = gl.allocate_shared_memory(DT, [STAGES, SK, BT], gl.NVMMASharedLayout.get_default_for([SK, BT], DT))
-    a_s = gl.allocate_shared_memory(AT, [STAGES, BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], AT))
-    a16_s = gl.allocate_shared_memory(DT, [BT, BT], gl.NVMMASharedLayout.get_default_for([BT, BT], DT))
-    d_s = gl.allocate_shared_memory(gl.float32, [STAGES, SK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    A32: gl.constexpr = aqk.dtype.element_ty == gl.float32  # (a training forward's: rounded, ``round_aqk``)
+    w_s, q_s, k_s, a_s, a16_s, d_s = chunk_tiles(DT, aqk.dtype.element_ty, STAGES, BT, SK)
     do_s = gl.allocate_shared_memory(DT, [STAGES, BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], DT))
-    UT: gl.constexpr = du.dtype.element_ty
-    du_sm = gl.allocate_shared_memory(UT, [BT, BV], gl.NVMMASharedLayout.get_default_for([BT, BV], UT))
+    du_sm = row_tile(du.dtype.element_ty, BT)
     # dS goes out through a shared tile too, [SK, BV]: written at the end of a step (nothing in flight then),
     # stored to memory by the next one while its products run, 16 B per thread along V (the accumulator's
     # own layout would store it 4 B at a time, with an address each)
     ST: gl.constexpr = ds_out.dtype.element_ty
-    ds_sm = gl.allocate_shared_memory(ST, [SK, BV], gl.NVMMASharedLayout.get_default_for([SK, BV], ST))
+    ds_sm = row_tile(ST, SK)
 
     dSt = gl.zeros([BV, SK], gl.float32, layout=acc_s)
     if HAS_DHT:
@@ -118,10 +111,8 @@ def sweep_wgmma_kernel(
         cta_barrier()
         fence_async_shared()
         base = (c * HV + i_hv).to(gl.int64)
-        if A32:  # (every warp's part written before the product reads it)
-            a16_s.store(a_s.index(stage).load(tile_layout(BT, BT, 4)).to(DT))
-            fence_async_shared()
-            cta_barrier()
+        if A32:
+            round_aqk(a_s.index(stage), a16_s, DT, BT)
         do_t = do_s.index(stage).permute((1, 0))  # do^T [BV, BT], read by the products from shared memory
         s_a = gl.convert_layout(dSt.to(DT), op_t)
         # The decay applied before any product is issued: ptxas waits for every product in flight where
