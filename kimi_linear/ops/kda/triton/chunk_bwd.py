@@ -242,16 +242,16 @@ def chunk_recur_bwd(w, qg, kg, aqk, decay, info, seq, states, v_new, dht, do, *,
     du = torch.empty(NC, HV, BT, V, device=dev, dtype=handoff["du"])
     ds = torch.empty(NC, HV, K, V, device=dev, dtype=handoff["ds"])
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32)
-    wgmma = None
+    on_wgmma = False
     if sweep_impl() == "wgmma" and not INTERPRET:
         from . import sweep_wgmma  # (Gluon: imported only where it can run)
 
-        wgmma = sweep_wgmma if sweep_wgmma.applies(w, aqk, do, BT, NC, K, V) else None
-    LAUNCHED["sweep_impl"] = "wgmma" if wgmma else "triton"
-    if wgmma:
-        wgmma.launch(w, qg, kg, aqk, decay, info, seq, dht, do, du, ds, dh0, HV=HV, K=K, V=V, N=N, BT=BT,
-                     ordered=seq_ordered(seq, N))
-    else:
+        on_wgmma = sweep_wgmma.applies(w, aqk, do, BT, NC, K, V)
+        if on_wgmma:
+            sweep_wgmma.launch(w, qg, kg, aqk, decay, info, seq, dht, do, du, ds, dh0, HV=HV, K=K, V=V, N=N, BT=BT,
+                               ordered=seq_ordered(seq, N))
+    LAUNCHED["sweep_impl"] = "wgmma" if on_wgmma else "triton"
+    if not on_wgmma:
         _chunk_recur_bwd_kernel[(cdiv(V, BV), N * HV)](
             w, kg, aqk, decay, qg, info, seq, dht if dht is not None else dummy(dev), do,
             du, ds, dh0,
