@@ -52,6 +52,12 @@ def cuda(inp: KDAInputs) -> KDAInputs:
                                       inp.initial_state)), kw)
 
 
+def _grad_names(x: KDAInputs):
+    """The names of the gradients of ``x.tensors()``, in their order (inputs left at None have none)."""
+    return [n for n, t in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0"),
+                              (x.q, x.k, x.v, x.g, x.beta, x.A_log, x.dt_bias, x.initial_state)) if t is not None]
+
+
 def check_fwd_bwd(case, inp64: KDAInputs, dtype=BF16, grads=True, ref_fn=None, chunk_size=64, grad_tol=GRAD_TOL):
     """inp64: float64 CUDA inputs with requires_grad. Compares chunk_kda in `dtype` against float64."""
     x = inp64.cast(dtype)  # bf16 q/k/v/g/beta, fp32 state and gate parameters
@@ -70,9 +76,7 @@ def check_fwd_bwd(case, inp64: KDAInputs, dtype=BF16, grads=True, ref_fn=None, c
         dht = torch.randn(ref_s.shape, generator=gen, device="cuda", dtype=torch.float64)
         gref = torch.autograd.grad((ref_o * do).sum() + (ref_s * dht).sum(), gold.tensors())
         got = torch.autograd.grad((o.float() * do.float()).sum() + (s * dht.float()).sum(), x.tensors())
-        names = [n for n, t in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0"),
-                                   (x.q, x.k, x.v, x.g, x.beta, x.A_log, x.dt_bias, x.initial_state)) if t is not None]
-        for n, a, b in zip(names, got, gref):
+        for n, a, b in zip(_grad_names(x), got, gref):
             errs[n] = rel_rms(a, b)
     _log(case, **errs)
     bad = {k: v for k, v in errs.items() if v > (OUT_TOL if k in ("o", "ht") else grad_tol)}
@@ -410,9 +414,9 @@ def test_interior_states(chunk_size):
     assert err <= OUT_TOL
 
 
-def _bf16_grads(inp: KDAInputs, seed: int = 1):
-    """Every gradient of a bf16 forward + backward of ``inp`` (float64 CUDA inputs), with fixed upstream
-    gradients of o and the final state."""
+def _bf16_grads(inp: KDAInputs, seed: int = 1) -> dict:
+    """Every gradient of a bf16 forward + backward of ``inp`` (float64 CUDA inputs), by name, with fixed
+    upstream gradients of o and the final state."""
     x = inp.cast(BF16)
     for t in x.tensors():
         t.requires_grad_(True)
@@ -420,7 +424,7 @@ def _bf16_grads(inp: KDAInputs, seed: int = 1):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     do = torch.randn(o.shape, generator=gen, device="cuda")
     dht = torch.randn(s.shape, generator=gen, device="cuda")
-    return torch.autograd.grad((o.float() * do).sum() + (s * dht).sum(), x.tensors())
+    return dict(zip(_grad_names(x), torch.autograd.grad((o.float() * do).sum() + (s * dht).sum(), x.tensors())))
 
 
 @pytest.mark.parametrize("stages", ["2", "3"])
@@ -447,8 +451,7 @@ def test_sweep_wgmma(gate, stages, monkeypatch):
         got = _bf16_grads(inp)
         monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP", "triton")
         want = _bf16_grads(inp)
-        errs = {n: rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias", "dh0"),
-                                                     got, want)}
+        errs = {n: rel_rms(got[n], want[n]) for n in got}
         _log(f"sweep wgmma vs triton {name} {gate} stages={stages}", **errs)
         assert all(e < GRAD_TOL for e in errs.values()), (name, errs)
     monkeypatch.setenv("KIMI_LINEAR_KDA_SWEEP", "wgmma")
