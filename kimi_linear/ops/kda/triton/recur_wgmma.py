@@ -82,25 +82,33 @@ def tile_offsets(R: gl.constexpr, C: gl.constexpr, stride, col0, ELEM_BYTES: gl.
 
 
 @gluon.jit
-def _issue_copies(w, u, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, u_s, d_s, i_v,
-                  SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr, STORE_O: gl.constexpr):
-    """Start the asynchronous copies of one chunk's tiles into shared-memory stage ``stage``: w, qg
-    [BT, SK]; kg as stored, [SK, BT]; Aqk [BT, BT]; the V slice of u [BT, BV] (SV a multiple of 64, so no
-    mask: cp.async copies 16 B at a time only where the whole vector is kept); e^gC [SK]. qg and Aqk only
-    where the output is formed."""
+def copy_chunk_tiles(w, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, d_s, SK: gl.constexpr,
+                     BT: gl.constexpr, WITH_QA: gl.constexpr = True):
+    """Start the asynchronous copies of chunk ``base``'s tiles that both Gluon kernels read into stage
+    ``stage`` of ``chunk_tiles``' buffers: w [BT, SK]; kg as stored, [SK, BT]; e^gC [SK]; and with
+    ``WITH_QA`` qg [BT, SK] and Aqk [BT, BT]. The caller adds its own tiles and commits the group."""
     A_BYTES: gl.constexpr = aqk.dtype.element_ty.primitive_bitwidth // 8
-    U_BYTES: gl.constexpr = u.dtype.element_ty.primitive_bitwidth // 8
     offs_a = tile_offsets(BT, SK, SK, 0)
     async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs_a)
-    if STORE_O:
+    if WITH_QA:
         async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs_a)
         async_copy.async_copy_global_to_shared(a_s.index(stage),
                                                aqk + base * (BT * BT) + tile_offsets(BT, BT, BT, 0, A_BYTES))
     async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + tile_offsets(SK, BT, BT, 0))
-    async_copy.async_copy_global_to_shared(u_s.index(stage),
-                                           u + base * (BT * SV) + tile_offsets(BT, BV, SV, i_v * BV, U_BYTES))
     k_lay: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     async_copy.async_copy_global_to_shared(d_s.index(stage), decay + base * SK + gl.arange(0, SK, layout=k_lay))
+
+
+@gluon.jit
+def _issue_copies(w, u, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, u_s, d_s, i_v,
+                  SK: gl.constexpr, SV: gl.constexpr, BT: gl.constexpr, STORE_O: gl.constexpr):
+    """Start the asynchronous copies of one chunk's tiles into shared-memory stage ``stage``: those of
+    ``copy_chunk_tiles`` (qg and Aqk only where the output is formed), and the V slice of u [BT, BV] (SV a
+    multiple of 64, so no mask: cp.async copies 16 B at a time only where the whole vector is kept)."""
+    U_BYTES: gl.constexpr = u.dtype.element_ty.primitive_bitwidth // 8
+    copy_chunk_tiles(w, qg, kg, aqk, decay, base, stage, w_s, q_s, k_s, a_s, d_s, SK, BT, STORE_O)
+    async_copy.async_copy_global_to_shared(u_s.index(stage),
+                                           u + base * (BT * SV) + tile_offsets(BT, BV, SV, i_v * BV, U_BYTES))
     async_copy.commit_group()
 
 

@@ -32,8 +32,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .recur_wgmma import (
-    BV, SHARED_LIMIT, WARPS, chunk_tiles, cta_barrier, flush_rows, round_aqk, row_tile, sequence_program,
-    state_offsets, store_rows, tile_layout, tile_offsets,
+    BV, SHARED_LIMIT, WARPS, chunk_tiles, copy_chunk_tiles, cta_barrier, flush_rows, round_aqk, row_tile,
+    sequence_program, state_offsets, store_rows, tile_layout, tile_offsets,
 )
 from .utils import dummy, env_choice
 
@@ -41,19 +41,10 @@ from .utils import dummy, env_choice
 @gluon.jit
 def _issue_copies(w, qg, kg, aqk, decay, do, chunk_info, c, i_hv, HV, V, stage, w_s, q_s, k_s, a_s, d_s, do_s, i_v,
                   SK: gl.constexpr, BT: gl.constexpr):
-    """Start the asynchronous copies of chunk c's tiles into stage ``stage``: w, qg [BT, SK]; kg as stored,
-    [SK, BT]; Aqk [BT, BT]; e^gC [SK]; do's rows of the chunk in this V slice [BT, BV], zero-filled past
-    the chunk's rows (the next sequence's, or the end of the tensor)."""
-    base = (c * HV + i_hv).to(gl.int64)
-    A_BYTES: gl.constexpr = aqk.dtype.element_ty.primitive_bitwidth // 8
-    offs = tile_offsets(BT, SK, SK, 0)
-    async_copy.async_copy_global_to_shared(w_s.index(stage), w + base * (BT * SK) + offs)
-    async_copy.async_copy_global_to_shared(q_s.index(stage), qg + base * (BT * SK) + offs)
-    async_copy.async_copy_global_to_shared(k_s.index(stage), kg + base * (BT * SK) + tile_offsets(SK, BT, BT, 0))
-    async_copy.async_copy_global_to_shared(a_s.index(stage),
-                                           aqk + base * (BT * BT) + tile_offsets(BT, BT, BT, 0, A_BYTES))
-    k_lay: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    async_copy.async_copy_global_to_shared(d_s.index(stage), decay + base * SK + gl.arange(0, SK, layout=k_lay))
+    """Start the asynchronous copies of chunk c's tiles into stage ``stage``: those of
+    ``recur_wgmma.copy_chunk_tiles`` (w, qg, kg, Aqk, e^gC), and do's rows of the chunk in this V slice
+    [BT, BV], zero-filled past the chunk's rows (the next sequence's, or the end of the tensor)."""
+    copy_chunk_tiles(w, qg, kg, aqk, decay, (c * HV + i_hv).to(gl.int64), stage, w_s, q_s, k_s, a_s, d_s, SK, BT)
     row0 = gl.load(chunk_info + 2 * c).to(gl.int64)
     n_rows = gl.load(chunk_info + 2 * c + 1)
     layout: gl.constexpr = tile_layout(BT, BV)
