@@ -121,6 +121,17 @@ def state_offsets(i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
+def load_state(ptr, HAS: gl.constexpr, i_nh, i_v, K, V, SK: gl.constexpr, layout: gl.constexpr):
+    """This program's S^T [BV, SK] of a [N * HV, K, V] state (h0, or the sweep's dht) in float32, zeros
+    past K and V or where there is none (``HAS`` false)."""
+    x = gl.zeros([BV, SK], gl.float32, layout=layout)
+    if HAS:
+        p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, layout)
+        x = gl.load(ptr + p_s, mask=m_s, other=0.0).to(gl.float32)
+    return x
+
+
+@gluon.jit
 def store_rows(sm, x_t, ptr, row_stride, n_rows, i_v, V, BT: gl.constexpr):
     """Store x^T ([BV, BT], an accumulator layout) as BT rows of this program's BV channels at
     ``ptr + t * row_stride + v``, rows t < n_rows: through the shared tile ``sm`` as [BT, BV], read back 16 B
@@ -218,10 +229,7 @@ def recur_wgmma_kernel(
     # at a time, with an address each, at the step's top; session 20)
     ST: gl.constexpr = states.dtype.element_ty
     st_sm = row_tile(ST, SK)
-    St = gl.zeros([BV, SK], gl.float32, layout=acc_s)
-    if HAS_H0:
-        p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, acc_s)
-        St = gl.load(h0 + p_s, mask=m_s, other=0.0).to(gl.float32)
+    St = load_state(h0, HAS_H0, i_nh, i_v, K, V, SK, acc_s)
     if STORE_STATES:  # (the first chunk's, visible after its top barrier)
         st_sm.permute((1, 0)).store(St.to(ST))
     # (the first STAGES - 1 chunks' copies, a group each; past the end the last chunk's again, and an empty

@@ -32,8 +32,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .recur_wgmma import (
-    BV, SHARED_LIMIT, WARPS, chunk_tiles, copy_chunk_tiles, cta_barrier, flush_rows, round_aqk, row_tile,
-    sequence_program, state_offsets, store_rows, tile_layout, tile_offsets,
+    BV, SHARED_LIMIT, WARPS, chunk_tiles, copy_chunk_tiles, cta_barrier, flush_rows, load_state, round_aqk,
+    row_tile, sequence_program, state_offsets, store_rows, tile_layout, tile_offsets,
 )
 from .utils import dummy, env_choice
 
@@ -83,10 +83,7 @@ def sweep_wgmma_kernel(
     ST: gl.constexpr = ds_out.dtype.element_ty
     ds_sm = row_tile(ST, SK)
 
-    dSt = gl.zeros([BV, SK], gl.float32, layout=acc_s)
-    if HAS_DHT:
-        p_s, m_s = state_offsets(i_nh, i_v, K, V, SK, acc_s)
-        dSt = gl.load(dht + p_s, mask=m_s, other=0.0).to(gl.float32)
+    dSt = load_state(dht, HAS_DHT, i_nh, i_v, K, V, SK, acc_s)
     ds_sm.permute((1, 0)).store(dSt.to(ST))  # (the first step's, visible after its top barrier)
     # (the last STAGES - 1 chunks' copies, newest first; before the start the first chunk's again, and an
     # empty sequence copies a valid chunk it does not use)
